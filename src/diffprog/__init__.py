@@ -1,0 +1,55 @@
+"""diffprog: differentiable functional programming on PyTorch.
+
+A model is an ordinary immutable value (a ``Parameterized`` dataclass, or containers of them);
+``flatten_parameters`` unrolls it into its trainable leaves and ``replace_parameters`` rebuilds
+it from new ones. Everything else (optimizers, layers, training loops) is built on that pair.
+"""
+
+from diffprog._autograd import IndependentTensor, Parameter, grad, make_independent, to_dependent
+from diffprog._errors import (
+    CycleError,
+    DiffprogError,
+    HiddenParameterError,
+    InstanceError,
+    ModelError,
+    ParameterCountError,
+    ParameterShapeError,
+    ParameterTypeError,
+)
+from diffprog._nodes import register_parameterized
+from diffprog._parameterized import Parameterized, field
+from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
+from diffprog._repr import tree_repr
+from diffprog._stream import ParamStream
+from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CycleError",
+    "DeviceLike",
+    "DiffprogError",
+    "HiddenParameterError",
+    "IndependentTensor",
+    "InstanceError",
+    "ModelError",
+    "ParamStream",
+    "Parameter",
+    "ParameterCountError",
+    "ParameterShapeError",
+    "ParameterTypeError",
+    "Parameterized",
+    "Randomizable",
+    "field",
+    "flatten_parameters",
+    "grad",
+    "init_parameter",
+    "make_independent",
+    "named_parameters",
+    "register_parameterized",
+    "replace_parameters",
+    "sample",
+    "to_dependent",
+    "tree_repr",
+    "walk",
+]

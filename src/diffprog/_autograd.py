@@ -1,0 +1,120 @@
+"""Independent tensors (trainable leaves) and gradients: Hasktorch's ``Torch.Autograd``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from diffprog._errors import DiffprogError
+
+__all__ = ["IndependentTensor", "Parameter", "grad", "make_independent", "to_dependent"]
+
+Parameter = torch.nn.Parameter
+"""A trainable leaf tensor: exactly ``torch.nn.Parameter``.
+
+Only values of this type are collected by ``flatten_parameters``; arithmetic works on them
+directly, and any torch tooling that accepts ``nn.Parameter`` accepts them.
+"""
+
+IndependentTensor = Parameter
+"""Hasktorch's name for :data:`Parameter` (``type Parameter = IndependentTensor``)."""
+
+
+def make_independent(t: torch.Tensor) -> Parameter:
+    """Make a fresh trainable leaf from ``t``, cut off from any graph ``t`` was part of.
+
+    The result shares storage with ``t`` (no copy, as Hasktorch's ``makeIndependent``);
+    ``t`` itself is not changed.
+
+    Args:
+        t: a floating point or complex tensor.
+
+    Returns:
+        A new :data:`Parameter` with ``requires_grad=True``.
+
+    Raises:
+        TypeError: ``t`` is not a tensor, or its dtype cannot carry gradients.
+
+    Example:
+        >>> p = make_independent(torch.ones(2) * 3)
+        >>> p.is_leaf, p.requires_grad
+        (True, True)
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"make_independent expects a torch.Tensor, got {type(t).__name__}.")
+    if not (t.is_floating_point() or t.is_complex()):
+        raise TypeError(
+            f"make_independent needs a floating point or complex tensor to differentiate, got "
+            f"dtype {t.dtype}. Convert it first, e.g. make_independent(t.float())."
+        )
+    return Parameter(t.detach(), requires_grad=True)
+
+
+def to_dependent(p: torch.Tensor) -> torch.Tensor:
+    """Use an independent tensor as an ordinary (dependent) tensor.
+
+    Hasktorch's ``toDependent``. A :data:`Parameter` already works in any expression, so this
+    returns ``p`` itself, typed as a plain tensor; it exists for code that mirrors Hasktorch.
+
+    Example:
+        >>> p = make_independent(torch.ones(2))
+        >>> (to_dependent(p) * 2).sum().item()
+        4.0
+    """
+    return p
+
+
+def grad(
+    loss: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> list[torch.Tensor]:
+    """Gradients of a scalar ``loss`` with respect to ``params``, in their order.
+
+    A parameter the loss does not depend on (or that does not require grad) gets a zero
+    tensor of its shape, never ``None``.
+
+    Args:
+        loss: a tensor with one element.
+        params: the tensors to differentiate with respect to, usually
+            ``flatten_parameters(model)``.
+        create_graph: build a graph of the gradients themselves (for higher-order gradients,
+            e.g. meta-learning).
+        retain_graph: keep the graph of ``loss`` for another backward pass (defaults to
+            ``create_graph``, as in ``torch.autograd.grad``).
+
+    Returns:
+        One gradient tensor per parameter.
+
+    Raises:
+        DiffprogError: ``loss`` has more than one element.
+
+    Example:
+        >>> w = make_independent(torch.tensor([1.0, 2.0]))
+        >>> unused = make_independent(torch.zeros(3))
+        >>> grad((w * w).sum(), [w, unused])
+        [tensor([2., 4.]), tensor([0., 0., 0.])]
+    """
+    params = list(params)
+    if loss.numel() != 1:
+        raise DiffprogError(
+            f"grad needs a scalar loss, got a tensor of shape {tuple(loss.shape)}. "
+            "Reduce it first, e.g. loss.mean() or loss.sum()."
+        )
+    wanted = [i for i, p in enumerate(params) if p.requires_grad]
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if wanted and loss.requires_grad:
+        computed = torch.autograd.grad(
+            loss,
+            [params[i] for i in wanted],
+            allow_unused=True,
+            materialize_grads=True,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+        )
+        for i, g in zip(wanted, computed):
+            out[i] = g
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(out, params)]

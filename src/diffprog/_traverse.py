@@ -1,0 +1,246 @@
+"""The free functions over any model value: flatten, replace, named parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from diffprog._errors import (
+    CycleError,
+    ModelError,
+    ParameterCountError,
+    PathKey,
+    state_dict_path,
+)
+from diffprog._nodes import HandWrittenNode, flatten_into, node_for, replace_value
+from diffprog._stream import ParamStream
+
+__all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
+
+T = TypeVar("T")
+
+
+def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
+    """Unroll a model into the list of its parameters (Hasktorch's ``flattenParameters``).
+
+    Works on any value: a Parameterized model, a tuple of layers, a dict of models...
+    The order is deterministic: depth first, fields in declaration order, sequences by
+    index, dicts in insertion order. A Parameter reachable at several paths (tied weights)
+    appears once, at its first path.
+
+    Args:
+        value: the model.
+
+    Returns:
+        The parameters, in the order ``replace_parameters`` consumes them.
+
+    Raises:
+        HiddenParameterError: a Parameter sits where diffprog cannot traverse (inside a plain
+            object or a ``torch.nn.Module``).
+        CycleError: the value contains itself.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> layer = sample(LinearSpec(3, 1), generator=torch.Generator().manual_seed(0))
+        >>> [tuple(p.shape) for p in flatten_parameters(layer)]
+        [(1, 3), (1,)]
+    """
+    out: list[torch.nn.Parameter] = []
+
+    def run() -> list[torch.nn.Parameter]:
+        flatten_into(value, out, set())
+        return out
+
+    return _guarded(value, run)
+
+
+def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
+    """Rebuild ``value`` with new parameters, in ``flatten_parameters`` order.
+
+    Hasktorch's ``replaceParameters``. Pure: the result is a new value and ``value`` itself is
+    unchanged and still usable. Parts of the model without parameters are shared, not copied.
+    Tied weights stay tied: one entry of ``params`` fills every path of the tie.
+
+    Args:
+        value: the model whose structure to keep.
+        params: exactly one tensor per entry of ``flatten_parameters(value)``, with the same
+            shape and dtype. Pass Parameters (e.g. from ``make_independent``) to get a
+            trainable model; plain tensors are put in as they are (as ``torch.func``
+            transformations need), and are then not parameters of the result.
+
+    Returns:
+        The rebuilt value, of the same type.
+
+    Raises:
+        ParameterCountError: too few or too many parameters.
+        ParameterShapeError: a parameter's shape or dtype differs from its slot.
+        ParameterTypeError: something that is not a tensor where a parameter goes.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> layer = sample(LinearSpec(3, 1))
+        >>> zeroed = replace_parameters(
+        ...     layer, [make_independent(torch.zeros_like(p)) for p in flatten_parameters(layer)]
+        ... )
+        >>> zeroed.weight.abs().sum().item(), layer is not zeroed
+        (0.0, True)
+    """
+    stream = ParamStream(params)
+
+    def run() -> Any:
+        new = replace_value(value, stream)
+        if stream.remaining:
+            raise ParameterCountError(
+                f"{stream.remaining} parameters left unconsumed: the model has "
+                f"{stream.consumed} parameters but {stream.consumed + stream.remaining} were "
+                "given",
+                "Pass exactly the parameters flatten_parameters returns, in its order.",
+            )
+        return new
+
+    try:
+        return _guarded(value, run)  # type: ignore[no-any-return]
+    except ParameterCountError as e:
+        if stream.remaining == 0:  # ran out, rather than left some over
+            needed = len(flatten_parameters(value))
+            e.problem = (
+                f"too few parameters: the model has {needed} but {stream.consumed} were given"
+            )
+        raise
+
+
+def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters with their paths, in ``state_dict`` style (``layers.0.weight``).
+
+    Same order as ``flatten_parameters``; a tied parameter is named by its first path. Dict keys
+    are path parts as they are; a hand-written instance's parameters are named by the field that
+    holds them, or by their position in its list.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> [name for name, _ in named_parameters({"head": sample(LinearSpec(3, 1))})]
+        ['head.weight', 'head.bias']
+    """
+    result: list[tuple[str, torch.nn.Parameter]] = []
+    seen: set[int] = set()
+    for keys, leaf in walk(value):
+        if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            result.append((state_dict_path(keys), leaf))
+    return result
+
+
+def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
+    """Every leaf of ``value`` with its path keys, depth first in flatten order.
+
+    Leaves are tensors (parameters and constants) and static values; containers and models are
+    descended into. A hand-written instance yields the parameters its ``flatten_parameters``
+    lists, at the paths of the fields that hold them where those can be found.
+    """
+
+    def visit(v: Any, path: tuple[PathKey, ...], active: set[int]) -> Iterator[Any]:
+        node = node_for(type(v))
+        if node.static or isinstance(v, torch.Tensor):
+            yield path, v
+            return
+        if id(v) in active:
+            raise _cycle_error(path)
+        active.add(id(v))
+        try:
+            if isinstance(node, HandWrittenNode):
+                yield from _hand_written_leaves(node, v, path)
+            else:
+                children = node.children(v)
+                if not children:
+                    node.flatten(v, [], set())  # raises for hidden parameters
+                    yield path, v
+                for key, child in children:
+                    yield from visit(child, (*path, key), active)
+        finally:
+            active.discard(id(v))
+
+    return visit(value, (), set())
+
+
+def substitute(value: T, replacements: Mapping[int, Any]) -> T:
+    """``value`` with each sub-value whose ``id`` is a key of ``replacements`` swapped for the
+    mapped value; containers on the way are rebuilt, everything else is shared.
+
+    The primitive behind state updates (a BatchNorm layer handing back its new running
+    statistics): the caller holds the originals alive while the ids are in use.
+
+    Example:
+        >>> a, b = [1], [2]
+        >>> substitute({"x": a, "y": (b,)}, {id(b): [3]})
+        {'x': [1], 'y': ([3],)}
+    """
+    if not replacements:
+        return value
+
+    def visit(v: Any) -> Any:
+        found = replacements.get(id(v), _MISSING)
+        if found is not _MISSING:
+            return found
+        node = node_for(type(v))
+        if node.static or isinstance(node, HandWrittenNode):
+            return v
+        children = node.children(v)
+        new = [visit(child) for _, child in children]
+        if all(n is c for n, (_, c) in zip(new, children)):
+            return v
+        return node.rebuild(v, new)
+
+    return visit(value)  # type: ignore[no-any-return]
+
+
+_MISSING = object()
+
+
+def _hand_written_leaves(
+    node: HandWrittenNode, v: Any, path: tuple[PathKey, ...]
+) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
+    where: dict[int, tuple[PathKey, ...]] = {}
+    if dataclasses.is_dataclass(v):
+        for f in dataclasses.fields(v):
+            try:
+                for keys, leaf in walk(getattr(v, f.name)):
+                    if isinstance(leaf, torch.Tensor):
+                        where.setdefault(id(leaf), (("attr", f.name), *keys))
+            except ModelError:
+                continue
+    for index, p in enumerate(node.own(v)):
+        yield (*path, *where.get(id(p), (("index", index),))), p
+
+
+def _cycle_error(path: tuple[PathKey, ...]) -> CycleError:
+    err = CycleError(
+        "this value is one of its own ancestors (a cycle)",
+        "A model must be a tree (shared sub-values are fine, loops are not): "
+        "remove the back-reference.",
+    )
+    for key in reversed(path):
+        err.push(*key)
+    return err
+
+
+def _guarded(value: Any, run: Callable[[], T]) -> T:
+    """Run a fast traversal; name the model in errors and turn deep recursion into a clear
+    error when (and only when) it comes from a cycle."""
+    try:
+        return run()
+    except ModelError as e:
+        if not e.root:
+            e.root = type(value).__name__
+        raise
+    except RecursionError:
+        # The fast paths keep no record of where they are, so look for the cycle now.
+        try:
+            for _ in walk(value):
+                pass
+        except CycleError as e:
+            e.root = type(value).__name__
+            raise e from None
+        raise
