@@ -61,6 +61,8 @@ class ModelError(DiffprogError):
         return render_path(self.path_keys)
 
     def __str__(self) -> str:
+        if not self._reversed_keys and not self.root:  # not inside a model (a declaration)
+            return f"{self.problem}. {self.fix}".rstrip()
         where = render_path(self.path_keys)
         root = f" of the {self.root}" if self.root else ""
         text = f"{self.problem} (at {where}{root})."

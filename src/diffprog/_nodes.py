@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as torch_pytree
 
+from diffprog._codegen import make_flatten, make_replace
 from diffprog._errors import (
     HiddenParameterError,
     InstanceError,
@@ -118,71 +119,64 @@ PARAMETER = _ParameterNode()
 class FieldsNode(Node):
     """A dataclass (every ``Parameterized``): its fields in declaration order.
 
-    Built once per class; the field names are its flatten/replace plan.
+    Built once per class: the field names are its flatten/replace plan, and for the usual
+    classes (fields in ``__dict__``) ``flatten``/``replace`` are functions generated for it.
     """
 
-    __slots__ = ("cls", "kinds", "names", "uses_dict")
+    __slots__ = ("cls", "flatten", "kinds", "names", "replace", "uses_dict")
 
     def __init__(self, cls: type, names: tuple[str, ...], inline: frozenset[str] = frozenset()):
         self.cls = cls
         self.names = names
         self.kinds = tuple("inline" if n in inline else "attr" for n in names)
-        self.uses_dict = all("__dict__" in vars(c) for c in cls.__mro__[:-1] if c is not object)
+        # Instances keep their fields in __dict__ (not __slots__): read it directly.
+        self.uses_dict = cls.__dictoffset__ != 0 and not any(
+            "__slots__" in vars(c) for c in cls.__mro__[:-1]
+        )
+        if self.uses_dict and all(n.isidentifier() for n in names):
+            from diffprog._stream import ParamStream
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
-        # The hot loop: one dict lookup per field, the Parameter case inlined.
-        d = value.__dict__ if self.uses_dict else None
+            env = {
+                "STATIC": _STATIC_SEEN,
+                "CACHE": _CACHE,
+                "node_for": node_for,
+                "ParamStream": ParamStream,
+            }
+            self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
+            self.replace = make_replace(names, env)  # type: ignore[method-assign]
+        else:
+            self.flatten = self._flatten_generic  # type: ignore[method-assign]
+            self.replace = self._replace_generic  # type: ignore[method-assign]
+
+    def _flatten_generic(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
         for name in self.names:
-            child = d[name] if d is not None else getattr(value, name)
-            t = type(child)
-            if t is Parameter:
-                i = id(child)
-                if i not in seen:
-                    seen.add(i)
-                    out.append(child)
-                continue
-            node = _CACHE.get(t) or node_for(t)
-            if node.static:
-                continue
             try:
-                node.flatten(child, out, seen)
+                flatten_into(getattr(value, name), out, seen)
             except ModelError as e:
                 e.push("attr", name)
                 raise
 
-    def replace(self, value: Any, stream: ParamStream) -> Any:
-        d = value.__dict__ if self.uses_dict else None
-        changes: dict[str, Any] | None = None
+    def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
+        changes: dict[str, Any] = {}
         for name in self.names:
-            child = d[name] if d is not None else getattr(value, name)
-            t = type(child)
+            child = getattr(value, name)
             try:
-                if t is Parameter:
-                    new = stream.take(child)
-                else:
-                    node = _CACHE.get(t) or node_for(t)
-                    if node.static:
-                        continue
-                    new = node.replace(child, stream)
+                new = replace_value(child, stream)
             except ModelError as e:
                 e.push("attr", name)
                 raise
             if new is not child:
-                if changes is None:
-                    changes = {}
                 changes[name] = new
-        if changes is None:
-            return value
-        return self._with(value, changes)
+        return self._with(value, changes) if changes else value
 
     def _with(self, value: Any, changes: dict[str, Any]) -> Any:
         # Bypass __init__/__post_init__ (and frozen __setattr__): the value was already
         # validated when it was built; only parameter slots change.
         new = object.__new__(type(value))
         if self.uses_dict:
-            state = dict(value.__dict__)
+            state = new.__dict__  # filled directly: no frozen __setattr__ in the way
+            state.update(value.__dict__)
             state.update(changes)
-            object.__setattr__(new, "__dict__", state)
         else:
             for name in self.names:
                 object.__setattr__(new, name, changes.get(name, getattr(value, name)))
@@ -212,9 +206,9 @@ class _SequenceNode(Node):
                     seen.add(i)
                     out.append(child)
                 continue
-            node = _CACHE.get(t) or node_for(t)
-            if node.static:
+            if t in _STATIC_SEEN:
                 continue
+            node = _CACHE.get(t) or node_for(t)
             try:
                 node.flatten(child, out, seen)
             except ModelError as e:
@@ -228,11 +222,10 @@ class _SequenceNode(Node):
             try:
                 if t is Parameter:
                     replaced = stream.take(child)
+                elif t in _STATIC_SEEN:
+                    continue
                 else:
-                    node = _CACHE.get(t) or node_for(t)
-                    if node.static:
-                        continue
-                    replaced = node.replace(child, stream)
+                    replaced = (_CACHE.get(t) or node_for(t)).replace(child, stream)
             except ModelError as e:
                 e.push("index", index)
                 raise
@@ -368,6 +361,7 @@ class HandWrittenNode(Node):
                 f"the {len(old)} parameters its flatten_parameters lists",
                 "Make both methods walk the same parameters in the same order.",
             )
+        own.verify()
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
@@ -512,6 +506,8 @@ _STATIC_TYPES: set[type] = {
 }
 
 _CACHE: dict[type, Node] = {}
+# The types whose node is STATIC, for a quick membership test in the hot loops.
+_STATIC_SEEN: set[type] = set()
 _REGISTERED: dict[type, Node] = {}
 
 
@@ -583,6 +579,8 @@ def node_for(t: type) -> Node:
     if node is None:
         node = _resolve(t)
         _CACHE[t] = node
+        if node.static:
+            _STATIC_SEEN.add(t)
     return node
 
 
@@ -647,3 +645,4 @@ def register_parameterized(
         )
     _REGISTERED[cls] = HandWrittenNode(cls, flatten, replace)
     _CACHE.clear()
+    _STATIC_SEEN.clear()

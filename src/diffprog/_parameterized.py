@@ -79,8 +79,10 @@ class Parameterized:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _DATACLASS_OPTIONS}
         super().__init_subclass__(**kwargs)
-        own = vars(cls)
-        hand = ("flatten_parameters" in own, "replace_own_parameters" in own)
+        hand = tuple(
+            not getattr(getattr(cls, name), "__diffprog_default__", False)
+            for name in ("flatten_parameters", "replace_own_parameters")
+        )
         if any(hand) and not all(hand):
             have, lack = (
                 ("flatten_parameters", "replace_own_parameters")
@@ -101,12 +103,12 @@ class Parameterized:
         hand-written instance.
         """
         out: list[Any] = []
-        FieldsNode.flatten(_plan(type(self)), self, out, set())
+        _plan(type(self)).flatten(self, out, set())
         return out
 
     def replace_own_parameters(self, stream: ParamStream) -> Self:
         """Rebuild this value reading its parameters from ``stream`` (the derived default)."""
-        return FieldsNode.replace(_plan(type(self)), self, stream)  # type: ignore[no-any-return]
+        return _plan(type(self)).replace(self, stream)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return tree_repr(self)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
+from itertools import repeat as _repeat
 from typing import Any, TypeVar
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from diffprog._errors import ParameterCountError, ParameterShapeError, ParameterTypeError
 from diffprog._nodes import replace_value
 
-__all__ = ["ParamStream"]
+__all__ = ["CheckingStream", "ParamStream"]
 
 T = TypeVar("T")
 
@@ -31,24 +33,27 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_memo", "_params", "_pos")
+    __slots__ = ("_memo", "_olds", "_params", "_untracked")
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
-        self._pos = 0
         # id(old parameter) -> its replacement: a parameter reachable at several paths (tied
         # weights) consumes one entry and gets the same replacement at each of them.
         self._memo: dict[int, Any] = {}
+        # The parameter each consumed entry replaced (None where next_parameter took it without
+        # a slot), for verify(); its length is the position in the stream.
+        self._olds: list[torch.Tensor | None] = []
+        self._untracked = False
 
     @property
     def remaining(self) -> int:
         """How many parameters are left to consume."""
-        return len(self._params) - self._pos
+        return len(self._params) - len(self._olds)
 
     @property
     def consumed(self) -> int:
         """How many parameters have been consumed."""
-        return self._pos
+        return len(self._olds)
 
     def next_parameter(self) -> torch.nn.Parameter:
         """Consume and return the next parameter (Hasktorch's ``nextParameter``).
@@ -56,41 +61,102 @@ class ParamStream:
         Raises:
             ParameterCountError: the stream is exhausted.
         """
-        pos = self._pos
+        pos = len(self._olds)
         if pos >= len(self._params):
-            raise ParameterCountError(
-                f"ran out of parameters after {pos}",
-                "Give replace_parameters as many parameters as flatten_parameters returns.",
-            )
-        self._pos = pos + 1
-        new = self._params[pos]
-        return new  # type: ignore[no-any-return]
+            raise self._exhausted()
+        self._olds.append(None)  # no slot to check it against
+        self._untracked = True
+        return self._params[pos]  # type: ignore[no-any-return]
+
+    def _exhausted(self) -> ParameterCountError:
+        return ParameterCountError(
+            f"ran out of parameters after {len(self._olds)}",
+            "Give replace_parameters as many parameters as flatten_parameters returns.",
+        )
 
     def replace(self, value: T) -> T:
-        """Rebuild ``value`` (any model or sub-model) with parameters read from this stream."""
+        """Rebuild ``value`` (any model or sub-model) with parameters read from this stream.
+
+        Shapes and dtypes are checked by :meth:`verify` (``replace_parameters`` calls it).
+        """
         return replace_value(value, self)  # type: ignore[no-any-return]
 
     def take(self, old: torch.Tensor) -> Any:
-        """The replacement for the parameter ``old``: checked, and the same one for a tie."""
+        """The replacement for the parameter ``old`` (the same one again for a tie).
+
+        The hot path of every replace: it only records ``old``; :meth:`verify` checks the
+        replacements against their slots afterwards, all at once.
+        """
+        i = id(old)
         memo = self._memo
-        new = memo.get(id(old))
-        if new is not None:
-            return new
-        new = self.next_parameter()
-        if not isinstance(new, torch.Tensor):
-            raise ParameterTypeError(
-                f"a {type(new).__name__} was given for parameter #{self._pos - 1}, "
-                f"which must be a tensor (the slot holds {_describe(old)})",
-                "Pass tensors; wrap values with make_independent to keep them trainable.",
-            )
-        if new.shape != old.shape or new.dtype != old.dtype:
-            raise ParameterShapeError(
-                f"parameter #{self._pos - 1} is {_describe(new)} but its slot holds "
-                f"{_describe(old)}",
-                "Pass the parameters in flatten_parameters order, with their shapes and dtypes.",
-            )
-        memo[id(old)] = new
+        new = memo.get(i)
+        if new is None:
+            olds = self._olds
+            try:
+                new = self._params[len(olds)]
+            except IndexError:
+                raise self._exhausted() from None
+            memo[i] = new
+            olds.append(old)
         return new
+
+    def verify(self) -> None:
+        """Check every replacement taken so far against the slot it filled.
+
+        Raises:
+            ParameterTypeError: a replacement is not a tensor.
+            ParameterShapeError: a replacement's shape or dtype differs from its slot's.
+        """
+        olds = self._olds
+        news = self._params[: len(olds)]
+        if self._untracked:  # next_parameter() took some without a slot: check one by one
+            for index, (new, old) in enumerate(zip(news, olds)):
+                if old is not None:
+                    _check(index, new, old)
+            return
+        # Fast path: a few list comprehensions over C attributes, no Python frame per item.
+        if (
+            all(map(isinstance, news, _repeat(torch.Tensor)))
+            and list(map(_dtype, news)) == list(map(_dtype, olds))
+            and [n.size() for n in news] == [o.size() for o in olds]  # type: ignore[union-attr]
+        ):
+            return
+        for index, (new, old) in enumerate(zip(news, olds)):
+            _check(index, new, old)  # type: ignore[arg-type]
+
+
+_dtype = operator.attrgetter("dtype")
+
+
+class CheckingStream(ParamStream):
+    """A stream that checks each replacement as it is taken, so an error can name its path.
+
+    Used to locate a problem :meth:`ParamStream.verify` found.
+    """
+
+    __slots__ = ()
+
+    def take(self, old: torch.Tensor) -> Any:
+        """Take the replacement for ``old``, checking it at once."""
+        before = self.consumed
+        new = super().take(old)
+        if self.consumed != before:
+            _check(before, new, old)
+        return new
+
+
+def _check(index: int, new: Any, old: torch.Tensor) -> None:
+    if not isinstance(new, torch.Tensor):
+        raise ParameterTypeError(
+            f"a {type(new).__name__} was given for parameter #{index}, which must be a tensor "
+            f"(the slot holds {_describe(old)})",
+            "Pass tensors; wrap values with make_independent to keep them trainable.",
+        )
+    if new.shape != old.shape or new.dtype != old.dtype:
+        raise ParameterShapeError(
+            f"parameter #{index} is {_describe(new)} but its slot holds {_describe(old)}",
+            "Pass the parameters in flatten_parameters order, with their shapes and dtypes.",
+        )
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ from diffprog._errors import (
     state_dict_path,
 )
 from diffprog._nodes import HandWrittenNode, flatten_into, node_for, replace_value
-from diffprog._stream import ParamStream
+from diffprog._stream import CheckingStream, ParamStream
 
 __all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
 
@@ -88,6 +88,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         >>> zeroed.weight.abs().sum().item(), layer is not zeroed
         (0.0, True)
     """
+    params = list(params)
     stream = ParamStream(params)
 
     def run() -> Any:
@@ -95,10 +96,16 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         if stream.remaining:
             raise ParameterCountError(
                 f"{stream.remaining} parameters left unconsumed: the model has "
-                f"{stream.consumed} parameters but {stream.consumed + stream.remaining} were "
-                "given",
+                f"{stream.consumed} parameters but {len(params)} were given",
                 "Pass exactly the parameters flatten_parameters returns, in its order.",
             )
+        try:
+            stream.verify()
+        except ModelError:
+            # verify() knows which parameter is wrong but not where it sits: replay with
+            # checks at every slot so the error names the path.
+            replace_value(value, CheckingStream(params))
+            raise
         return new
 
     try:
@@ -106,9 +113,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
     except ParameterCountError as e:
         if stream.remaining == 0:  # ran out, rather than left some over
             needed = len(flatten_parameters(value))
-            e.problem = (
-                f"too few parameters: the model has {needed} but {stream.consumed} were given"
-            )
+            e.problem = f"too few parameters: the model has {needed} but {len(params)} were given"
         raise
 
 
