@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
+import types
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Every page but the map (index.md) is a capability page with runnable examples.
+PAGES = [
+    ROOT / "README.md",
+    *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "index.md"),
+]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
@@ -17,7 +23,10 @@ def test_page_examples_run(
     page: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocks = BLOCK.findall(page.read_text())
+    assert blocks, f"{page.name} has no runnable example"
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
-    namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
+    # The blocks of a page run in order in one module, as a reader would paste them.
+    module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     for number, code in enumerate(blocks, 1):
-        exec(compile(code, f"{page.name} block {number}", "exec"), namespace)
+        exec(compile(code, f"{page.name} block {number}", "exec"), module.__dict__)
