@@ -567,3 +567,36 @@ def test_the_plan_of_a_class_is_built_once(monkeypatch: pytest.MonkeyPatch) -> N
     for m in models:
         dp.replace_parameters(m, dp.flatten_parameters(m))
     assert built == [Fresh]
+
+
+def test_an_ensemble_runs_under_vmap_through_replace_parameters() -> None:
+    template = dp.sample(LinearSpec(3, 2))
+    members = [
+        dp.sample(LinearSpec(3, 2), generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    stacked = [torch.stack(ps) for ps in zip(*[dp.flatten_parameters(m) for m in members])]
+    x = torch.randn(5, 3)
+
+    def member_output(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return dp.replace_parameters(template, params)(x)
+
+    out = torch.func.vmap(member_output, in_dims=(0, None))(stacked, x)
+    for k, member in enumerate(members):
+        torch.testing.assert_close(out[k], member(x))
+
+
+def test_a_class_without_fields_flattens_to_nothing() -> None:
+    class Stateless(dp.Parameterized):
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    s = Stateless()
+    assert dp.flatten_parameters([s]) == []
+    assert dp.replace_parameters([s], [])[0] is s
+    assert repr(s) == "Stateless()"
+
+
+def test_repr_of_a_hand_written_instance_shows_its_fields() -> None:
+    assert repr(Cell(param(2, 3), param(2, 2))) == (
+        "Cell(weight_ih=f32[2,3], weight_hh=f32[2,2], hidden=2)"
+    )

@@ -38,6 +38,7 @@ def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., N
             "            (CACHE.get(t) or node_for(t)).flatten(c, out, seen)",
         ]
     lines += [
+        "        pass",  # a class without fields
         "    except ModelError as e:",
         "        e.push('attr', field)",
         "        raise",
@@ -84,6 +85,7 @@ def make_replace(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., A
             f"            n{k} = (CACHE.get(t) or node_for(t)).replace(c{k}, stream)",
         ]
     lines += [
+        "        pass",  # a class without fields
         "    except ModelError as e:",
         "        e.push('attr', field)",
         "        raise",

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
 import torch
 
-from diffprog._nodes import FieldsNode, _DictNode, _NamedTupleNode, _SequenceNode, node_for
+from diffprog._nodes import (
+    FieldsNode,
+    HandWrittenNode,
+    _DictNode,
+    _NamedTupleNode,
+    _SequenceNode,
+    fields_node,
+    node_for,
+)
 
 __all__ = ["tensor_summary", "tree_repr"]
 
@@ -62,6 +71,8 @@ def _render(value: Any, indent: int, active: set[int]) -> str:
     if isinstance(value, torch.Tensor):
         return tensor_summary(value)
     node = node_for(type(value))
+    if isinstance(node, HandWrittenNode) and dataclasses.is_dataclass(value):
+        node = fields_node(type(value))  # show a hand-written instance by its fields
     if isinstance(node, (FieldsNode, _NamedTupleNode)):
         items = [(f"{k}=", v) for (_, k), v in node.children(value)]
         opening, closing = f"{type(value).__name__}(", ")"

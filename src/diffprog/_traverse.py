@@ -170,12 +170,14 @@ def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     return visit(value, (), set())
 
 
-def substitute(value: T, replacements: Mapping[int, Any]) -> T:
+def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None = None) -> T:
     """``value`` with each sub-value whose ``id`` is a key of ``replacements`` swapped for the
     mapped value; containers on the way are rebuilt, everything else is shared.
 
     The primitive behind state updates (a BatchNorm layer handing back its new running
-    statistics): the caller holds the originals alive while the ids are in use.
+    statistics): the caller holds the originals alive while the ids are in use. If ``found``
+    is given, the ids that were found (and so replaced) are added to it; a sub-value inside a
+    hand-written instance or an opaque object is not looked for.
 
     Example:
         >>> a, b = [1], [2]
@@ -186,9 +188,11 @@ def substitute(value: T, replacements: Mapping[int, Any]) -> T:
         return value
 
     def visit(v: Any) -> Any:
-        found = replacements.get(id(v), _MISSING)
-        if found is not _MISSING:
-            return found
+        new = replacements.get(id(v), _MISSING)
+        if new is not _MISSING:
+            if found is not None:
+                found.add(id(v))
+            return new
         node = node_for(type(v))
         if node.static or isinstance(node, HandWrittenNode):
             return v
