@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 import torch
 
 import diffprog
+
+# Under pytest-xdist each worker gets one core: torch's own intra-op threads on top of that
+# would oversubscribe the machine and slow every test down many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,466 @@
+"""Transformer layers and stacks against torch.nn itself: init, forward, gradients, training."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import diffprog as dp
+from diffprog import nn
+from diffprog.nn import (
+    LayerNormSpec,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerDecoderLayerSpec,
+    TransformerDecoderSpec,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    TransformerEncoderLayerSpec,
+    TransformerEncoderSpec,
+    TransformerSpec,
+    generate_square_subsequent_mask,
+)
+from diffprog.optim import Adam, run_step
+
+DTYPES = [torch.float32, torch.float64]
+D, HEADS, FF = 8, 2, 16
+CONFIGS: list[dict[str, Any]] = [
+    {},
+    {"norm_first": True},
+    {"activation": "gelu", "batch_first": True},
+    {"activation": F.silu, "norm_first": True, "batch_first": True},
+    {"bias": False, "layer_norm_eps": 1e-3},
+]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-7, "atol": 1e-9}
+
+
+def load_into(module: torch.nn.Module, model: Any) -> None:
+    state = {name: p.detach().clone() for name, p in dp.named_parameters(model)}
+    module.load_state_dict(state, strict=True)
+
+
+def assert_same_init(ours: Any, reference: torch.nn.Module, dtype: torch.dtype) -> None:
+    names = [name for name, _ in dp.named_parameters(ours)]
+    assert names == [name for name, _ in reference.named_parameters()]
+    assert names == list(reference.state_dict())  # no buffers either
+    theirs = dict(reference.named_parameters())
+    for name, p in dp.named_parameters(ours):
+        assert p.dtype == dtype
+        assert torch.equal(p, theirs[name]), name
+
+
+def torch_encoder_layer(config: dict[str, Any], dtype: torch.dtype, **kw: Any) -> Any:
+    return torch.nn.TransformerEncoderLayer(D, HEADS, FF, dtype=dtype, **config, **kw)
+
+
+def torch_decoder_layer(config: dict[str, Any], dtype: torch.dtype, **kw: Any) -> Any:
+    return torch.nn.TransformerDecoderLayer(D, HEADS, FF, dtype=dtype, **config, **kw)
+
+
+def check_grads(
+    ours: Any,
+    reference: torch.nn.Module,
+    out: torch.Tensor,
+    ref_out: torch.Tensor,
+    inputs: list[torch.Tensor],
+    dtype: torch.dtype,
+) -> None:
+    assert_close(out, ref_out, **tol(dtype))
+    probe = torch.randn(out.shape, dtype=dtype, generator=gen(9))
+    ours_grads = dp.grad((out * probe).sum(), [*dp.flatten_parameters(ours), *inputs])
+    theirs = [*reference.parameters(), *inputs]
+    theirs_grads = torch.autograd.grad((ref_out * probe).sum(), theirs)
+    assert len(ours_grads) == len(theirs_grads)
+    for a, b in zip(ours_grads, theirs_grads):
+        assert_close(a, b, **tol(dtype))
+
+
+def seq(length: int, n: int, batch_first: bool, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    shape = (n, length, D) if batch_first else (length, n, D)
+    return torch.randn(shape, dtype=dtype, generator=gen(seed)).requires_grad_()
+
+
+def padding(n: int, length: int) -> torch.Tensor:
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    mask[0, length - 2 :] = True
+    return mask
+
+
+# --- initialisation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_layer_init_matches_torch_bit_for_bit(config: dict[str, Any], dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    reference = torch_encoder_layer(config, dtype)
+    ours = dp.sample(
+        TransformerEncoderLayerSpec(D, HEADS, FF, **config), generator=gen(5), dtype=dtype
+    )
+    assert_same_init(ours, reference, dtype)
+    torch.manual_seed(6)
+    reference = torch_decoder_layer(config, dtype)
+    ours = dp.sample(
+        TransformerDecoderLayerSpec(D, HEADS, FF, **config), generator=gen(6), dtype=dtype
+    )
+    assert_same_init(ours, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stack_init_matches_torch_bit_for_bit(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    layer = torch_encoder_layer({}, dtype)
+    reference: torch.nn.Module = torch.nn.TransformerEncoder(
+        layer, 3, norm=torch.nn.LayerNorm(D, dtype=dtype), enable_nested_tensor=False
+    )
+    spec = TransformerEncoderSpec(
+        TransformerEncoderLayerSpec(D, HEADS, FF), 3, norm=LayerNormSpec(D)
+    )
+    ours = dp.sample(spec, generator=gen(2), dtype=dtype)
+    assert_same_init(ours, reference, dtype)
+    assert ours.num_layers == 3
+
+    torch.manual_seed(3)
+    reference = torch.nn.TransformerDecoder(torch_decoder_layer({}, dtype), 2)
+    ours_dec = dp.sample(
+        TransformerDecoderSpec(TransformerDecoderLayerSpec(D, HEADS, FF), 2),
+        generator=gen(3),
+        dtype=dtype,
+    )
+    assert_same_init(ours_dec, reference, dtype)
+    assert ours_dec.num_layers == 2 and ours_dec.norm is None
+
+
+def test_stack_layers_start_equal_but_are_not_tied() -> None:
+    spec = TransformerEncoderSpec(TransformerEncoderLayerSpec(D, HEADS, FF), 2)
+    encoder = dp.sample(spec, generator=gen(0))
+    first, second = encoder.layers
+    assert torch.equal(first.linear1.weight, second.linear1.weight)
+    assert first.linear1.weight is not second.linear1.weight
+    per_layer = len(dp.flatten_parameters(first))
+    assert len(dp.flatten_parameters(encoder)) == 2 * per_layer
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_meta_device_gives_shapes_only(config: dict[str, Any]) -> None:
+    g = gen(1)
+    before = g.get_state()
+    ours = dp.sample(
+        TransformerDecoderSpec(TransformerDecoderLayerSpec(D, HEADS, FF, **config), 2),
+        generator=g,
+        device="meta",
+    )
+    reference = torch.nn.TransformerDecoder(torch_decoder_layer(config, None, device="meta"), 2)
+    assert torch.equal(g.get_state(), before)
+    shapes = {name: p.shape for name, p in reference.named_parameters()}
+    assert {name: p.shape for name, p in dp.named_parameters(ours)} == shapes
+    assert all(p.is_meta for p in dp.flatten_parameters(ours))
+
+
+# --- forward and gradients -------------------------------------------------------------------
+
+ENCODER_MASKS = ["none", "bool", "float", "padding", "causal", "causal_padding"]
+
+
+def encoder_masks(kind: str, length: int, n: int, dtype: torch.dtype) -> dict[str, Any]:
+    g = gen(4)
+    if kind == "none":
+        return {}
+    if kind == "bool":
+        mask = torch.rand(length, length, generator=g) < 0.3
+        mask.fill_diagonal_(False)
+        return {"src_mask": mask}
+    if kind == "float":
+        return {"src_mask": torch.randn(length, length, generator=g, dtype=dtype)}
+    if kind == "padding":
+        return {"src_key_padding_mask": padding(n, length)}
+    if kind == "causal":
+        return {"src_mask": generate_square_subsequent_mask(length, dtype=dtype), "is_causal": True}
+    if kind == "causal_padding":
+        return {
+            "src_mask": generate_square_subsequent_mask(length, dtype=torch.bool),
+            "src_key_padding_mask": padding(n, length),
+            "is_causal": True,
+        }
+    raise AssertionError(kind)
+
+
+# Every mask with the default layer; two mask kinds with each other configuration.
+ENCODER_CASES = [({}, mask) for mask in ENCODER_MASKS] + [
+    (config, mask) for config in CONFIGS[1:] for mask in ("bool", "causal_padding")
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("config", "mask"), ENCODER_CASES, ids=str)
+def test_encoder_layer_matches_torch(config: dict[str, Any], mask: str, dtype: torch.dtype) -> None:
+    ours = dp.sample(
+        TransformerEncoderLayerSpec(D, HEADS, FF, **config), generator=gen(1), dtype=dtype
+    )
+    reference = torch_encoder_layer(config, dtype).eval()
+    load_into(reference, ours)
+    batch_first = config.get("batch_first", False)
+    src = seq(5, 3, batch_first, dtype, 2)
+    kw = encoder_masks(mask, 5, 3, dtype)
+    check_grads(ours, reference, ours(src, **kw), reference(src, **kw), [src], dtype)
+
+
+def test_encoder_layer_unbatched_matches_torch() -> None:
+    dtype = torch.float64
+    ours = dp.sample(TransformerEncoderLayerSpec(D, HEADS, FF), generator=gen(1), dtype=dtype)
+    reference = torch_encoder_layer({}, dtype).eval()
+    load_into(reference, ours)
+    src = torch.randn(5, D, dtype=dtype, requires_grad=True)
+    mask = generate_square_subsequent_mask(5, dtype=dtype)
+    check_grads(ours, reference, ours(src, mask), reference(src, mask), [src], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_decoder_layer_matches_torch(config: dict[str, Any], dtype: torch.dtype) -> None:
+    ours = dp.sample(
+        TransformerDecoderLayerSpec(D, HEADS, FF, **config), generator=gen(1), dtype=dtype
+    )
+    reference = torch_decoder_layer(config, dtype).eval()
+    load_into(reference, ours)
+    batch_first = config.get("batch_first", False)
+    tgt, memory = seq(4, 3, batch_first, dtype, 2), seq(6, 3, batch_first, dtype, 3)
+    memory_mask = torch.rand(4, 6, generator=gen(5)) < 0.3
+    memory_mask[:, 0] = False
+    cases: list[dict[str, Any]] = [
+        {},
+        {
+            "tgt_mask": generate_square_subsequent_mask(4, dtype=dtype),
+            "tgt_is_causal": True,
+            "memory_key_padding_mask": torch.zeros(3, 6, dtype=dtype).masked_fill(
+                padding(3, 6), -1e9
+            ),
+        },
+        {
+            "tgt_mask": generate_square_subsequent_mask(4, dtype=torch.bool),
+            "memory_mask": memory_mask,
+            "tgt_key_padding_mask": padding(3, 4),
+            "memory_key_padding_mask": padding(3, 6),
+        },
+    ]
+    for kw in cases:
+        out, ref_out = ours(tgt, memory, **kw), reference(tgt, memory, **kw)
+        check_grads(ours, reference, out, ref_out, [tgt, memory], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_stacks_match_torch(norm_first: bool, dtype: torch.dtype) -> None:
+    layer_kw = {"norm_first": norm_first, "batch_first": True}
+    enc_spec = TransformerEncoderSpec(
+        TransformerEncoderLayerSpec(D, HEADS, FF, **layer_kw), 2, norm=LayerNormSpec(D)
+    )
+    encoder = dp.sample(enc_spec, generator=gen(0), dtype=dtype)
+    # Different weights per layer, to check that each layer's own are used.
+    encoder = dp.replace_parameters(
+        encoder,
+        [dp.make_independent(torch.randn_like(p) * 0.3) for p in dp.flatten_parameters(encoder)],
+    )
+    ref_encoder = torch.nn.TransformerEncoder(
+        torch_encoder_layer(layer_kw, dtype),
+        2,
+        norm=torch.nn.LayerNorm(D, dtype=dtype),
+        enable_nested_tensor=False,
+    ).eval()
+    load_into(ref_encoder, encoder)
+    src = seq(5, 2, True, dtype, 1)
+    for kw in (
+        {},
+        {"mask": generate_square_subsequent_mask(5, dtype=dtype)},  # detected as causal
+        {"mask": generate_square_subsequent_mask(5, dtype=torch.bool), "is_causal": True},
+        {"src_key_padding_mask": padding(2, 5)},
+    ):
+        check_grads(encoder, ref_encoder, encoder(src, **kw), ref_encoder(src, **kw), [src], dtype)
+
+    dec_spec = TransformerDecoderSpec(
+        TransformerDecoderLayerSpec(D, HEADS, FF, **layer_kw), 2, norm=LayerNormSpec(D)
+    )
+    decoder = dp.sample(dec_spec, generator=gen(1), dtype=dtype)
+    ref_decoder = torch.nn.TransformerDecoder(
+        torch_decoder_layer(layer_kw, dtype), 2, norm=torch.nn.LayerNorm(D, dtype=dtype)
+    ).eval()
+    load_into(ref_decoder, decoder)
+    tgt, memory = seq(4, 2, True, dtype, 2), seq(6, 2, True, dtype, 3)
+    kw = {
+        "tgt_mask": generate_square_subsequent_mask(4, dtype=dtype),
+        "memory_key_padding_mask": padding(2, 6).to(dtype) * -1e9,
+    }
+    out, ref_out = decoder(tgt, memory, **kw), ref_decoder(tgt, memory, **kw)
+    check_grads(decoder, ref_decoder, out, ref_out, [tgt, memory], dtype)
+
+
+def torch_transformer(dtype: torch.dtype | None, **kw: Any) -> Any:
+    with warnings.catch_warnings():  # torch's nested-tensor fast path notice
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nn.Transformer(D, HEADS, 2, 2, FF, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [{}, {"norm_first": True, "batch_first": True}], ids=str)
+def test_transformer_init_and_forward_match_torch(
+    config: dict[str, Any], dtype: torch.dtype
+) -> None:
+    torch.manual_seed(4)
+    reference = torch_transformer(dtype, **config)
+    spec = TransformerSpec(D, HEADS, 2, 2, FF, **config)
+    ours = dp.sample(spec, generator=gen(4), dtype=dtype)
+    assert_same_init(ours, reference, dtype)
+    # xavier re-initialises every matrix, so the layers of a stack differ (unlike the stacks)
+    first, second = ours.encoder.layers
+    assert not torch.equal(first.linear1.weight, second.linear1.weight)
+
+    reference.eval()
+    batch_first = config.get("batch_first", False)
+    src, tgt = seq(6, 2, batch_first, dtype, 1), seq(4, 2, batch_first, dtype, 2)
+    kw = {
+        "tgt_mask": Transformer.generate_square_subsequent_mask(4, dtype=dtype),
+        "src_key_padding_mask": padding(2, 6),
+        "memory_key_padding_mask": padding(2, 6),
+    }
+    out, ref_out = ours(src, tgt, **kw), reference(src, tgt, **kw)
+    check_grads(ours, reference, out, ref_out, [src, tgt], dtype)
+
+
+def test_transformer_meta_custom_parts_and_errors() -> None:
+    g = gen(0)
+    before = g.get_state()
+    meta = dp.sample(TransformerSpec(D, HEADS, 2, 2, FF), generator=g, device="meta")
+    assert torch.equal(g.get_state(), before)
+    shapes = {n: p.shape for n, p in torch_transformer(None, device="meta").named_parameters()}
+    assert {n: p.shape for n, p in dp.named_parameters(meta)} == shapes
+    assert all(p.is_meta for p in dp.flatten_parameters(meta))
+
+    custom = TransformerEncoderSpec(TransformerEncoderLayerSpec(D, HEADS, 4), 1)
+    model = dp.sample(TransformerSpec(D, HEADS, 1, 1, FF, custom_encoder=custom))
+    assert model.encoder.layers[0].linear1.weight.shape == (4, D)
+    assert model.encoder.norm is None
+    with pytest.raises(ValueError, match="batch number"):
+        model(torch.randn(5, 2, D), torch.randn(3, 1, D))
+    with pytest.raises(ValueError, match="d_model=8"):
+        model(torch.randn(5, 2, D), torch.randn(3, 2, 4))
+    with pytest.raises(ValueError, match="num_decoder_layers"):
+        TransformerSpec(D, HEADS, num_decoder_layers=0)
+
+
+# --- training mode ---------------------------------------------------------------------------
+
+
+def test_training_mode_dropout_equals_torch_for_the_same_global_seed() -> None:
+    dtype = torch.float64
+    spec = TransformerEncoderLayerSpec(D, HEADS, FF, dropout=0.2)
+    ours = dp.sample(spec, generator=gen(0), dtype=dtype)
+    reference = torch_encoder_layer({"dropout": 0.2}, dtype).train()
+    load_into(reference, ours)
+    src = torch.randn(5, 3, D, dtype=dtype)
+    pad = padding(3, 5)
+    torch.manual_seed(1)
+    expected = reference(src, src_key_padding_mask=pad)
+    torch.manual_seed(1)
+    got, same = nn.training(lambda m: m(src, src_key_padding_mask=pad), ours)
+    assert_close(got, expected)
+    assert same is ours  # no state to update
+    assert not torch.allclose(got, ours(src, src_key_padding_mask=pad))  # eval: no dropout
+
+    dec = dp.sample(
+        TransformerDecoderLayerSpec(D, HEADS, FF, dropout=0.2), generator=gen(0), dtype=dtype
+    )
+    ref_dec = torch_decoder_layer({"dropout": 0.2}, dtype).train()
+    load_into(ref_dec, dec)
+    memory = torch.randn(6, 3, D, dtype=dtype)
+    torch.manual_seed(2)
+    expected = ref_dec(src, memory)
+    torch.manual_seed(2)
+    assert_close(dec(src, memory, training=True), expected)
+
+
+def test_training_with_a_generator_is_reproducible() -> None:
+    encoder = dp.sample(
+        TransformerEncoderSpec(TransformerEncoderLayerSpec(D, HEADS, FF, dropout=0.3), 2)
+    )
+    src = torch.randn(5, 2, D)
+
+    def run(seed: int) -> torch.Tensor:
+        out, _ = nn.training(lambda m: m(src), encoder, generator=gen(seed))
+        return out
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+    assert not torch.allclose(run(3), encoder(src))
+
+
+def test_a_transformer_layer_trains() -> None:
+    spec = TransformerEncoderLayerSpec(D, HEADS, FF, dropout=0.1, batch_first=True, norm_first=True)
+    model = dp.sample(spec, generator=gen(0))
+    src = torch.randn(4, 6, D, generator=gen(1))
+    # Each position's target mixes its own features with the sequence mean (attention's job).
+    mixing = torch.randn(D, D, generator=gen(2)) / D**0.5
+    target = torch.tanh(src @ mixing + src.mean(dim=1, keepdim=True))
+    g = gen(3)
+
+    def loss_fn(m: TransformerEncoderLayer) -> torch.Tensor:
+        return F.mse_loss(m(src), target)
+
+    first = loss_fn(model).item()
+    optimizer = Adam()
+    for _ in range(25):
+        loss, model = nn.training(loss_fn, model, generator=g)
+        model, optimizer = run_step(model, optimizer, loss, 1e-2)
+    assert loss_fn(model).item() < 0.5 * first
+
+
+# --- errors and values -----------------------------------------------------------------------
+
+
+def test_spec_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="relu' or 'gelu"):
+        TransformerEncoderLayerSpec(D, HEADS, activation="tanh")
+    with pytest.raises(TypeError, match="callable"):
+        TransformerDecoderLayerSpec(D, HEADS, activation=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerEncoderLayerSpec(6, 4)
+    with pytest.raises(ValueError, match="greater than 0"):
+        TransformerDecoderLayerSpec(8, 2, dim_feedforward=0)
+    with pytest.raises(ValueError, match="dropout"):
+        TransformerEncoderLayerSpec(8, 2, dropout=-0.1)
+    with pytest.raises(ValueError, match="num_layers"):
+        TransformerEncoderSpec(TransformerEncoderLayerSpec(8, 2), 0)
+    with pytest.raises(ValueError, match="num_layers"):
+        TransformerDecoderSpec(TransformerDecoderLayerSpec(8, 2), 0)
+
+
+def test_activation_names_resolve_to_torchs_functions() -> None:
+    relu = dp.sample(TransformerEncoderLayerSpec(8, 2, 8))
+    gelu = dp.sample(TransformerDecoderLayerSpec(8, 2, 8, activation="gelu"))
+    assert relu.activation is F.relu and gelu.activation is F.gelu
+
+
+def test_layers_are_values() -> None:
+    layer = dp.sample(TransformerDecoderLayerSpec(8, 2, 8, dropout=0.0))
+    assert isinstance(layer, TransformerDecoderLayer)
+    zeroed = dp.replace_parameters(
+        layer, [dp.make_independent(torch.zeros_like(p)) for p in dp.flatten_parameters(layer)]
+    )
+    assert zeroed.norm_first is False and zeroed.activation is F.relu
+    assert not torch.equal(zeroed.linear1.weight, layer.linear1.weight)
+    encoder = dp.sample(TransformerEncoderSpec(TransformerEncoderLayerSpec(8, 2, 8), 1))
+    assert isinstance(encoder, TransformerEncoder) and encoder.norm is None
+    decoder = dp.sample(TransformerDecoderSpec(TransformerDecoderLayerSpec(8, 2, 8), 1))
+    assert isinstance(decoder, TransformerDecoder)
