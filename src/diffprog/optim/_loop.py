@@ -8,7 +8,9 @@ from typing import TypeVar
 import torch
 
 from diffprog import flatten_parameters, grad, make_independent, replace_parameters
+from diffprog.optim._grad import OnNonFinite, all_finite, check_on_nonfinite, nonfinite_error
 from diffprog.optim._optimizer import LearningRate, Optimizer
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["fold_loop", "run_step"]
 
@@ -17,21 +19,46 @@ OptT = TypeVar("OptT", bound=Optimizer)
 A = TypeVar("A")
 
 
-def run_step(model: M, optimizer: OptT, loss: torch.Tensor, lr: LearningRate) -> tuple[M, OptT]:
+def run_step(
+    model: M,
+    optimizer: OptT,
+    loss: torch.Tensor | Callable[[], torch.Tensor],
+    lr: LearningRate | None,
+    *,
+    on_nonfinite: OnNonFinite = "raise",
+) -> tuple[M, OptT]:
     """One training step: gradients of ``loss``, an optimizer step, a rebuilt model.
 
     Hasktorch's ``runStep``: the gradients of ``loss`` with respect to
     ``flatten_parameters(model)``, the optimizer's ``step``, ``make_independent`` on the results,
-    and ``replace_parameters``. ``model`` and ``optimizer`` are left as they were.
+    and ``replace_parameters``. With a pure optimizer, ``model`` and ``optimizer`` are left as
+    they were. An optimizer that defines ``step_model(model, loss, lr, *, on_nonfinite)``
+    takes the whole step itself: :class:`~diffprog.optim.TorchOptimizer` does, updating
+    ``model``'s parameters in place (see its aliasing notes). Parameters an optimizer does not
+    train (its ``trainable`` is ``False`` for them, e.g. frozen ones) get no gradient computed.
+
+    Before anything is written the loss and the gradients are checked, with one fused
+    reduction: a NaN or infinite value raises :class:`~diffprog.optim.NonFiniteError`, naming
+    the parameters whose gradient is affected, and ``model`` and ``optimizer`` stay valid.
 
     Args:
         model: the model ``loss`` was computed with.
         optimizer: the optimizer (its state).
-        loss: a scalar tensor computed from ``model``.
-        lr: the learning rate.
+        loss: a scalar tensor computed from ``model``, or a function of no arguments computing
+            it (a closure, which ``torch.optim.LBFGS`` calls several times per step).
+        lr: the learning rate: a float, a 0-dim tensor or a schedule of the optimizer's step
+            count; ``None`` for a ``TorchOptimizer`` (also inside a wrapper such as
+            ``ClipGradNorm``) to keep its own.
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` (return ``(model, optimizer)``
+            unchanged) or ``"ignore"`` (no check) when the loss or a gradient is not finite.
 
     Returns:
         ``(new_model, new_optimizer)``.
+
+    Raises:
+        NonFiniteError: the loss or a gradient is NaN or infinite (with ``"raise"``).
+        ValueError: ``on_nonfinite`` is not one of the three, or ``lr`` is ``None`` for a
+            pure optimizer.
 
     Example:
         >>> from diffprog.nn import LinearSpec
@@ -42,11 +69,42 @@ def run_step(model: M, optimizer: OptT, loss: torch.Tensor, lr: LearningRate) ->
         >>> bool(new_model(torch.ones(1, 2)).pow(2).sum() < loss)
         True
     """
+    step_model = getattr(optimizer, "step_model", None)
+    if step_model is not None:
+        return step_model(model, loss, lr, on_nonfinite=on_nonfinite)  # type: ignore[no-any-return]
+    check_on_nonfinite(on_nonfinite)
+    if lr is None and isinstance(optimizer, PureOptimizer):
+        raise ValueError(
+            f"run_step needs a learning rate for {type(optimizer).__name__} (lr=None keeps a "
+            "TorchOptimizer's own): pass a float, a 0-dim tensor or a schedule."
+        )
+    if not isinstance(loss, torch.Tensor):
+        loss = loss()
     params = flatten_parameters(model)
-    gradients = grad(loss, params)
-    new_params, new_optimizer = optimizer.step(lr, gradients, params)
+    trainable = getattr(optimizer, "trainable", None)
+    if trainable is None or all(trainable):
+        gradients = grad(loss, params)
+        indices: list[int] | range = range(len(params))
+        checked = gradients
+    else:
+        indices = [i for i, t in enumerate(trainable) if t]
+        checked = grad(loss, [params[i] for i in indices])
+        # Frozen parameters get a zero of their shape that takes no memory (never read).
+        gradients = [_zero_like(p) for p in params]
+        for i, g in zip(indices, checked):
+            gradients[i] = g
+    if on_nonfinite != "ignore" and not all_finite(loss, checked):
+        if on_nonfinite == "skip":
+            return model, optimizer
+        raise nonfinite_error(model, loss, checked, indices)
+    # lr may be None here for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
+    new_params, new_optimizer = optimizer.step(lr, gradients, params)  # type: ignore[arg-type]
     new_model = replace_parameters(model, [make_independent(p) for p in new_params])
     return new_model, new_optimizer
+
+
+def _zero_like(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
 
 
 def fold_loop(init: A, count: int, body: Callable[[A, int], A]) -> A:

@@ -1,0 +1,306 @@
+"""The pieces of a training step: ``value_and_grad``, ``apply_updates``, the non-finite check.
+
+``run_step`` is ``value_and_grad`` + an optimizer's ``step`` + ``replace_parameters``; these are
+the parts for loops that need to see in between (gradient accumulation, logging gradient
+norms, custom update rules), with the same guarantees: pure, and the model's structure kept.
+"""
+
+from __future__ import annotations
+
+import cmath
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from diffprog import (
+    DiffprogError,
+    flatten_parameters,
+    grad,
+    make_independent,
+    named_parameters,
+    replace_parameters,
+    walk,
+)
+
+__all__ = [
+    "NonFiniteError",
+    "OnNonFinite",
+    "apply_updates",
+    "flatten_like",
+    "value_and_grad",
+]
+
+M = TypeVar("M")
+
+OnNonFinite = Literal["raise", "skip", "ignore"]
+"""What ``run_step`` does when the loss or a gradient is NaN or infinite: ``"raise"`` a
+:class:`NonFiniteError` (the default), ``"skip"`` the step (the model and optimizer come back
+unchanged), or ``"ignore"`` the check altogether (no cost, no protection)."""
+
+_ON_NONFINITE = ("raise", "skip", "ignore")
+
+
+class NonFiniteError(DiffprogError, FloatingPointError):
+    """The loss or some gradients of a training step are NaN or infinite; the step was not taken.
+
+    Attributes:
+        loss: the loss's value (``nan``, ``inf``, or finite when only gradients are bad).
+        paths: the ``named_parameters`` paths of the parameters whose gradient is not finite.
+    """
+
+    def __init__(self, loss: float, paths: Sequence[str]) -> None:
+        self.loss = loss
+        self.paths = tuple(paths)
+        problems = []
+        if not math.isfinite(loss):
+            problems.append(f"the loss is {loss}")
+        if self.paths:
+            shown = ", ".join(self.paths[:10])
+            more = f" and {len(self.paths) - 10} more" if len(self.paths) > 10 else ""
+            what = "gradient" if len(self.paths) == 1 else "gradients"
+            problems.append(f"the {what} of {shown}{more} contain NaN or inf")
+        text = " and ".join(problems) or "a value is not finite"
+        super().__init__(
+            f"non-finite training step: {text}. The step was not taken; the model and optimizer "
+            "passed in are unchanged. Find the source with torch.autograd.set_detect_anomaly("
+            "True) (log of 0, division by 0, overflow), lower the learning rate or clip "
+            "gradients, or pass on_nonfinite='skip' to run_step to skip such steps."
+        )
+
+
+def check_on_nonfinite(on_nonfinite: str) -> None:
+    """Raise ``ValueError`` unless ``on_nonfinite`` is one of :data:`OnNonFinite`."""
+    if on_nonfinite not in _ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}.")
+
+
+_LOCAL = threading.local()  # per thread and device: (a zero flag, a one)
+
+
+def _flag_and_one(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] | None = getattr(
+        _LOCAL, "cache", None
+    )
+    if cache is None:
+        cache = _LOCAL.cache = {}
+    found = cache.get(device)
+    if found is None:
+        one = torch.ones((), dtype=torch.float32, device=device)
+        found = cache[device] = (torch.zeros_like(one), one)
+    return found
+
+
+_LARGE = 1 << 20  # elements: from here a read-only norm beats the checking kernel on CPU
+
+
+def all_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> bool:
+    """Whether ``loss`` and every gradient are finite: one fused reduction, one read.
+
+    Up to about a million gradient elements this is the multi-tensor kernel behind
+    ``torch.amp.GradScaler`` (``_amp_foreach_non_finite_check_and_unscale_`` with scale 1,
+    which leaves the values as they are) and one flag; above, where that kernel's write-back
+    costs more than it saves, a read-only ``torch._foreach_norm`` with one ``isfinite``. A
+    failed fast check is confirmed tensor by tensor (so a norm that overflows on huge but
+    finite gradients is no false alarm), as are gradients the kernels do not take (expanded,
+    complex, ``None``, on several devices). A CPU loss is read directly.
+    """
+    loss = loss.detach()
+    on_cpu = loss.device.type == "cpu"
+    if on_cpu and not cmath.isfinite(loss.item()):
+        return False
+    if not grads:
+        return on_cpu or bool(torch.isfinite(loss).all())
+    try:
+        if sum(g.numel() for g in grads) < _LARGE:  # type: ignore[union-attr, misc]
+            ok = _check_small(loss, grads, on_cpu)  # type: ignore[arg-type]
+        else:
+            norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+            total = torch.stack([n.float() for n in norms] + ([] if on_cpu else [loss.float()]))
+            ok = bool(torch.isfinite(total).all())
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        ok = False
+    return ok or _all_finite_slow(loss, grads)
+
+
+def _check_small(loss: torch.Tensor, grads: list[torch.Tensor], on_cpu: bool) -> bool:
+    device = grads[0].device
+    flag, one = _flag_and_one(device)  # the flag stays 0 until a check fails
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, one)
+        if on_cpu:
+            ok = not flag.item()
+        else:
+            ok = not (flag + torch.logical_not(torch.isfinite(loss)).to(device)).item()
+    except BaseException:
+        flag.zero_()
+        raise
+    if not ok:
+        flag.zero_()
+    return ok
+
+
+def _all_finite_slow(loss: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> bool:
+    checks = [torch.isfinite(loss).all()]
+    checks += [torch.isfinite(g).all() for g in grads if g is not None]
+    return all(bool(c) for c in checks)
+
+
+def nonfinite_error(
+    model: Any, loss: torch.Tensor, grads: Sequence[torch.Tensor | None], indices: Sequence[int]
+) -> NonFiniteError:
+    """The error for a failed :func:`all_finite` check (the slow path, run only on failure).
+
+    ``grads[k]`` is the gradient of parameter ``indices[k]`` in ``flatten_parameters(model)``
+    order; the paths come from ``named_parameters(model)``.
+    """
+    names = [name for name, _ in named_parameters(model)]
+    bad = [
+        names[i] if i < len(names) else str(i)
+        for i, g in zip(indices, grads)
+        if g is not None and not bool(torch.isfinite(g).all())
+    ]
+    return NonFiniteError(float(loss.detach().reshape(-1)[0]), bad)
+
+
+def value_and_grad(
+    loss_fn: Callable[..., Any], *, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any]]:
+    """Turn ``loss_fn(model, *args)`` into a function returning the loss and its gradients.
+
+    JAX's ``value_and_grad`` for diffprog models: the gradients come back in the model's own
+    structure, the model with each parameter replaced by its gradient (a plain tensor), so
+    ``grads.layers[0].weight`` is the gradient of ``model.layers[0].weight``. A parameter the
+    loss does not depend on gets zeros. The model is not changed.
+
+    Args:
+        loss_fn: a function of the model (first argument) returning a scalar tensor, or with
+            ``has_aux=True`` a pair ``(loss, aux)``.
+        has_aux: whether ``loss_fn`` returns auxiliary data beside the loss.
+
+    Returns:
+        A function ``(model, *args, **kwargs) -> (loss, grads)`` (with ``has_aux``:
+        ``((loss, aux), grads)``); ``loss`` is detached from the graph.
+
+    Raises:
+        DiffprogError: (when called) the loss has more than one element.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> layer = sample(LinearSpec(2, 1), generator=torch.Generator().manual_seed(0))
+        >>> loss, grads = value_and_grad(lambda m, x: m(x).sum())(layer, torch.ones(3, 2))
+        >>> grads.weight
+        tensor([[3., 3.]])
+        >>> type(grads).__name__, grads.bias
+        ('Linear', tensor([3.]))
+    """
+
+    def loss_and_grads(model: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        params = flatten_parameters(model)
+        out = loss_fn(model, *args, **kwargs)
+        loss, aux = out if has_aux else (out, None)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"value_and_grad's loss_fn must return a scalar tensor"
+                f"{' as the first of (loss, aux)' if has_aux else ''}, got {type(loss).__name__}."
+                + ("" if has_aux else " If it returns (loss, aux), pass has_aux=True.")
+            )
+        grads = replace_parameters(model, grad(loss, params))
+        value = loss.detach()
+        return ((value, aux) if has_aux else value), grads
+
+    return loss_and_grads
+
+
+def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
+    """The tensors of ``tree`` that sit where ``model`` has its parameters, in flatten order.
+
+    ``flatten_parameters`` for a value of the model's structure whose leaves are plain tensors
+    (the gradients from :func:`value_and_grad`, updates), which ``flatten_parameters`` itself
+    would not collect: the result lines up with ``flatten_parameters(model)``, ready for an
+    optimizer's ``step``.
+
+    Args:
+        model: the model that gives the structure.
+        tree: a value of the same structure.
+
+    Returns:
+        One tensor per parameter of ``model``.
+
+    Raises:
+        DiffprogError: ``tree`` does not have ``model``'s structure.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> layer = sample(LinearSpec(2, 1))
+        >>> grads = replace_parameters(layer, [torch.zeros(1, 2), torch.ones(1)])
+        >>> flatten_like(layer, grads)
+        [tensor([[0., 0.]]), tensor([1.])]
+    """
+    model_leaves = list(walk(model))
+    tree_leaves = list(walk(tree))
+    if len(model_leaves) != len(tree_leaves) or any(
+        a[0] != b[0] for a, b in zip(model_leaves, tree_leaves)
+    ):
+        raise DiffprogError(
+            f"the tree does not have the model's structure ({type(tree).__name__} with "
+            f"{len(tree_leaves)} leaves against the model's {type(model).__name__} with "
+            f"{len(model_leaves)}). Build it from the model, e.g. with value_and_grad or "
+            "replace_parameters(model, tensors)."
+        )
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for (_, leaf), (_, value) in zip(model_leaves, tree_leaves):
+        if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            if not isinstance(value, torch.Tensor):
+                raise DiffprogError(
+                    f"the tree holds a {type(value).__name__} where the model has a parameter; "
+                    "every parameter's place needs a tensor."
+                )
+            out.append(value)
+    return out
+
+
+def apply_updates(model: M, updates: Any) -> M:
+    """Add ``updates`` to the model's parameters: optax's ``apply_updates``, out of place.
+
+    Args:
+        model: the model.
+        updates: one tensor per parameter, either as a list in ``flatten_parameters`` order or
+            as a value of the model's structure (e.g. ``grads`` from :func:`value_and_grad`
+            scaled by ``-lr``), each of its parameter's shape.
+
+    Returns:
+        A new model whose parameters are ``p + u``, fresh trainable leaves; ``model`` and its
+        parameters are unchanged.
+
+    Raises:
+        DiffprogError: ``updates`` has the wrong number of entries or the wrong structure.
+
+    Example:
+        >>> w = make_independent(torch.ones(2))
+        >>> model = {"w": w}
+        >>> new = apply_updates(model, {"w": torch.tensor([-0.5, 0.5])})
+        >>> new["w"].detach(), w.detach()
+        (tensor([0.5000, 1.5000]), tensor([1., 1.]))
+    """
+    params: list[torch.Tensor] = list(flatten_parameters(model))
+    if (
+        isinstance(updates, (list, tuple))
+        and len(updates) == len(params)
+        and all(isinstance(u, torch.Tensor) for u in updates)
+    ):
+        deltas = list(updates)
+    else:
+        deltas = flatten_like(model, updates)
+    if len(deltas) != len(params):
+        raise DiffprogError(
+            f"apply_updates got {len(deltas)} updates for a model with {len(params)} "
+            "parameters. Pass one per parameter, in flatten_parameters order."
+        )
+    with torch.no_grad():
+        new = torch._foreach_add(params, deltas) if params else []
+    return replace_parameters(model, [make_independent(p) for p in new])
