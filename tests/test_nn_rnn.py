@@ -517,7 +517,7 @@ def test_spec_checks_as_torch() -> None:
     )  # torch's positions
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize(("spec_cls", "torch_cls", "extra"), KINDS, ids=KIND_IDS)
 def test_cuda_matches_torch_without_warnings(
     spec_cls: Any, torch_cls: type[torch.nn.Module], extra: dict[str, Any]

@@ -39,6 +39,14 @@ CONFIGS: list[dict[str, Any]] = [
 ]
 
 
+def case_id(value: object) -> str:
+    """A stable test id (no memory addresses, which differ between xdist workers)."""
+    if isinstance(value, dict):
+        parts = [f"{k}={getattr(v, '__name__', v)}" for k, v in value.items()]
+        return ",".join(parts) or "defaults"
+    return str(value)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -103,7 +111,7 @@ def padding(n: int, length: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=case_id)
 def test_layer_init_matches_torch_bit_for_bit(config: dict[str, Any], dtype: torch.dtype) -> None:
     torch.manual_seed(5)
     reference = torch_encoder_layer(config, dtype)
@@ -154,7 +162,7 @@ def test_stack_layers_start_equal_but_are_not_tied() -> None:
     assert len(dp.flatten_parameters(encoder)) == 2 * per_layer
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=case_id)
 def test_meta_device_gives_shapes_only(config: dict[str, Any]) -> None:
     g = gen(1)
     before = g.get_state()
@@ -205,7 +213,7 @@ ENCODER_CASES = [({}, mask) for mask in ENCODER_MASKS] + [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("config", "mask"), ENCODER_CASES, ids=str)
+@pytest.mark.parametrize(("config", "mask"), ENCODER_CASES, ids=case_id)
 def test_encoder_layer_matches_torch(config: dict[str, Any], mask: str, dtype: torch.dtype) -> None:
     ours = dp.sample(
         TransformerEncoderLayerSpec(D, HEADS, FF, **config), generator=gen(1), dtype=dtype
@@ -229,7 +237,7 @@ def test_encoder_layer_unbatched_matches_torch() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=case_id)
 def test_decoder_layer_matches_torch(config: dict[str, Any], dtype: torch.dtype) -> None:
     ours = dp.sample(
         TransformerDecoderLayerSpec(D, HEADS, FF, **config), generator=gen(1), dtype=dtype
@@ -314,7 +322,7 @@ def torch_transformer(dtype: torch.dtype | None, **kw: Any) -> Any:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [{}, {"norm_first": True, "batch_first": True}], ids=str)
+@pytest.mark.parametrize("config", [{}, {"norm_first": True, "batch_first": True}], ids=case_id)
 def test_transformer_init_and_forward_match_torch(
     config: dict[str, Any], dtype: torch.dtype
 ) -> None:

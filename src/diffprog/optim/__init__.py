@@ -1,7 +1,81 @@
 """Optimizers as values (Hasktorch's ``Torch.Optim``) and the training loop around them."""
 
+from diffprog.optim._adagrad import Adagrad
+from diffprog.optim._adam import Adam, mk_adam
+from diffprog.optim._adamw import AdamW
+from diffprog.optim._clip import ClipGradNorm, clip_grad_norm
 from diffprog.optim._gd import GD
+from diffprog.optim._gdm import GDM
+from diffprog.optim._grad import (
+    NonFiniteError,
+    OnNonFinite,
+    apply_updates,
+    flatten_like,
+    value_and_grad,
+)
+from diffprog.optim._lion import Lion
 from diffprog.optim._loop import fold_loop, run_step
-from diffprog.optim._optimizer import Gradients, LearningRate, Optimizer, step
+from diffprog.optim._optimizer import (
+    Gradients,
+    LearningRate,
+    Optimizer,
+    Schedule,
+    learning_rate_at,
+    step,
+)
+from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._rmsprop import RMSprop
+from diffprog.optim._schedule import (
+    constant_schedule,
+    cosine_decay_schedule,
+    join_schedules,
+    linear_schedule,
+    linear_warmup_schedule,
+    step_decay_schedule,
+    warmup_cosine_decay_schedule,
+)
+from diffprog.optim._select import ParamGroup, ParamSettings, Selection, Selector, select
+from diffprog.optim._torch import TorchOptimizer
 
-__all__ = ["GD", "Gradients", "LearningRate", "Optimizer", "fold_loop", "run_step", "step"]
+__all__ = [
+    # --- pure optimizers, schedules, per-parameter settings, clipping ---
+    "GD",
+    "GDM",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "RMSprop",
+    "Lion",
+    "mk_adam",
+    "PureOptimizer",
+    "ClipGradNorm",
+    "clip_grad_norm",
+    "Schedule",
+    "learning_rate_at",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "join_schedules",
+    "linear_schedule",
+    "linear_warmup_schedule",
+    "step_decay_schedule",
+    "warmup_cosine_decay_schedule",
+    "ParamGroup",
+    "ParamSettings",
+    "Selection",
+    "Selector",
+    "select",
+    # --- the loop and the protocol ---
+    "Gradients",
+    "LearningRate",
+    "Optimizer",
+    "fold_loop",
+    "run_step",
+    "step",
+    # --- the in-place fast path and the pieces of a step ---
+    "TorchOptimizer",
+    "NonFiniteError",
+    "OnNonFinite",
+    "apply_updates",
+    "flatten_like",
+    "value_and_grad",
+]

@@ -1,34 +1,70 @@
-"""``GD``: plain gradient descent, the stateless optimizer."""
+"""``GD``: plain gradient descent, the optimizer without state (but for its step count)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
-from diffprog import Parameterized
-from diffprog.optim._optimizer import Gradients, LearningRate
+from diffprog.optim._pure import Overrides, PureOptimizer
+from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["GD"]
 
 
-class GD(Parameterized):
-    """Gradient descent: ``p - lr * g``. Hasktorch's ``GD``; torch.optim.SGD without momentum.
+class GD(PureOptimizer):
+    """Gradient descent: ``p - lr * g``. Hasktorch's ``GD``; ``torch.optim.SGD`` without momentum.
+
+    ``GD()`` trains every parameter; ``GD.init(model, ...)`` adds per-parameter learning-rate
+    scales (``overrides={"*.bias": {"lr_scale": 2.0}}``) and freezing. The step count is kept
+    for learning-rate schedules.
+
+    Attributes:
+        count: the number of steps taken.
+        settings: which parameters are trained and how (``None``: all, alike).
 
     Example:
         >>> new, opt = GD().step(0.1, [torch.tensor([1.0])], [torch.tensor([2.0])])
-        >>> new
-        [tensor([1.9000])]
+        >>> new, opt.count
+        ([tensor([1.9000])], 1)
     """
 
-    def step(
-        self, lr: LearningRate, gradients: Gradients, params: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], GD]:
-        """One step of gradient descent (out of place)."""
-        params, gradients = list(params), list(gradients)
-        with torch.no_grad():
-            if isinstance(lr, torch.Tensor):
-                new = torch._foreach_sub(params, torch._foreach_mul(gradients, lr))
-            else:
-                new = torch._foreach_add(params, gradients, alpha=-lr)
-        return list(new), self
+    _hyper: ClassVar[tuple[str, ...]] = ()
+    donate: ClassVar[bool] = False
+
+    count: int = 0
+    settings: ParamSettings | None = None
+
+    @classmethod
+    def init(cls, model: Any, *, overrides: Overrides = (), freeze: Selection | None = None) -> GD:
+        """Gradient descent for ``model`` (a model or a list of parameters).
+
+        Args:
+            model: the model (or its parameters), to resolve ``overrides`` and ``freeze``.
+            overrides: ``{selection: {"lr_scale": factor}}`` per-parameter learning-rate scales.
+            freeze: the parameters not to train.
+
+        Returns:
+            The optimizer.
+
+        Example:
+            >>> from diffprog.nn import LinearSpec
+            >>> opt = GD.init(sample(LinearSpec(2, 1)), freeze="bias")
+            >>> opt.trainable
+            (True, False)
+        """
+        return cls._build(model, {}, overrides, freeze, donate=False)
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        if isinstance(lr, torch.Tensor):
+            return list(torch._foreach_sub(params, torch._foreach_mul(grads, lr)))
+        return list(torch._foreach_add(params, grads, alpha=-lr))

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from typing_extensions import Self
 
-__all__ = ["Gradients", "LearningRate", "Optimizer", "step"]
+__all__ = ["Gradients", "LearningRate", "Optimizer", "Schedule", "learning_rate_at", "step"]
 
-LearningRate = float | torch.Tensor
-"""A learning rate: a Python float or a 0-dim tensor."""
+Schedule = Callable[[int], float | torch.Tensor]
+"""A learning-rate schedule: the learning rate as a function of the optimizer's step count.
+
+The count is the number of steps taken before the one being made (0 for the first step), as
+in optax. ``diffprog.optim`` provides ready ones (``cosine_decay_schedule``, ...).
+"""
+
+LearningRate = float | torch.Tensor | Schedule
+"""A learning rate: a Python float, a 0-dim tensor, or a :data:`Schedule` of the step count."""
 
 Gradients = Sequence[torch.Tensor]
 """Gradients, one per parameter, in ``flatten_parameters`` order (Hasktorch's ``Gradients``)."""
@@ -57,3 +65,32 @@ def step(
         [tensor([-0.5000, -0.5000])]
     """
     return state.step(lr, gradients, params)
+
+
+def learning_rate_at(lr: LearningRate, count: int) -> float | torch.Tensor:
+    """The learning rate to use for the step after ``count`` steps: ``lr(count)`` for a schedule.
+
+    Args:
+        lr: a float, a 0-dim tensor, or a schedule.
+        count: the number of steps taken so far.
+
+    Returns:
+        The learning rate as a float or a 0-dim tensor.
+
+    Raises:
+        TypeError: ``lr`` is none of the above.
+
+    Example:
+        >>> learning_rate_at(0.1, 5), learning_rate_at(lambda count: 0.1 / (count + 1), 4)
+        (0.1, 0.02)
+    """
+    if isinstance(lr, torch.Tensor):
+        return lr
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        return float(lr)
+    if callable(lr):
+        return lr(count)
+    raise TypeError(
+        f"the learning rate must be a float, a 0-dim tensor or a schedule (a function of the "
+        f"step count), got {type(lr).__name__}."
+    )

@@ -1,0 +1,263 @@
+"""``Adam`` (and Hasktorch's ``mk_adam``): torch.optim.Adam's algorithm as a value."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from diffprog.optim._pure import Overrides, PureOptimizer, device_groups, has_fused, lr_on
+from diffprog.optim._select import ParamSettings, Selection
+
+__all__ = ["Adam", "mk_adam"]
+
+
+class Adam(PureOptimizer):
+    """Adam (Kingma & Ba), exactly ``torch.optim.Adam``'s algorithm, as a value.
+
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, and
+    ``p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` at step ``t = count + 1``,
+    ``g`` including the L2 term ``weight_decay * p`` (use :class:`AdamW` for decoupled decay);
+    ``amsgrad`` uses the running maximum of ``v``. The step runs torch's fused Adam kernel on
+    fresh copies of the parameters and moments, so the old ones stay valid (on a device without
+    the kernel, ``_foreach_`` operations in torch's multi-tensor order).
+
+    Hasktorch's ``Adam`` holds ``beta1``, ``beta2``, ``m1``, ``m2`` and ``iter``: here
+    ``betas``, ``exp_avg``, ``exp_avg_sq`` and ``count`` (torch's names). Its ``eps`` is fixed
+    at 1e-37; here it is torch's ``eps=1e-8``.
+
+    Attributes:
+        betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.Adam``'s.
+        count: the number of steps taken (torch's ``state["step"]``).
+        exp_avg, exp_avg_sq: the moments, one plain tensor per trained parameter (``None`` for
+            a frozen one), in ``flatten_parameters`` order.
+        max_exp_avg_sq: the running maximum of ``exp_avg_sq`` (with ``amsgrad``), else empty.
+        settings: which parameters are trained and how (``None``: all, alike).
+        donate: when True, a step updates this value's moments in place and hands them to the
+            optimizer it returns, and this value can no longer step: less memory and time, at
+            the price of the old optimizer (never the old parameters).
+
+    Example:
+        >>> p = make_independent(torch.tensor([1.0, -1.0]))
+        >>> opt = Adam.init([p])
+        >>> new, opt = opt.step(0.1, [torch.tensor([0.5, -0.5])], [p])
+        >>> new, opt.count
+        ([tensor([ 0.9000, -0.9000])], 1)
+    """
+
+    _hyper: ClassVar[tuple[str, ...]] = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
+    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _kernel: ClassVar[Callable[..., None]] = torch._fused_adam_
+    _decoupled: ClassVar[bool] = False
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    maximize: bool = False
+    count: int = 0
+    exp_avg: tuple[torch.Tensor | None, ...] = ()
+    exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
+    max_exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
+    settings: ParamSettings | None = None
+    donate: bool = False
+
+    @classmethod
+    def init(
+        cls,
+        model: Any,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        overrides: Overrides = (),
+        freeze: Selection | None = None,
+        donate: bool = False,
+    ) -> Adam:
+        """Adam for ``model``; the hyper-parameters are ``torch.optim.Adam``'s, with its defaults.
+
+        Args:
+            model: the model, or a list of its parameters.
+            betas: the decay rates of the first and second moments.
+            eps: added to the denominator.
+            weight_decay: L2 penalty added to the gradient.
+            amsgrad: use the AMSGrad variant.
+            maximize: ascend instead of descend.
+            overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the
+                above, and ``lr_scale``).
+            freeze: the parameters not to train (no update, no state).
+            donate: let each step reuse this optimizer's moments (see the class docstring).
+
+        Returns:
+            The optimizer, its moments at zero.
+
+        Raises:
+            ValueError: a hyper-parameter is out of range, or a selection matches nothing.
+
+        Example:
+            >>> from diffprog.nn import LinearSpec
+            >>> Adam.init(sample(LinearSpec(3, 2)), overrides={"bias": {"weight_decay": 0.0}})
+            Adam(
+              betas=(0.9, 0.999),
+              eps=1e-08,
+              weight_decay=0.0,
+              amsgrad=False,
+              maximize=False,
+              count=0,
+              exp_avg=(const f32[2,3], const f32[2]),
+              exp_avg_sq=(const f32[2,3], const f32[2]),
+              max_exp_avg_sq=(),
+              settings=ParamSettings(
+                num_params=2,
+                groups=(
+                  ParamGroup(indices=(0,), overrides=()),
+                  ParamGroup(indices=(1,), overrides=(('weight_decay', 0.0),)),
+                ),
+                frozen=(),
+              ),
+              donate=False,
+            )
+        """
+        hyper = {
+            "betas": _betas(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+        }
+        return cls._build(model, hyper, overrides, freeze, donate)
+
+    @classmethod
+    def _check(cls, hyper: Mapping[str, Any]) -> None:
+        _check_adam_like(hyper)
+
+    @classmethod
+    def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
+        return cls._state_fields if hyper["amsgrad"] else cls._state_fields[:2]
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        new = [p.clone() for p in params]
+        lists = [new, grads, state["exp_avg"], state["exp_avg_sq"]]
+        if hyper["amsgrad"]:
+            lists.append(state["max_exp_avg_sq"])
+        kernel = type(self)._kernel
+        for device, (ps, gs, ms, vs, *maxs) in device_groups(*lists):
+            if has_fused(kernel.__name__, device):
+                beta1, beta2 = hyper["betas"]
+                kernel(
+                    ps,
+                    gs,
+                    ms,
+                    vs,
+                    maxs[0] if maxs else [],
+                    [torch.full((), count + 1.0, device=device)] * len(ps),
+                    lr=lr_on(lr, device),
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=hyper["weight_decay"],
+                    eps=hyper["eps"],
+                    amsgrad=hyper["amsgrad"],
+                    maximize=hyper["maximize"],
+                )
+            else:
+                _foreach_adam(hyper, float(lr), count + 1, ps, gs, ms, vs, maxs, self._decoupled)
+        return new
+
+
+def mk_adam(iter: int, beta1: float, beta2: float, params: Sequence[torch.Tensor]) -> Adam:
+    """Hasktorch's ``mkAdam``: Adam with zero moments, having taken ``iter`` steps.
+
+    The other hyper-parameters are torch's defaults (``eps=1e-8``, where Hasktorch uses 1e-37).
+
+    Args:
+        iter: the step count to start from (usually 0).
+        beta1: the decay rate of the first moment.
+        beta2: the decay rate of the second moment.
+        params: the parameters (``flatten_parameters(model)``), or the model itself.
+
+    Returns:
+        The optimizer.
+
+    Example:
+        >>> opt = mk_adam(0, 0.9, 0.999, [make_independent(torch.zeros(2))])
+        >>> opt.betas, opt.count, opt.exp_avg
+        ((0.9, 0.999), 0, (tensor([0., 0.]),))
+    """
+    return Adam._build(
+        params,
+        {
+            "betas": _betas((beta1, beta2)),
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "amsgrad": False,
+            "maximize": False,
+        },
+        (),
+        None,
+        False,
+        count=iter,
+    )
+
+
+def _foreach_adam(
+    hyper: Mapping[str, Any],
+    lr: float,
+    step: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[list[torch.Tensor]],
+    decoupled: bool,
+) -> None:
+    """Adam with ``_foreach_`` operations, in torch's multi-tensor order, on devices without
+    the fused kernel: ``params`` and the moments are updated in place, ``grads`` are not."""
+    beta1, beta2 = hyper["betas"]
+    weight_decay = hyper["weight_decay"]
+    if hyper["maximize"]:
+        grads = list(torch._foreach_neg(grads))
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_size = -lr / (1 - beta1**step)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    if max_exp_avg_sqs:
+        torch._foreach_maximum_(max_exp_avg_sqs[0], exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_exp_avg_sqs[0])
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, hyper["eps"])
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+def _betas(betas: Sequence[float]) -> tuple[float, float]:
+    b1, b2 = betas
+    return (float(b1), float(b2))
+
+
+def _check_adam_like(hyper: Mapping[str, Any]) -> None:
+    """torch.optim.Adam's argument checks."""
+    if hyper["eps"] < 0.0:
+        raise ValueError(f"Invalid epsilon value: {hyper['eps']} (must be >= 0).")
+    for i, b in enumerate(hyper["betas"]):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1)).")
+    if hyper["weight_decay"] < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']} (must be >= 0).")

@@ -1,0 +1,131 @@
+"""Gradient clipping by global norm, as a wrapper around any optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+import torch
+from typing_extensions import Self
+
+from diffprog import DiffprogError, Parameterized
+from diffprog.optim._optimizer import Gradients, LearningRate, Optimizer
+
+__all__ = ["ClipGradNorm", "clip_grad_norm"]
+
+OptT = TypeVar("OptT", bound=Optimizer)
+
+
+def clip_grad_norm(
+    gradients: Gradients,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Scale ``gradients`` so that their global norm is at most ``max_norm``, out of place.
+
+    ``torch.nn.utils.clip_grad_norm_``'s numerics on gradients given as values: the total norm
+    is the ``norm_type`` norm of the per-tensor norms, and every gradient is multiplied by
+    ``min(1, max_norm / (total_norm + 1e-6))``.
+
+    Args:
+        gradients: the gradients (unchanged).
+        max_norm: the largest global norm allowed.
+        norm_type: the p of the p-norm (``float("inf")`` for the max norm).
+        error_if_nonfinite: raise if the total norm is nan or inf.
+
+    Returns:
+        ``(clipped_gradients, total_norm)``, ``total_norm`` being the norm before clipping.
+
+    Raises:
+        DiffprogError: ``error_if_nonfinite`` and the norm is not finite.
+
+    Example:
+        >>> clipped, norm = clip_grad_norm([torch.tensor([3.0]), torch.tensor([4.0])], 1.0)
+        >>> norm.item(), [round(g.item(), 4) for g in clipped]
+        (5.0, [0.6, 0.8])
+    """
+    grads = list(gradients)
+    if not grads:
+        return [], torch.tensor(0.0)
+    with torch.no_grad():
+        norms = torch._foreach_norm(grads, norm_type)
+        device = grads[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise DiffprogError(
+                f"the total norm of order {norm_type} of the gradients is {total.item()}, so "
+                "they cannot be clipped. Find the nan/inf in the loss or the model, or pass "
+                "error_if_nonfinite=False."
+            )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        clipped = torch._foreach_mul(grads, coef)
+    return list(clipped), total
+
+
+class ClipGradNorm(Parameterized, Generic[OptT]):
+    """Any optimizer, its gradients first clipped to a global norm of at most ``max_norm``.
+
+    ``torch.nn.utils.clip_grad_norm_`` before the inner optimizer's step, on the parameters the
+    inner optimizer trains (frozen ones do not count towards the norm).
+
+    Attributes:
+        inner: the wrapped optimizer (its state lives there).
+        max_norm: the largest global gradient norm.
+        norm_type: the p of the p-norm.
+        error_if_nonfinite: raise when the norm is nan or inf.
+
+    Example:
+        >>> from diffprog.optim import GD
+        >>> p = make_independent(torch.tensor([0.0, 0.0]))
+        >>> new, opt = ClipGradNorm(GD(), max_norm=1.0).step(1.0, [torch.tensor([3.0, 4.0])], [p])
+        >>> [round(x, 4) for x in new[0].tolist()]
+        [-0.6, -0.8]
+    """
+
+    inner: OptT
+    max_norm: float
+    norm_type: float = 2.0
+    error_if_nonfinite: bool = False
+
+    def step(
+        self, lr: LearningRate, gradients: Gradients, params: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], Self]:
+        """Clip ``gradients``, then step the inner optimizer; out of place.
+
+        Args:
+            lr: the learning rate (or schedule), passed to the inner optimizer.
+            gradients: one gradient per parameter.
+            params: the current parameters.
+
+        Returns:
+            ``(new_params, new_optimizer)``.
+        """
+        grads = list(gradients)
+        trainable = self.trainable
+        if trainable is None or all(trainable):
+            clipped, _ = clip_grad_norm(
+                grads, self.max_norm, self.norm_type, self.error_if_nonfinite
+            )
+        else:
+            chosen = [g for g, t in zip(grads, trainable) if t]
+            scaled, _ = clip_grad_norm(
+                chosen, self.max_norm, self.norm_type, self.error_if_nonfinite
+            )
+            it = iter(scaled)
+            clipped = [next(it) if t else g for g, t in zip(grads, trainable)]
+        new_params, new_inner = self.inner.step(lr, clipped, params)
+        new = object.__new__(type(self))
+        object.__setattr__(new, "__dict__", {**self.__dict__, "inner": new_inner})
+        return new_params, new
+
+    @property
+    def trainable(self) -> tuple[bool, ...] | None:
+        """The inner optimizer's ``trainable`` (``None``: every parameter)."""
+        found: tuple[bool, ...] | None = getattr(self.inner, "trainable", None)
+        return found
+
+    @property
+    def count(self) -> int:
+        """The inner optimizer's step count."""
+        return int(getattr(self.inner, "count", 0))

@@ -1,0 +1,169 @@
+"""``GDM``: gradient descent with momentum, exactly ``torch.optim.SGD``'s algorithm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from diffprog.optim._pure import Overrides, PureOptimizer, device_groups, has_fused, lr_on
+from diffprog.optim._select import ParamSettings, Selection
+
+__all__ = ["GDM"]
+
+
+class GDM(PureOptimizer):
+    """Gradient descent with momentum: ``torch.optim.SGD``'s algorithm, as a value.
+
+    With ``g = grad + weight_decay * p`` (negated first if ``maximize``), the momentum buffer
+    is ``b = momentum * b + (1 - dampening) * g`` (``b = g`` on the first step), and the step is
+    ``p - lr * b``, or ``p - lr * (g + momentum * b)`` with ``nesterov``. Hasktorch's ``GDM``
+    (``beta`` is ``momentum`` here, its ``momentum`` list is ``momentum_buffer``).
+
+    Attributes:
+        momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``'s.
+        count: the number of steps taken.
+        momentum_buffer: one buffer per trained parameter (``None`` for frozen ones); empty
+            when ``momentum == 0``.
+        settings: which parameters are trained and how (``None``: all, alike).
+        donate: whether a step may reuse this value's state (see :class:`Adam`).
+
+    Example:
+        >>> p = make_independent(torch.tensor([1.0]))
+        >>> opt = GDM.init([p], momentum=0.9)
+        >>> new, opt = opt.step(0.1, [torch.tensor([1.0])], [p])
+        >>> new, opt.momentum_buffer
+        ([tensor([0.9000])], (tensor([1.]),))
+    """
+
+    _hyper: ClassVar[tuple[str, ...]] = (
+        "momentum",
+        "dampening",
+        "weight_decay",
+        "nesterov",
+        "maximize",
+    )
+    _state_fields: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    count: int = 0
+    momentum_buffer: tuple[torch.Tensor | None, ...] = ()
+    settings: ParamSettings | None = None
+    donate: bool = False
+
+    @classmethod
+    def init(
+        cls,
+        model: Any,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        overrides: Overrides = (),
+        freeze: Selection | None = None,
+        donate: bool = False,
+    ) -> GDM:
+        """SGD with momentum for ``model``; the hyper-parameters are ``torch.optim.SGD``'s.
+
+        Args:
+            model: the model, or a list of its parameters.
+            momentum: the momentum factor.
+            dampening: dampening of the momentum.
+            weight_decay: L2 penalty added to the gradient.
+            nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+            maximize: ascend instead of descend.
+            overrides: per-parameter settings, ``{selection: {name: value}}``.
+            freeze: the parameters not to train.
+            donate: let each step reuse this optimizer's state buffers (see :class:`Adam`).
+
+        Returns:
+            The optimizer, its momentum buffers at zero.
+
+        Raises:
+            ValueError: a hyper-parameter is out of range.
+        """
+        hyper = {
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+        }
+        return cls._build(model, hyper, overrides, freeze, donate)
+
+    @classmethod
+    def _check(cls, hyper: Mapping[str, Any]) -> None:
+        if hyper["momentum"] < 0.0:
+            raise ValueError(f"Invalid momentum value: {hyper['momentum']} (must be >= 0).")
+        if hyper["weight_decay"] < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']} (must be >= 0).")
+        if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening.")
+
+    @classmethod
+    def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
+        return cls._state_fields if hyper["momentum"] != 0 else ()
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        new = [p.clone() for p in params]
+        buffers = state.get("momentum_buffer", [])
+        for device, (ps, gs, *bs) in device_groups(new, grads, *([buffers] if buffers else [])):
+            if has_fused("_fused_sgd_", device):
+                torch._fused_sgd_(
+                    ps,
+                    gs,
+                    bs[0] if bs else [],
+                    weight_decay=hyper["weight_decay"],
+                    momentum=hyper["momentum"],
+                    lr=lr_on(lr, device),
+                    dampening=hyper["dampening"],
+                    nesterov=hyper["nesterov"],
+                    maximize=hyper["maximize"],
+                    is_first_step=count == 0,
+                )
+            else:
+                _foreach_sgd(hyper, float(lr), count == 0, ps, gs, bs[0] if bs else [])
+        return new
+
+
+def _foreach_sgd(
+    hyper: Mapping[str, Any],
+    lr: float,
+    first: bool,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+) -> None:
+    """SGD with ``_foreach_`` operations, in torch's multi-tensor order, on devices without the
+    fused kernel: ``params`` and ``buffers`` are updated in place, ``grads`` are not."""
+    if hyper["maximize"]:
+        grads = list(torch._foreach_neg(grads))
+    if hyper["weight_decay"] != 0:
+        grads = list(torch._foreach_add(grads, params, alpha=hyper["weight_decay"]))
+    momentum = hyper["momentum"]
+    if momentum != 0:
+        if first:
+            torch._foreach_copy_(buffers, grads)
+        else:
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, grads, alpha=1 - hyper["dampening"])
+        if hyper["nesterov"]:
+            grads = list(torch._foreach_add(grads, buffers, alpha=momentum))
+        else:
+            grads = buffers
+    torch._foreach_add_(params, grads, alpha=-lr)

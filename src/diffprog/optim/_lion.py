@@ -1,0 +1,114 @@
+"""``Lion``: the sign-momentum optimizer found by program search (Chen et al., 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from diffprog.optim._adam import _betas
+from diffprog.optim._pure import Overrides, PureOptimizer
+from diffprog.optim._select import ParamSettings, Selection
+
+__all__ = ["Lion"]
+
+
+class Lion(PureOptimizer):
+    """Lion (EvoLved Sign Momentum; Chen et al., "Symbolic Discovery of Optimization
+    Algorithms", 2023), as a value. Not in torch.optim; the published algorithm:
+
+    ``c = b1 m + (1 - b1) g``; ``p = p - lr * (sign(c) + weight_decay * p)``;
+    ``m = b2 m + (1 - b2) g``. Every coordinate moves by ``lr``, so Lion wants a learning rate
+    3-10x smaller than AdamW's and a weight decay 3-10x larger.
+
+    Attributes:
+        betas: ``(b1, b2)``, default ``(0.9, 0.99)``.
+        weight_decay: decoupled weight decay (default 0).
+        maximize: ascend instead of descend.
+        count: the number of steps taken.
+        exp_avg: the momentum ``m``, one tensor per trained parameter (``None`` for frozen).
+        settings: which parameters are trained and how (``None``: all, alike).
+        donate: whether a step may reuse this value's state (see :class:`Adam`).
+
+    Example:
+        >>> p = make_independent(torch.tensor([1.0, 1.0]))
+        >>> new, opt = Lion.init([p]).step(0.1, [torch.tensor([3.0, -0.5])], [p])
+        >>> new
+        [tensor([0.9000, 1.1000])]
+    """
+
+    _hyper: ClassVar[tuple[str, ...]] = ("betas", "weight_decay", "maximize")
+    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg",)
+
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    maximize: bool = False
+    count: int = 0
+    exp_avg: tuple[torch.Tensor | None, ...] = ()
+    settings: ParamSettings | None = None
+    donate: bool = False
+
+    @classmethod
+    def init(
+        cls,
+        model: Any,
+        *,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        overrides: Overrides = (),
+        freeze: Selection | None = None,
+        donate: bool = False,
+    ) -> Lion:
+        """Lion for ``model``.
+
+        Args:
+            model: the model, or a list of its parameters.
+            betas: the interpolation factors of the update and of the momentum.
+            weight_decay: decoupled weight decay.
+            maximize: ascend instead of descend.
+            overrides: per-parameter settings, ``{selection: {name: value}}``.
+            freeze: the parameters not to train.
+            donate: let each step reuse this optimizer's state (see :class:`Adam`).
+
+        Returns:
+            The optimizer, its momentum at zero.
+
+        Raises:
+            ValueError: a hyper-parameter is out of range.
+        """
+        hyper = {"betas": _betas(betas), "weight_decay": weight_decay, "maximize": maximize}
+        return cls._build(model, hyper, overrides, freeze, donate)
+
+    @classmethod
+    def _check(cls, hyper: Mapping[str, Any]) -> None:
+        for i, b in enumerate(hyper["betas"]):
+            if not 0.0 <= b <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1]).")
+        if hyper["weight_decay"] < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']} (must be >= 0).")
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        lr = float(lr)
+        beta1, beta2 = hyper["betas"]
+        if hyper["maximize"]:
+            grads = list(torch._foreach_neg(grads))
+        exp_avg = state["exp_avg"]
+        update = torch._foreach_lerp(exp_avg, grads, 1 - beta1)
+        torch._foreach_sign_(update)
+        if hyper["weight_decay"] != 0:
+            new = torch._foreach_mul(params, 1 - lr * hyper["weight_decay"])
+            torch._foreach_add_(new, update, alpha=-lr)
+        else:
+            new = torch._foreach_add(params, update, alpha=-lr)
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta2)
+        return list(new)

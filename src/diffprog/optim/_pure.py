@@ -1,0 +1,309 @@
+"""What every pure optimizer shares: settings per parameter, freezing, the step around an update.
+
+A pure optimizer is a :class:`~diffprog.Parameterized` value whose fields are its
+hyper-parameters (plain numbers), its step ``count`` and its state: one tuple per kind of moment,
+aligned with ``flatten_parameters(model)``, holding a plain tensor for each trained parameter
+and ``None`` for each frozen one. Subclasses declare those fields and write ``_update``; this
+base does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from typing_extensions import Self
+
+from diffprog import DiffprogError, Parameterized
+from diffprog.optim._optimizer import Gradients, LearningRate, learning_rate_at
+from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve_settings
+
+__all__ = ["PureOptimizer"]
+
+Overrides = Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]]
+
+
+class PureOptimizer(Parameterized):
+    """The base of the pure optimizers (``GD``, ``Adam``, ...): see the module docstring.
+
+    A subclass declares its fields (hyper-parameters, ``count``, one tuple per state kind,
+    ``settings``, ``donate``), sets ``_hyper`` (the hyper-parameter field names, which
+    ``overrides`` may set per parameter, besides ``lr_scale``) and ``_state_fields``, writes
+    ``_update`` (and, where needed, ``_check``, ``_state_names``, ``_init_state``), and builds
+    itself in its ``init`` with ``cls._build(model, hyper, overrides, freeze, donate)``.
+
+    Example:
+        >>> from diffprog.optim import GD, Lion
+        >>> isinstance(GD(), PureOptimizer), Lion._state_fields
+        (True, ('exp_avg',))
+    """
+
+    _hyper: ClassVar[tuple[str, ...]] = ()
+    _state_fields: ClassVar[tuple[str, ...]] = ()
+
+    if TYPE_CHECKING:  # every subclass declares these as dataclass fields, in its own order
+
+        @property
+        def count(self) -> int:
+            """The number of steps taken."""
+
+        @property
+        def settings(self) -> ParamSettings | None:
+            """Which parameters are trained, and how."""
+
+        @property
+        def donate(self) -> bool:
+            """Whether a step may reuse this value's state."""
+
+    # --- what a subclass provides -------------------------------------------------------------
+
+    @classmethod
+    def _check(cls, hyper: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for invalid hyper-parameters (as torch.optim does)."""
+
+    @classmethod
+    def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
+        """The state a parameter needs under ``hyper``."""
+        return cls._state_fields
+
+    @classmethod
+    def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
+        """The initial value of state ``name`` for ``param``."""
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """Return new parameters and update ``state`` (fresh copies, or donated) in place.
+
+        ``params`` and ``grads`` must be left unchanged. ``count`` is the number of steps taken
+        before this one.
+        """
+        raise NotImplementedError
+
+    # --- shared machinery ---------------------------------------------------------------------
+
+    def _defaults(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._hyper}
+
+    @classmethod
+    def _build(
+        cls,
+        model: Any,
+        hyper: dict[str, Any],
+        overrides: Overrides,
+        freeze: Selection | None,
+        donate: bool,
+        count: int = 0,
+    ) -> Self:
+        """Resolve the settings against ``model`` and create the zero state."""
+        cls._check(hyper)
+        settings, params = resolve_settings(
+            model, overrides, freeze, (*cls._hyper, "lr_scale"), cls.__name__
+        )
+        state: dict[str, list[torch.Tensor | None]] = {
+            name: [None] * settings.num_params for name in cls._state_fields
+        }
+        with torch.no_grad():
+            for group in settings.groups:
+                merged = {**hyper, **dict(group.overrides)}
+                cls._check(merged)
+                for name in cls._state_names(merged):
+                    for i in group.indices:
+                        state[name][i] = cls._init_state(name, params[i], merged)
+        fields = {
+            name: tuple(values) if any(v is not None for v in values) else ()
+            for name, values in state.items()
+        }
+        if any(f.name == "donate" for f in dataclasses.fields(cls)):
+            fields["donate"] = donate  # type: ignore[assignment]
+        return cls(**hyper, count=count, settings=settings, **fields)  # type: ignore[call-arg]
+
+    @property
+    def trainable(self) -> tuple[bool, ...] | None:
+        """For each parameter whether this optimizer trains it (``None``: all of them)."""
+        return None if self.settings is None else self.settings.trainable
+
+    def step(
+        self, lr: LearningRate, gradients: Gradients, params: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], Self]:
+        """One optimizer step, out of place.
+
+        Args:
+            lr: the learning rate: a float, a 0-dim tensor, or a schedule of :attr:`count`.
+            gradients: one gradient per parameter, in ``flatten_parameters`` order.
+            params: the current parameters.
+
+        Returns:
+            ``(new_params, new_optimizer)``. ``params``, ``gradients`` and this optimizer are
+            unchanged (with ``donate=True``, this optimizer's state is handed to the new one
+            and this value can no longer step).
+
+        Raises:
+            DiffprogError: the number of parameters or gradients does not match, or the state
+                was donated already.
+
+        Example:
+            >>> from diffprog.optim import Adam
+            >>> p = make_independent(torch.zeros(2))
+            >>> opt = Adam.init([p])
+            >>> new, opt2 = opt.step(0.1, [torch.ones(2)], [p])
+            >>> new[0], opt.count, opt2.count, p
+            (tensor([-0.1000, -0.1000]), 0, 1, Parameter containing:
+            tensor([0., 0.], requires_grad=True))
+        """
+        if self.__dict__.get("_donated", False):
+            raise DiffprogError(
+                f"this {type(self).__name__} was created with donate=True and has already "
+                "stepped, so its state now belongs to the optimizer that step returned. Step "
+                "that one instead, or init with donate=False to keep old optimizers valid."
+            )
+        params, gradients = list(params), list(gradients)
+        n = len(params)
+        if len(gradients) != n:
+            raise DiffprogError(
+                f"{type(self).__name__}.step got {n} parameters but {len(gradients)} gradients. "
+                "Pass one gradient per parameter, in flatten_parameters order."
+            )
+        settings = self.settings
+        if settings is None:
+            settings = ParamSettings(n, (ParamGroup(tuple(range(n))),))
+        elif settings.num_params != n:
+            raise DiffprogError(
+                f"this {type(self).__name__} was built for {settings.num_params} parameters but "
+                f"step got {n}. Build it from the same model: {type(self).__name__}.init(model)."
+            )
+        count = self.count
+        lr_now = learning_rate_at(lr, count)
+        defaults = self._defaults()
+        states = {name: getattr(self, name) for name in self._state_fields}
+        new_params = list(params)
+        new_states: dict[str, list[torch.Tensor | None]] = {}
+        plain = settings.is_plain
+        with torch.no_grad():
+            for group in settings.groups:
+                hyper = {**defaults, **dict(group.overrides)} if group.overrides else defaults
+                idx = group.indices
+                ps = params if plain else [params[i] for i in idx]
+                gs = gradients if plain else [gradients[i] for i in idx]
+                work: dict[str, list[torch.Tensor]] = {}
+                for name in self._state_names(hyper):
+                    held = states[name]
+                    if not held:  # built without init: state starts at zero on the first step
+                        current = [self._init_state(name, p, hyper) for p in ps]
+                    elif plain:
+                        current = list(held)
+                    else:
+                        current = [held[i] for i in idx]
+                    if self.donate or not held:
+                        work[name] = current
+                    else:
+                        work[name] = [t.clone() for t in current]
+                scale = hyper.get("lr_scale", 1.0)
+                group_lr = lr_now if scale == 1.0 else lr_now * scale
+                outs = self._run(hyper, group_lr, count, ps, gs, work)
+                if plain:
+                    new_params = outs
+                    new_states.update(work)  # type: ignore[arg-type]
+                    continue
+                for i, out in zip(idx, outs):
+                    new_params[i] = out
+                for name, values in work.items():
+                    target = new_states.setdefault(name, [None] * n)
+                    for i, v in zip(idx, values):
+                        target[i] = v
+        new = object.__new__(type(self))
+        fields = dict(self.__dict__)
+        fields.pop("_donated", None)
+        fields["count"] = count + 1
+        for name in self._state_fields:
+            if name in new_states:
+                fields[name] = tuple(new_states[name])
+        object.__setattr__(new, "__dict__", fields)
+        if self.donate:
+            object.__setattr__(self, "_donated", True)
+        return new_params, new
+
+    def _run(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """``_update`` on real views of complex tensors (as torch.optim does)."""
+        if not any(p.is_complex() for p in params):
+            return self._update(hyper, lr, count, params, grads, state)
+        real = torch.view_as_real
+        r_params = [real(p) if p.is_complex() else p for p in params]
+        r_grads = [real(g) if g.is_complex() else g for g in grads]
+        r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
+        outs = self._update(hyper, lr, count, r_params, r_grads, r_state)
+        return [torch.view_as_complex(o) if p.is_complex() else o for o, p in zip(outs, params)]
+
+
+def device_groups(
+    params: list[torch.Tensor], *lists: list[torch.Tensor]
+) -> list[tuple[torch.device, list[list[torch.Tensor]]]]:
+    """Split ``params`` and the aligned ``lists`` by device and dtype, for the fused kernels.
+
+    Returns ``[(device, [params, *lists])]`` slices; one slice (the lists themselves) when every
+    parameter has the same device and dtype, the usual case.
+    """
+    if not params:
+        return []
+    first = params[0]
+    device, dtype = first.device, first.dtype
+    if all(p.device == device and p.dtype == dtype for p in params):
+        return [(device, [params, *lists])]
+    keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        keys.setdefault((p.device, p.dtype), []).append(i)
+    return [
+        (dev, [[seq[i] for i in idx] for seq in (params, *lists)]) for (dev, _), idx in keys.items()
+    ]
+
+
+def lr_on(lr: float | torch.Tensor, device: torch.device) -> float | torch.Tensor:
+    """``lr`` as a fused kernel takes it: a float, or a tensor on ``device``."""
+    if isinstance(lr, torch.Tensor) and lr.device != device:
+        return lr.to(device)
+    return lr
+
+
+USE_FUSED = True
+"""Use torch's fused kernels where the device has them (tests turn this off to check the
+``_foreach_`` fallbacks)."""
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU", "hpu": "HPU"}
+_FUSED_CACHE: dict[tuple[str, str], bool] = {}
+
+
+def has_fused(op: str, device: torch.device) -> bool:
+    """Whether ``torch.ops.aten.<op>`` has a kernel for ``device``'s type (cached).
+
+    Example:
+        >>> has_fused("_fused_adam_", torch.device("cpu"))
+        True
+    """
+    if not USE_FUSED:
+        return False
+    key = (op, device.type)
+    found = _FUSED_CACHE.get(key)
+    if found is None:
+        dispatch = _DISPATCH_KEYS.get(device.type)
+        found = dispatch is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"aten::{op}", dispatch
+        )
+        _FUSED_CACHE[key] = found
+    return found
