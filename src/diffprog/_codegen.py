@@ -21,8 +21,8 @@ __all__ = ["make_flatten", "make_replace"]
 
 
 def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., None]:
-    """``flatten(value, out, seen)`` for a class with fields ``names`` (read from __dict__)."""
-    lines = ["def flatten(value, out, seen):", "    d = value.__dict__", "    field = None"]
+    """``flatten(value, out)`` for a class with fields ``names`` (read from __dict__)."""
+    lines = ["def flatten(value, out):", "    d = value.__dict__", "    field = None"]
     lines.append("    try:")
     for name in names:
         lines += [
@@ -30,12 +30,9 @@ def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., N
             f"        c = d[{name!r}]",
             "        t = type(c)",
             "        if t is Parameter:",
-            "            i = id(c)",
-            "            if i not in seen:",
-            "                seen.add(i)",
-            "                out.append(c)",
+            "            out.append(c)",
             "        elif t not in STATIC:",
-            "            (CACHE.get(t) or node_for(t)).flatten(c, out, seen)",
+            "            (CACHE.get(t) or node_for(t)).flatten(c, out)",
         ]
     lines += [
         "        pass",  # a class without fields
@@ -51,11 +48,10 @@ def make_replace(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., A
     lines = [
         "def replace(value, stream):",
         "    d = value.__dict__",
-        # A plain ParamStream's take() is inlined below; a subclass (which checks as it
-        # goes) is called.
-        "    if type(stream) is ParamStream:",
+        # The optimistic stream's take() (the training-step fast path) is inlined below;
+        # any other stream's is called.
+        "    if type(stream) is OptimisticStream:",
         "        take = None",
-        "        memo = stream._memo",
         "        olds = stream._olds",
         "        params = stream._params",
         "    else:",
@@ -70,13 +66,8 @@ def make_replace(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., A
             f"        t = type(c{k})",
             "        if t is Parameter:",
             "            if take is None:",
-            f"                n{k} = memo.get(id(c{k}))",
-            f"                if n{k} is None:",
-            "                    if len(olds) >= len(params):",
-            "                        raise stream._exhausted()",
-            f"                    n{k} = params[len(olds)]",
-            f"                    memo[id(c{k})] = n{k}",
-            f"                    olds.append(c{k})",
+            f"                n{k} = params[len(olds)]",
+            f"                olds.append(c{k})",
             "            else:",
             f"                n{k} = take(c{k})",
             "        elif t in STATIC:",

@@ -36,7 +36,14 @@ from diffprog._errors import (
 if TYPE_CHECKING:
     from diffprog._stream import ParamStream
 
-__all__ = ["Node", "flatten_into", "node_for", "register_parameterized", "replace_value"]
+__all__ = [
+    "Node",
+    "flatten_into",
+    "node_for",
+    "register_parameterized",
+    "replace_value",
+    "unique",
+]
 
 Parameter = torch.nn.Parameter
 
@@ -49,11 +56,15 @@ class Node:
     #: True for leaves that can never hold a parameter (numbers, strings, constant tensors...).
     static = False
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
-        """Append the parameters inside ``value`` to ``out``, skipping ids in ``seen``."""
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
+        """Append the parameters inside ``value`` to ``out``, depth first.
+
+        A parameter met twice (a tie) is appended twice; ``flatten_parameters`` removes the
+        repeats once at the end, which is cheaper than checking at every parameter.
+        """
         for key, child in self.children(value):
             try:
-                flatten_into(child, out, seen)
+                flatten_into(child, out)
             except ModelError as e:
                 e.push(*key)
                 raise
@@ -88,7 +99,7 @@ class _StaticNode(Node):
     __slots__ = ()
     static = True
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
         return None
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
@@ -103,11 +114,8 @@ class _ParameterNode(Node):
 
     __slots__ = ()
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
-        i = id(value)
-        if i not in seen:
-            seen.add(i)
-            out.append(value)
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
+        out.append(value)
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
         return stream.take(value)
@@ -134,13 +142,13 @@ class FieldsNode(Node):
             "__slots__" in vars(c) for c in cls.__mro__[:-1]
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
-            from diffprog._stream import ParamStream
+            from diffprog._stream import OptimisticStream
 
             env = {
                 "STATIC": _STATIC_SEEN,
                 "CACHE": _CACHE,
                 "node_for": node_for,
-                "ParamStream": ParamStream,
+                "OptimisticStream": OptimisticStream,
             }
             self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
             self.replace = make_replace(names, env)  # type: ignore[method-assign]
@@ -148,10 +156,10 @@ class FieldsNode(Node):
             self.flatten = self._flatten_generic  # type: ignore[method-assign]
             self.replace = self._replace_generic  # type: ignore[method-assign]
 
-    def _flatten_generic(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
+    def _flatten_generic(self, value: Any, out: list[Parameter]) -> None:
         for name in self.names:
             try:
-                flatten_into(getattr(value, name), out, seen)
+                flatten_into(getattr(value, name), out)
             except ModelError as e:
                 e.push("attr", name)
                 raise
@@ -197,20 +205,17 @@ class _SequenceNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
         for index, child in enumerate(value):
             t = type(child)
             if t is Parameter:
-                i = id(child)
-                if i not in seen:
-                    seen.add(i)
-                    out.append(child)
+                out.append(child)
                 continue
             if t in _STATIC_SEEN:
                 continue
             node = _CACHE.get(t) or node_for(t)
             try:
-                node.flatten(child, out, seen)
+                node.flatten(child, out)
             except ModelError as e:
                 e.push("index", index)
                 raise
@@ -327,12 +332,8 @@ class HandWrittenNode(Node):
                 )
         return params
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
-        for p in self.own(value):
-            i = id(p)
-            if i not in seen:
-                seen.add(i)
-                out.append(p)  # type: ignore[arg-type]
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
+        out.extend(self.own(value))  # type: ignore[arg-type]
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
         from diffprog._stream import ParamStream
@@ -385,7 +386,7 @@ class _ModuleNode(Node):
                 self._FIX,
             )
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
         self._check(value)
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
@@ -462,7 +463,7 @@ class _OpaqueNode(Node):
                 err.push(*key)
             raise err
 
-    def flatten(self, value: Any, out: list[Parameter], seen: set[int]) -> None:
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
         self._check(value)
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
@@ -584,17 +585,22 @@ def node_for(t: type) -> Node:
     return node
 
 
-def flatten_into(value: Any, out: list[Parameter], seen: set[int]) -> None:
+def unique(params: list[Parameter]) -> list[Parameter]:
+    """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
+    if len(set(map(id, params))) == len(params):  # the usual case: one C-level pass
+        return params
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+
+
+def flatten_into(value: Any, out: list[Parameter]) -> None:
     """Append the parameters of ``value`` to ``out`` (depth first, each object once)."""
     t = type(value)
     if t is Parameter:
-        i = id(value)
-        if i not in seen:
-            seen.add(i)
-            out.append(value)
+        out.append(value)
         return
     node = _CACHE.get(t) or node_for(t)
-    node.flatten(value, out, seen)
+    node.flatten(value, out)
 
 
 def replace_value(value: Any, stream: ParamStream) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 from typing_extensions import Self, dataclass_transform
 
 from diffprog._errors import InstanceError
-from diffprog._nodes import INLINE, FieldsNode, fields_node, node_for
+from diffprog._nodes import INLINE, FieldsNode, fields_node, node_for, unique
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 
@@ -103,8 +103,8 @@ class Parameterized:
         hand-written instance.
         """
         out: list[Any] = []
-        _plan(type(self)).flatten(self, out, set())
-        return out
+        _plan(type(self)).flatten(self, out)
+        return unique(out)
 
     def replace_own_parameters(self, stream: ParamStream) -> Self:
         """Rebuild this value reading its parameters from ``stream`` (the derived default)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
-from itertools import repeat as _repeat
 from typing import Any, TypeVar
 
 import torch
@@ -12,7 +11,7 @@ import torch
 from diffprog._errors import ParameterCountError, ParameterShapeError, ParameterTypeError
 from diffprog._nodes import replace_value
 
-__all__ = ["CheckingStream", "ParamStream"]
+__all__ = ["CheckingStream", "OptimisticStream", "ParamStream"]
 
 T = TypeVar("T")
 
@@ -114,18 +113,43 @@ class ParamStream:
                 if old is not None:
                     _check(index, new, old)
             return
-        # Fast path: a few list comprehensions over C attributes, no Python frame per item.
-        if (
-            all(map(isinstance, news, _repeat(torch.Tensor)))
-            and list(map(_dtype, news)) == list(map(_dtype, olds))
-            and [n.size() for n in news] == [o.size() for o in olds]  # type: ignore[union-attr]
-        ):
-            return
+        # Fast path: map() over C-level accessors, no Python frame per item. Tensor.size
+        # raises TypeError for a non-tensor, which the slow path below then names.
+        try:
+            same_sizes = list(map(_size, news)) == list(map(_size, olds))  # type: ignore[arg-type]
+            if same_sizes and list(map(_dtype, news)) == list(map(_dtype, olds)):
+                return
+        except TypeError:
+            pass
         for index, (new, old) in enumerate(zip(news, olds)):
             _check(index, new, old)  # type: ignore[arg-type]
 
 
 _dtype = operator.attrgetter("dtype")
+_size = torch.Tensor.size
+
+
+class OptimisticStream(ParamStream):
+    """A stream that assumes the model has no tied parameters, and so keeps no memo.
+
+    ``replace_parameters`` runs it first: it is the fast path of every training step. When a
+    parameter turns up twice (:meth:`has_ties`) or the stream runs out (``IndexError``), the
+    result is discarded and the replace runs again with a :class:`ParamStream`.
+    """
+
+    __slots__ = ()
+
+    def take(self, old: torch.Tensor) -> Any:
+        """The next parameter, for the slot ``old`` (``IndexError`` when exhausted)."""
+        olds = self._olds
+        new = self._params[len(olds)]
+        olds.append(old)
+        return new
+
+    def has_ties(self) -> bool:
+        """Whether some parameter filled two slots (a tie, which this stream cannot handle)."""
+        olds = self._olds
+        return len(set(map(id, olds))) != len(olds)
 
 
 class CheckingStream(ParamStream):

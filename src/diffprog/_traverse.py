@@ -15,8 +15,8 @@ from diffprog._errors import (
     PathKey,
     state_dict_path,
 )
-from diffprog._nodes import HandWrittenNode, flatten_into, node_for, replace_value
-from diffprog._stream import CheckingStream, ParamStream
+from diffprog._nodes import HandWrittenNode, flatten_into, node_for, replace_value, unique
+from diffprog._stream import CheckingStream, OptimisticStream, ParamStream
 
 __all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
 
@@ -51,8 +51,8 @@ def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
     out: list[torch.nn.Parameter] = []
 
     def run() -> list[torch.nn.Parameter]:
-        flatten_into(value, out, set())
-        return out
+        flatten_into(value, out)
+        return unique(out)
 
     return _guarded(value, run)
 
@@ -89,10 +89,22 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         (0.0, True)
     """
     params = list(params)
-    stream = ParamStream(params)
+    streams: list[ParamStream] = []
 
     def run() -> Any:
-        new = replace_value(value, stream)
+        # Optimistic first: no tie bookkeeping. A tie, or running out of parameters, sends
+        # the replace round again with a stream that handles (and reports) both.
+        stream: ParamStream = OptimisticStream(params)
+        streams.append(stream)
+        try:
+            new = replace_value(value, stream)
+            clean = not stream.has_ties()  # type: ignore[attr-defined]
+        except IndexError:
+            clean = False
+        if not clean:
+            stream = ParamStream(params)
+            streams.append(stream)
+            new = replace_value(value, stream)
         if stream.remaining:
             raise ParameterCountError(
                 f"{stream.remaining} parameters left unconsumed: the model has "
@@ -111,7 +123,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
     try:
         return _guarded(value, run)  # type: ignore[no-any-return]
     except ParameterCountError as e:
-        if stream.remaining == 0:  # ran out, rather than left some over
+        if streams[-1].remaining == 0:  # ran out, rather than left some over
             needed = len(flatten_parameters(value))
             e.problem = f"too few parameters: the model has {needed} but {len(params)} were given"
         raise
@@ -160,7 +172,7 @@ def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
             else:
                 children = node.children(v)
                 if not children:
-                    node.flatten(v, [], set())  # raises for hidden parameters
+                    node.flatten(v, [])  # raises for hidden parameters
                     yield path, v
                 for key, child in children:
                     yield from visit(child, (*path, key), active)
