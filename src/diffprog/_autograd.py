@@ -20,6 +20,8 @@ directly, and any torch tooling that accepts ``nn.Parameter`` accepts them.
 IndependentTensor = Parameter
 """Hasktorch's name for :data:`Parameter` (``type Parameter = IndependentTensor``)."""
 
+_make_subclass = torch.Tensor._make_subclass
+
 
 def make_independent(t: torch.Tensor) -> Parameter:
     """Make a fresh trainable leaf from ``t``, cut off from any graph ``t`` was part of.
@@ -41,6 +43,11 @@ def make_independent(t: torch.Tensor) -> Parameter:
         >>> p.is_leaf, p.requires_grad
         (True, True)
     """
+    if type(t) is torch.Tensor and (t.is_floating_point() or t.is_complex()):
+        # The hot path of every training step. _make_subclass is what Parameter.__new__ calls
+        # for a plain tensor: it detaches (a new leaf sharing t's storage) and sets
+        # requires_grad, without Parameter.__new__'s Python overhead.
+        return _make_subclass(Parameter, t, True)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"make_independent expects a torch.Tensor, got {type(t).__name__}.")
     if not (t.is_floating_point() or t.is_complex()):
