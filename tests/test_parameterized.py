@@ -262,6 +262,7 @@ def test_a_shared_sub_model_stays_tied() -> None:
     assert len(dp.flatten_parameters(m)) == 2
     m2 = dp.replace_parameters(m, [param(1, value=3), param(1, value=4)])
     assert m2[0].scale is m2[1].scale and m2[0].shift is m2[1].shift
+    assert m2[0] is m2[1]  # still one object, so state it holds stays shared too
 
 
 def test_ties_survive_training() -> None:
@@ -600,3 +601,26 @@ def test_repr_of_a_hand_written_instance_shows_its_fields() -> None:
     assert repr(Cell(param(2, 3), param(2, 2))) == (
         "Cell(weight_ih=f32[2,3], weight_hh=f32[2,2], hidden=2)"
     )
+
+
+def test_shared_containers_stay_one_object_after_replace() -> None:
+    shared_list = [param(2)]
+    value = {"x": shared_list, "y": shared_list, "z": (shared_list,)}
+    new = dp.replace_parameters(value, [param(2, value=1)])
+    assert new["x"] is new["y"] is new["z"][0]
+    assert new["x"] is not shared_list
+
+
+def test_cached_properties_are_not_carried_over_by_replace() -> None:
+    class Doubled(dp.Parameterized):
+        w: dp.Parameter
+
+        @functools.cached_property
+        def twice(self) -> torch.Tensor:
+            return self.w.detach() * 2
+
+    m = Doubled(param(2, value=1))
+    assert torch.equal(m.twice, torch.full((2,), 2.0))
+    new = dp.replace_parameters(m, [param(2, value=5)])
+    assert torch.equal(new.twice, torch.full((2,), 10.0))
+    assert torch.equal(m.twice, torch.full((2,), 2.0))

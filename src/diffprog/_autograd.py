@@ -105,6 +105,21 @@ def grad(
         >>> grad((w * w).sum(), [w, unused])
         [tensor([2., 4.]), tensor([0., 0., 0.])]
     """
+    return gradients(loss, params, create_graph=create_graph, retain_graph=retain_graph)[0]
+
+
+def gradients(
+    loss: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """:func:`grad`, and how many of ``params`` the loss actually depends on.
+
+    A training step uses the count to refuse a loss that depends on none of the parameters it
+    trains (computed from a stale model, or under ``torch.no_grad()``).
+    """
     params = list(params)
     if loss.numel() != 1:
         raise DiffprogError(
@@ -118,10 +133,10 @@ def grad(
             loss,
             [params[i] for i in wanted],
             allow_unused=True,
-            materialize_grads=True,
             create_graph=create_graph,
             retain_graph=retain_graph,
         )
         for i, g in zip(wanted, computed):
             out[i] = g
-    return [g if g is not None else torch.zeros_like(p) for g, p in zip(out, params)]
+    connected = sum(g is not None for g in out)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(out, params)], connected

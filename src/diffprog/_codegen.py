@@ -43,8 +43,14 @@ def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., N
     return _compile("flatten", lines, env)
 
 
-def make_replace(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., Any]:
-    """``replace(value, stream)`` for a class with fields ``names`` (read from __dict__)."""
+def make_replace(
+    names: tuple[str, ...], env: dict[str, Any], cached: tuple[str, ...] = ()
+) -> Callable[..., Any]:
+    """``replace(value, stream)`` for a class with fields ``names`` (read from __dict__).
+
+    ``cached`` names the class's ``functools.cached_property`` attributes, dropped from the
+    rebuilt value.
+    """
     lines = [
         "def replace(value, stream):",
         "    d = value.__dict__",
@@ -56,6 +62,10 @@ def make_replace(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., A
         "        params = stream._params",
         "    else:",
         "        take = stream.take",
+        # A sub-model met again (shared at several paths) gets the version built before.
+        "        built = stream._built.get(id(value))",
+        "        if built is not None:",
+        "            return built",
         "    field = None",
         "    try:",
     ]
@@ -86,13 +96,19 @@ def make_replace(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., A
         f"    if {same}:",
         "        return value",
         # Bypass __init__/__post_init__ and the frozen __setattr__: the value was validated
-        # when it was built, and only parameter slots change.
+        # when it was built, and only parameter slots change. Attributes set in
+        # __post_init__ are kept; cached_property values, computed from the old fields, not.
         "    new = object_new(type(value))",
         "    nd = new.__dict__",
         "    nd.update(d)",
     ]
     lines += [f"    nd[{name!r}] = n{k}" for k, name in enumerate(names)]
-    lines.append("    return new")
+    lines += [f"    nd.pop({name!r}, None)" for name in cached]
+    lines += [
+        "    if take is not None:",
+        "        stream._built[id(value)] = new",
+        "    return new",
+    ]
     return _compile("replace", lines, env)
 
 

@@ -70,7 +70,14 @@ class Node:
                 raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
-        """Return ``value`` with its parameters taken from ``stream``, in flatten order."""
+        """Return ``value`` with its parameters taken from ``stream``, in flatten order.
+
+        A container met again in the same replace (shared at several paths) gets the version
+        built the first time, so sharing survives.
+        """
+        built = stream._built.get(id(value))
+        if built is not None:
+            return built
         children = self.children(value)
         new: list[Any] = []
         changed = False
@@ -82,7 +89,11 @@ class Node:
                 raise
             changed = changed or replaced is not child
             new.append(replaced)
-        return self.rebuild(value, new) if changed else value
+        if not changed:
+            return value
+        result = self.rebuild(value, new)
+        stream._built[id(value)] = result
+        return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         """The direct sub-values of ``value`` with their path keys, in traversal order."""
@@ -131,12 +142,18 @@ class FieldsNode(Node):
     classes (fields in ``__dict__``) ``flatten``/``replace`` are functions generated for it.
     """
 
-    __slots__ = ("cls", "flatten", "kinds", "names", "replace", "uses_dict")
+    __slots__ = ("cached", "cls", "flatten", "kinds", "names", "replace", "uses_dict")
 
     def __init__(self, cls: type, names: tuple[str, ...], inline: frozenset[str] = frozenset()):
         self.cls = cls
         self.names = names
         self.kinds = tuple("inline" if n in inline else "attr" for n in names)
+        self.cached = tuple(
+            name
+            for c in cls.__mro__
+            for name, attr in vars(c).items()
+            if isinstance(attr, functools.cached_property)
+        )
         # Instances keep their fields in __dict__ (not __slots__): read it directly.
         self.uses_dict = cls.__dictoffset__ != 0 and not any(
             "__slots__" in vars(c) for c in cls.__mro__[:-1]
@@ -151,7 +168,7 @@ class FieldsNode(Node):
                 "OptimisticStream": OptimisticStream,
             }
             self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
-            self.replace = make_replace(names, env)  # type: ignore[method-assign]
+            self.replace = make_replace(names, env, self.cached)  # type: ignore[method-assign]
         else:
             self.flatten = self._flatten_generic  # type: ignore[method-assign]
             self.replace = self._replace_generic  # type: ignore[method-assign]
@@ -165,6 +182,9 @@ class FieldsNode(Node):
                 raise
 
     def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
+        built = stream._built.get(id(value))  # shared at several paths: built already
+        if built is not None:
+            return built
         changes: dict[str, Any] = {}
         for name in self.names:
             child = getattr(value, name)
@@ -175,7 +195,11 @@ class FieldsNode(Node):
                 raise
             if new is not child:
                 changes[name] = new
-        return self._with(value, changes) if changes else value
+        if not changes:
+            return value
+        result = self._with(value, changes)
+        stream._built[id(value)] = result
+        return result
 
     def _with(self, value: Any, changes: dict[str, Any]) -> Any:
         # Bypass __init__/__post_init__ (and frozen __setattr__): the value was already
@@ -185,6 +209,8 @@ class FieldsNode(Node):
             state = new.__dict__  # filled directly: no frozen __setattr__ in the way
             state.update(value.__dict__)
             state.update(changes)
+            for name in self.cached:  # computed from the old fields
+                state.pop(name, None)
         else:
             for name in self.names:
                 object.__setattr__(new, name, changes.get(name, getattr(value, name)))
@@ -221,6 +247,9 @@ class _SequenceNode(Node):
                 raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
+        built = stream._built.get(id(value))  # shared at several paths: built already
+        if built is not None:
+            return built
         new: list[Any] | None = None
         for index, child in enumerate(value):
             t = type(child)
@@ -240,7 +269,9 @@ class _SequenceNode(Node):
                 new[index] = replaced
         if new is None:
             return value
-        return new if self.cls is list else tuple(new)
+        result = new if self.cls is list else tuple(new)
+        stream._built[id(value)] = result
+        return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         return [(("index", i), child) for i, child in enumerate(value)]

@@ -32,7 +32,7 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_memo", "_olds", "_params", "_untracked")
+    __slots__ = ("_built", "_memo", "_olds", "_params", "_untracked")
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
@@ -43,6 +43,10 @@ class ParamStream:
         # a slot), for verify(); its length is the position in the stream.
         self._olds: list[torch.Tensor | None] = []
         self._untracked = False
+        # id(old sub-model or container) -> its rebuilt version: a layer object reachable at
+        # several paths (a shared block) is rebuilt once, so it stays one object, and its
+        # state (BatchNorm's running statistics) stays shared, as in PyTorch.
+        self._built: dict[int, Any] = {}
 
     @property
     def remaining(self) -> int:

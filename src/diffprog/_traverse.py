@@ -198,6 +198,7 @@ def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None
     """
     if not replacements:
         return value
+    built: dict[int, Any] = {}  # a container shared at several paths is rebuilt once
 
     def visit(v: Any) -> Any:
         new = replacements.get(id(v), _MISSING)
@@ -208,11 +209,14 @@ def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None
         node = node_for(type(v))
         if node.static or isinstance(node, HandWrittenNode):
             return v
+        if id(v) in built:
+            return built[id(v)]
         children = node.children(v)
         new = [visit(child) for _, child in children]
         if all(n is c for n, (_, c) in zip(new, children)):
             return v
-        return node.rebuild(v, new)
+        result = built[id(v)] = node.rebuild(v, new)
+        return result
 
     return visit(value)  # type: ignore[no-any-return]
 

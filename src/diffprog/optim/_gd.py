@@ -56,6 +56,8 @@ class GD(PureOptimizer):
         """
         return cls._build(model, {}, overrides, freeze, donate=False)
 
+    _sparse_ok: ClassVar[bool] = True
+
     def _update(
         self,
         hyper: Mapping[str, Any],

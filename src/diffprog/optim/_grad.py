@@ -144,8 +144,13 @@ def _check_small(loss: torch.Tensor, grads: list[torch.Tensor], on_cpu: bool) ->
 
 def _all_finite_slow(loss: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> bool:
     checks = [torch.isfinite(loss).all()]
-    checks += [torch.isfinite(g).all() for g in grads if g is not None]
+    checks += [torch.isfinite(_dense_values(g)).all() for g in grads if g is not None]
     return all(bool(c) for c in checks)
+
+
+def _dense_values(g: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient: those of a sparse one (``Embedding(sparse=True)``)."""
+    return g.coalesce().values() if g.is_sparse else g
 
 
 def nonfinite_error(
@@ -160,7 +165,7 @@ def nonfinite_error(
     bad = [
         names[i] if i < len(names) else str(i)
         for i, g in zip(indices, grads)
-        if g is not None and not bool(torch.isfinite(g).all())
+        if g is not None and not bool(torch.isfinite(_dense_values(g)).all())
     ]
     return NonFiniteError(float(loss.detach().reshape(-1)[0]), bad)
 

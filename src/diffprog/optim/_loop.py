@@ -7,7 +7,8 @@ from typing import TypeVar
 
 import torch
 
-from diffprog import flatten_parameters, grad, make_independent, replace_parameters
+from diffprog import DiffprogError, flatten_parameters, make_independent, replace_parameters
+from diffprog._autograd import gradients as grads_and_count
 from diffprog.optim._grad import OnNonFinite, all_finite, check_on_nonfinite, nonfinite_error
 from diffprog.optim._optimizer import LearningRate, Optimizer
 from diffprog.optim._pure import PureOptimizer
@@ -57,6 +58,9 @@ def run_step(
 
     Raises:
         NonFiniteError: the loss or a gradient is NaN or infinite (with ``"raise"``).
+        DiffprogError: the loss depends on none of the parameters the step trains (it was
+            computed from another model, e.g. the one before the last step, or under
+            ``torch.no_grad()``).
         ValueError: ``on_nonfinite`` is not one of the three, or ``lr`` is ``None`` for a
             pure optimizer.
 
@@ -83,16 +87,23 @@ def run_step(
     params = flatten_parameters(model)
     trainable = getattr(optimizer, "trainable", None)
     if trainable is None or all(trainable):
-        gradients = grad(loss, params)
+        gradients, connected = grads_and_count(loss, params)
         indices: list[int] | range = range(len(params))
         checked = gradients
     else:
         indices = [i for i, t in enumerate(trainable) if t]
-        checked = grad(loss, [params[i] for i in indices])
+        checked, connected = grads_and_count(loss, [params[i] for i in indices])
         # Frozen parameters get a zero of their shape that takes no memory (never read).
         gradients = [_zero_like(p) for p in params]
         for i, g in zip(indices, checked):
             gradients[i] = g
+    if checked and not connected:
+        raise DiffprogError(
+            "the loss does not depend on any parameter this step trains, so the step would "
+            "only apply momentum and weight decay to zero gradients. Compute the loss from the "
+            "model you pass to run_step (not from the model of an earlier step, which run_step "
+            "replaces), and not under torch.no_grad()."
+        )
     if on_nonfinite != "ignore" and not all_finite(loss, checked):
         if on_nonfinite == "skip":
             return model, optimizer

@@ -42,6 +42,8 @@ class PureOptimizer(Parameterized):
 
     _hyper: ClassVar[tuple[str, ...]] = ()
     _state_fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``_update`` takes sparse gradients (``EmbeddingSpec(sparse=True)``).
+    _sparse_ok: ClassVar[bool] = False
 
     if TYPE_CHECKING:  # every subclass declares these as dataclass fields, in its own order
 
@@ -172,6 +174,12 @@ class PureOptimizer(Parameterized):
             raise DiffprogError(
                 f"{type(self).__name__}.step got {n} parameters but {len(gradients)} gradients. "
                 "Pass one gradient per parameter, in flatten_parameters order."
+            )
+        if not self._sparse_ok and any(g.is_sparse for g in gradients):
+            raise DiffprogError(
+                f"{type(self).__name__} does not take sparse gradients (from an Embedding with "
+                "sparse=True). Use GD, an Embedding with sparse=False, or "
+                "TorchOptimizer.init(model, torch.optim.SparseAdam)."
             )
         settings = self.settings
         if settings is None:

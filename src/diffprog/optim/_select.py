@@ -168,7 +168,14 @@ class ParamSettings:
 
 
 def _parameters_with_paths(model: Any) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(model, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in model):
+    # A list of Parameters is a model like any other (a tie counts once, as flatten_parameters
+    # does). A list holding plain tensors is an explicit list of the tensors to optimize with
+    # step() directly: each entry is one slot.
+    if (
+        isinstance(model, (list, tuple))
+        and all(isinstance(p, torch.Tensor) for p in model)
+        and not all(isinstance(p, torch.nn.Parameter) for p in model)
+    ):
         return [(str(i), p) for i, p in enumerate(model)]
     return list(named_parameters(model))
 
