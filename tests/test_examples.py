@@ -48,8 +48,7 @@ def test_xor_mlp_runs_as_a_module() -> None:
 
 
 def test_digits_short_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+
     plot = tmp_path / "curves.png"
     digits.main(["--epochs", "2", "--plot", str(plot)])
     captured = capsys.readouterr()
@@ -63,7 +62,7 @@ def test_digits_short_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[
 
 
 def test_digits_split_is_seeded() -> None:
-    pytest.importorskip("sklearn")
+
     a, b = digits.load(seed=3), digits.load(seed=3)
     assert torch.equal(a.test_y, b.test_y) and torch.equal(a.train_x, b.train_x)
     assert not torch.equal(digits.load(seed=4).test_y, a.test_y)
