@@ -528,3 +528,19 @@ def test_cuda_matches_torch_without_warnings(
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 6, 3, generator=g).cuda().requires_grad_()
     _check_parity(ours, ref, x, [s.cuda() for s in _states(ours, 4, torch.float32, g)])
+
+
+@pytest.mark.cuda
+def test_cuda_gradients_in_eval_and_in_a_training_pass_with_dropout() -> None:
+    # cuDNN can only differentiate a forward pass run in its train mode; diffprog's layers are
+    # in eval mode by default yet differentiated at every step.
+    model = dp.sample(LSTMSpec(3, 8, num_layers=2, dropout=0.3), device="cuda")
+    x = torch.randn(5, 2, 3, device="cuda", requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x)[0].sum(), x)
+    reference = _reference(model, torch.nn.LSTM, {}).cuda().eval()
+    torch.testing.assert_close(gx, torch.autograd.grad(reference(x)[0].sum(), x)[0])
+    loss, _ = training(
+        lambda m, x: m(x)[0].sum(), model, x, generator=torch.Generator().manual_seed(0)
+    )
+    (gx_train,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(gx_train).all()

@@ -282,9 +282,28 @@ class _RNNBase(Parameterized):
         if generator is None:
             generator = training_generator()
         layered = train and self.dropout > 0 and num_layers > 1 and generator is not None
+        # The kernel's own train flag also decides whether cuDNN keeps what its backward pass
+        # needs: cuDNN refuses to differentiate a forward run with train=False. diffprog is in
+        # eval mode by default yet differentiates every step, so on CUDA the kernel runs in
+        # train mode whenever a gradient may be taken (its dropout stays 0 unless training).
+        kernel_train = train or (
+            data.is_cuda
+            and torch.is_grad_enabled()
+            and (
+                data.requires_grad
+                or any(w.requires_grad for w in weights)
+                or any(h.requires_grad for h in hx)
+            )
+        )
         if not layered:
             output, h_n = self._kernel(
-                data, batch_sizes, hx, weights, num_layers, self.dropout, train
+                data,
+                batch_sizes,
+                hx,
+                weights,
+                num_layers,
+                self.dropout if train else 0.0,
+                kernel_train,
             )
         else:  # layer by layer, so that the dropout between layers uses the given generator
             per = len(weights) // num_layers
@@ -302,7 +321,7 @@ class _RNNBase(Parameterized):
                     weights[layer * per : (layer + 1) * per],
                     1,
                     0.0,
-                    False,
+                    kernel_train,
                 )
                 finals.append(states)
             h_n = tuple(torch.cat(parts) for parts in zip(*finals))
