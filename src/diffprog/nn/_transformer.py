@@ -209,25 +209,22 @@ class TransformerEncoderLayer(Parameterized, kw_only=True):
         training: bool | None,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        x = self.self_attn(
+        return _attention_block(
+            self.self_attn,
+            self.dropout1,
             x,
             x,
-            x,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            need_weights=False,
-            is_causal=is_causal,
-            training=training,
-            generator=generator,
-        )[0]
-        return self.dropout1(x, training=training, generator=generator)
+            attn_mask,
+            key_padding_mask,
+            is_causal,
+            training,
+            generator,
+        )
 
     def _ff_block(
         self, x: torch.Tensor, training: bool | None, generator: torch.Generator | None
     ) -> torch.Tensor:
-        x = self.activation(self.linear1(x))
-        x = self.linear2(self.dropout(x, training=training, generator=generator))
-        return self.dropout2(x, training=training, generator=generator)
+        return _feed_forward_block(self, self.dropout2, x, training, generator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,18 +448,17 @@ class TransformerDecoderLayer(Parameterized, kw_only=True):
         training: bool | None,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        x = self.self_attn(
+        return _attention_block(
+            self.self_attn,
+            self.dropout1,
             x,
             x,
-            x,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            need_weights=False,
-            training=training,
-            generator=generator,
-        )[0]
-        return self.dropout1(x, training=training, generator=generator)
+            attn_mask,
+            key_padding_mask,
+            is_causal,
+            training,
+            generator,
+        )
 
     def _mha_block(
         self,
@@ -474,25 +470,22 @@ class TransformerDecoderLayer(Parameterized, kw_only=True):
         training: bool | None,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        x = self.multihead_attn(
+        return _attention_block(
+            self.multihead_attn,
+            self.dropout2,
             x,
             mem,
-            mem,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            need_weights=False,
-            training=training,
-            generator=generator,
-        )[0]
-        return self.dropout2(x, training=training, generator=generator)
+            attn_mask,
+            key_padding_mask,
+            is_causal,
+            training,
+            generator,
+        )
 
     def _ff_block(
         self, x: torch.Tensor, training: bool | None, generator: torch.Generator | None
     ) -> torch.Tensor:
-        x = self.activation(self.linear1(x))
-        x = self.linear2(self.dropout(x, training=training, generator=generator))
-        return self.dropout3(x, training=training, generator=generator)
+        return _feed_forward_block(self, self.dropout3, x, training, generator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1096,3 +1089,42 @@ class TransformerSpec:
             for p in flatten_parameters(model)
         ]
         return replace_parameters(model, fresh)
+
+
+def _attention_block(
+    attention: MultiheadAttention,
+    dropout: Dropout,
+    x: torch.Tensor,
+    memory: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+    training: bool | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Attention of ``x`` over ``memory`` (itself for self-attention), then dropout."""
+    out = attention(
+        x,
+        memory,
+        memory,
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        need_weights=False,
+        is_causal=is_causal,
+        training=training,
+        generator=generator,
+    )[0]
+    return dropout(out, training=training, generator=generator)
+
+
+def _feed_forward_block(
+    layer: TransformerEncoderLayer | TransformerDecoderLayer,
+    dropout: Dropout,
+    x: torch.Tensor,
+    training: bool | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``linear2(dropout(activation(linear1(x))))``, then the layer's last dropout."""
+    x = layer.activation(layer.linear1(x))
+    x = layer.linear2(layer.dropout(x, training=training, generator=generator))
+    return dropout(x, training=training, generator=generator)
