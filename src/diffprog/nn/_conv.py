@@ -11,7 +11,7 @@ import dataclasses
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -476,7 +476,7 @@ C = TypeVar("C", bound=_ConvNd)
 
 
 def _sample(
-    spec: _ConvSpec | _ConvTransposeSpec,
+    spec: _ConvSpec[Any] | _ConvTransposeSpec[Any],
     cls: type[C],
     generator: torch.Generator | None,
     device: DeviceLike,
@@ -531,7 +531,7 @@ def _sample(
 
 
 @dataclasses.dataclass(frozen=True)
-class _ConvSpec:
+class _ConvSpec(Generic[C]):
     """``torch.nn.ConvNd``'s constructor arguments, shared by the three specs."""
 
     in_channels: int
@@ -544,9 +544,35 @@ class _ConvSpec:
     bias: bool = True
     padding_mode: PaddingMode = "zeros"
 
+    _layer: ClassVar[type[_ConvNd]]
+
+    def sample(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        device: DeviceLike = None,
+        dtype: torch.dtype | None = None,
+    ) -> C:
+        """Sample the layer with PyTorch's default initialisation.
+
+        Args:
+            generator: the random source (``None``: torch's global generator).
+            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
+            dtype: their floating point dtype.
+
+        Returns:
+            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
+
+        Raises:
+            ValueError: ``groups`` does not divide the channels, a size has the wrong
+                length, an unknown padding string or mode, ``padding="same"`` with a
+                stride.
+        """
+        return _sample(self, cast("type[C]", self._layer), generator, device, dtype)
+
 
 @dataclasses.dataclass(frozen=True)
-class _ConvTransposeSpec:
+class _ConvTransposeSpec(Generic[C]):
     """``torch.nn.ConvTransposeNd``'s constructor arguments, in its order."""
 
     in_channels: int
@@ -560,9 +586,35 @@ class _ConvTransposeSpec:
     dilation: int | tuple[int, ...] = 1
     padding_mode: PaddingMode = "zeros"
 
+    _layer: ClassVar[type[_ConvNd]]
+
+    def sample(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        device: DeviceLike = None,
+        dtype: torch.dtype | None = None,
+    ) -> C:
+        """Sample the layer with PyTorch's default initialisation.
+
+        Args:
+            generator: the random source (``None``: torch's global generator).
+            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
+            dtype: their floating point dtype.
+
+        Returns:
+            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
+
+        Raises:
+            ValueError: ``groups`` does not divide the channels, a size has the wrong
+                length, an unknown padding string or mode, ``padding="same"`` with a
+                stride.
+        """
+        return _sample(self, cast("type[C]", self._layer), generator, device, dtype)
+
 
 @dataclasses.dataclass(frozen=True)
-class Conv1dSpec(_ConvSpec):
+class Conv1dSpec(_ConvSpec[Conv1d]):
     """The spec of :class:`Conv1d`, with ``torch.nn.Conv1d``'s arguments and defaults.
 
     With the same seed, ``sample`` gives ``torch.nn.Conv1d``'s weights bit for bit.
@@ -587,33 +639,11 @@ class Conv1dSpec(_ConvSpec):
         (True, True)
     """
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> Conv1d:
-        """Sample a :class:`Conv1d` with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, Conv1d, generator, device, dtype)
+    _layer = Conv1d
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv2dSpec(_ConvSpec):
+class Conv2dSpec(_ConvSpec[Conv2d]):
     """The spec of :class:`Conv2d`, with ``torch.nn.Conv2d``'s arguments and defaults.
 
     With the same seed, ``sample`` gives ``torch.nn.Conv2d``'s weights bit for bit.
@@ -639,33 +669,11 @@ class Conv2dSpec(_ConvSpec):
         (True, True)
     """
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> Conv2d:
-        """Sample a :class:`Conv2d` with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, Conv2d, generator, device, dtype)
+    _layer = Conv2d
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv3dSpec(_ConvSpec):
+class Conv3dSpec(_ConvSpec[Conv3d]):
     """The spec of :class:`Conv3d`, with ``torch.nn.Conv3d``'s arguments and defaults.
 
     With the same seed, ``sample`` gives ``torch.nn.Conv3d``'s weights bit for bit.
@@ -688,33 +696,11 @@ class Conv3dSpec(_ConvSpec):
         (torch.Size([6, 1, 1, 3, 3]), None)
     """
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> Conv3d:
-        """Sample a :class:`Conv3d` with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, Conv3d, generator, device, dtype)
+    _layer = Conv3d
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvTranspose1dSpec(_ConvTransposeSpec):
+class ConvTranspose1dSpec(_ConvTransposeSpec[ConvTranspose1d]):
     """The spec of :class:`ConvTranspose1d`, with ``torch.nn.ConvTranspose1d``'s arguments.
 
     With the same seed, ``sample`` gives ``torch.nn.ConvTranspose1d``'s weights bit for bit
@@ -740,33 +726,11 @@ class ConvTranspose1dSpec(_ConvTransposeSpec):
         torch.Size([4, 2, 3])
     """
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> ConvTranspose1d:
-        """Sample a :class:`ConvTranspose1d` with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, ConvTranspose1d, generator, device, dtype)
+    _layer = ConvTranspose1d
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvTranspose2dSpec(_ConvTransposeSpec):
+class ConvTranspose2dSpec(_ConvTransposeSpec[ConvTranspose2d]):
     """The spec of :class:`ConvTranspose2d`, with ``torch.nn.ConvTranspose2d``'s arguments.
 
     With the same seed, ``sample`` gives ``torch.nn.ConvTranspose2d``'s weights bit for bit.
@@ -790,33 +754,11 @@ class ConvTranspose2dSpec(_ConvTransposeSpec):
         (2, 2)
     """
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> ConvTranspose2d:
-        """Sample a :class:`ConvTranspose2d` with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, ConvTranspose2d, generator, device, dtype)
+    _layer = ConvTranspose2d
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvTranspose3dSpec(_ConvTransposeSpec):
+class ConvTranspose3dSpec(_ConvTransposeSpec[ConvTranspose3d]):
     """The spec of :class:`ConvTranspose3d`, with ``torch.nn.ConvTranspose3d``'s arguments.
 
     With the same seed, ``sample`` gives ``torch.nn.ConvTranspose3d``'s weights bit for bit.
@@ -840,26 +782,4 @@ class ConvTranspose3dSpec(_ConvTransposeSpec):
         torch.Size([2, 4, 3, 3, 3])
     """
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> ConvTranspose3d:
-        """Sample a :class:`ConvTranspose3d` with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, ConvTranspose3d, generator, device, dtype)
+    _layer = ConvTranspose3d

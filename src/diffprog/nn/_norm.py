@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -419,7 +419,7 @@ class InstanceNorm3d(_InstanceNorm):
 
 
 @dataclasses.dataclass(frozen=True)
-class _NormSpec:
+class _NormSpec(Generic[N]):
     num_features: int
     eps: float = 1e-5
     momentum: float | None = 0.1
@@ -429,18 +429,35 @@ class _NormSpec:
 
     _layer: ClassVar[type[_NormBase]]
 
-    def _build(self, device: DeviceLike, dtype: torch.dtype | None) -> _NormBase:
+    def sample(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        device: DeviceLike = None,
+        dtype: torch.dtype | None = None,
+    ) -> N:
+        """Build the layer with PyTorch's initialisation (no randomness: ``generator`` is unused).
+
+        Args:
+            generator: unused (the initialisation is deterministic).
+            device: where the parameters and buffers live.
+            dtype: their floating point dtype.
+
+        Returns:
+            The layer: weight ones, bias zeros, running mean zeros, running variance ones.
+        """
         weight, bias = _affine(self.num_features, self.affine, self.bias, device, dtype)
         mean, var, count = _running_stats(
             self.num_features, self.track_running_stats, device, dtype
         )
-        return self._layer(
+        layer = self._layer(
             self.num_features, weight, bias, mean, var, count, self.eps, self.momentum
         )
+        return cast("N", layer)
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchNorm1dSpec(_NormSpec):
+class BatchNorm1dSpec(_NormSpec[BatchNorm1d]):
     """The spec of :class:`BatchNorm1d`, with ``torch.nn.BatchNorm1d``'s arguments.
 
     ``sample`` initialises as PyTorch does: weight ones, bias zeros, running mean zeros,
@@ -454,19 +471,9 @@ class BatchNorm1dSpec(_NormSpec):
 
     _layer = BatchNorm1d
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> BatchNorm1d:
-        """Build a :class:`BatchNorm1d` with PyTorch's initialisation."""
-        return self._build(device, dtype)  # type: ignore[return-value]
-
 
 @dataclasses.dataclass(frozen=True)
-class BatchNorm2dSpec(_NormSpec):
+class BatchNorm2dSpec(_NormSpec[BatchNorm2d]):
     """The spec of :class:`BatchNorm2d`, with ``torch.nn.BatchNorm2d``'s arguments.
 
     Initialisation as :class:`BatchNorm1dSpec`.
@@ -478,19 +485,9 @@ class BatchNorm2dSpec(_NormSpec):
 
     _layer = BatchNorm2d
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> BatchNorm2d:
-        """Build a :class:`BatchNorm2d` with PyTorch's initialisation."""
-        return self._build(device, dtype)  # type: ignore[return-value]
-
 
 @dataclasses.dataclass(frozen=True)
-class BatchNorm3dSpec(_NormSpec):
+class BatchNorm3dSpec(_NormSpec[BatchNorm3d]):
     """The spec of :class:`BatchNorm3d`, with ``torch.nn.BatchNorm3d``'s arguments.
 
     Initialisation as :class:`BatchNorm1dSpec`.
@@ -502,25 +499,15 @@ class BatchNorm3dSpec(_NormSpec):
 
     _layer = BatchNorm3d
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> BatchNorm3d:
-        """Build a :class:`BatchNorm3d` with PyTorch's initialisation."""
-        return self._build(device, dtype)  # type: ignore[return-value]
-
 
 @dataclasses.dataclass(frozen=True)
-class _InstanceNormSpec(_NormSpec):
+class _InstanceNormSpec(_NormSpec[N]):
     affine: bool = False
     track_running_stats: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
-class InstanceNorm1dSpec(_InstanceNormSpec):
+class InstanceNorm1dSpec(_InstanceNormSpec[InstanceNorm1d]):
     """The spec of :class:`InstanceNorm1d`, with ``torch.nn.InstanceNorm1d``'s arguments.
 
     As torch's, ``affine`` and ``track_running_stats`` default to ``False``; initialisation as
@@ -534,19 +521,9 @@ class InstanceNorm1dSpec(_InstanceNormSpec):
 
     _layer = InstanceNorm1d
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> InstanceNorm1d:
-        """Build an :class:`InstanceNorm1d` with PyTorch's initialisation."""
-        return self._build(device, dtype)  # type: ignore[return-value]
-
 
 @dataclasses.dataclass(frozen=True)
-class InstanceNorm2dSpec(_InstanceNormSpec):
+class InstanceNorm2dSpec(_InstanceNormSpec[InstanceNorm2d]):
     """The spec of :class:`InstanceNorm2d`, with ``torch.nn.InstanceNorm2d``'s arguments.
 
     Defaults and initialisation as :class:`InstanceNorm1dSpec`.
@@ -558,19 +535,9 @@ class InstanceNorm2dSpec(_InstanceNormSpec):
 
     _layer = InstanceNorm2d
 
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> InstanceNorm2d:
-        """Build an :class:`InstanceNorm2d` with PyTorch's initialisation."""
-        return self._build(device, dtype)  # type: ignore[return-value]
-
 
 @dataclasses.dataclass(frozen=True)
-class InstanceNorm3dSpec(_InstanceNormSpec):
+class InstanceNorm3dSpec(_InstanceNormSpec[InstanceNorm3d]):
     """The spec of :class:`InstanceNorm3d`, with ``torch.nn.InstanceNorm3d``'s arguments.
 
     Defaults and initialisation as :class:`InstanceNorm1dSpec`.
@@ -581,16 +548,6 @@ class InstanceNorm3dSpec(_InstanceNormSpec):
     """
 
     _layer = InstanceNorm3d
-
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> InstanceNorm3d:
-        """Build an :class:`InstanceNorm3d` with PyTorch's initialisation."""
-        return self._build(device, dtype)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
