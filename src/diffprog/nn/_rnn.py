@@ -421,7 +421,68 @@ class _RNNBase(Parameterized):
         return output, (h,)
 
 
-class RNN(_RNNBase):
+class _SingleStateRNN(_RNNBase):
+    """RNN and GRU: one state tensor per layer and direction (LSTM has two)."""
+
+    @overload
+    def __call__(
+        self,
+        input: torch.Tensor,
+        hx: torch.Tensor | None = None,
+        *,
+        training: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def __call__(
+        self,
+        input: PackedSequence,
+        hx: torch.Tensor | None = None,
+        *,
+        training: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[PackedSequence, torch.Tensor]: ...
+
+    def __call__(
+        self,
+        input: torch.Tensor | PackedSequence,
+        hx: torch.Tensor | None = None,
+        *,
+        training: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor]:
+        """Run over a sequence, as ``torch.nn.RNN.forward`` / ``torch.nn.GRU.forward``.
+
+        Args:
+            input: ``[seq, batch, input_size]`` (``[batch, seq, input_size]`` with
+                ``batch_first``), ``[seq, input_size]`` unbatched, or a ``PackedSequence``.
+            hx: the initial states, ``[num_layers * num_directions, batch, hidden_size]``
+                (``[num_layers * num_directions, hidden_size]`` unbatched); zeros if ``None``.
+            training: force training (``True``) or eval (``False``) behaviour of the dropout
+                between layers; ``None``: :func:`diffprog.nn.is_training`.
+            generator: the random source of that dropout.
+
+        Returns:
+            ``(output, h_n)``: the last layer's outputs at every step,
+            ``[seq, batch, num_directions * hidden_size]`` (a ``PackedSequence`` for one),
+            and the final states of every layer and direction, shaped as ``hx``.
+
+        Raises:
+            ValueError: ``input`` is not 2-D or 3-D, or its dtype is not the weights'.
+            RuntimeError: the feature size of ``input`` or the shape of ``hx`` is wrong.
+
+        Example:
+            >>> rnn = sample(RNNSpec(3, 4, batch_first=True, bidirectional=True))
+            >>> output, h_n = rnn(torch.randn(2, 6, 3))  # [batch, seq, feature]
+            >>> output.shape, h_n.shape
+            (torch.Size([2, 6, 8]), torch.Size([2, 2, 4]))
+        """
+        output, (h_n,) = self._run(input, None if hx is None else (hx,), training, generator)
+        return output, h_n
+
+
+class RNN(_SingleStateRNN):
     """A multi-layer Elman RNN over a sequence, as ``torch.nn.RNN``.
 
     Each layer computes ``h_t = tanh(x_t @ W_ih.T + b_ih + h_{t-1} @ W_hh.T + b_hh)`` (ReLU
@@ -464,63 +525,6 @@ class RNN(_RNNBase):
                 f"RNN: Unknown nonlinearity {self.nonlinearity!r}. Select from 'tanh' or 'relu'."
             )
         super().__post_init__()
-
-    @overload
-    def __call__(
-        self,
-        input: torch.Tensor,
-        hx: torch.Tensor | None = None,
-        *,
-        training: bool | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
-    def __call__(
-        self,
-        input: PackedSequence,
-        hx: torch.Tensor | None = None,
-        *,
-        training: bool | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[PackedSequence, torch.Tensor]: ...
-
-    def __call__(
-        self,
-        input: torch.Tensor | PackedSequence,
-        hx: torch.Tensor | None = None,
-        *,
-        training: bool | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor]:
-        """Run over a sequence, as ``torch.nn.RNN.forward``.
-
-        Args:
-            input: ``[seq, batch, input_size]`` (``[batch, seq, input_size]`` with
-                ``batch_first``), ``[seq, input_size]`` unbatched, or a ``PackedSequence``.
-            hx: the initial states, ``[num_layers * num_directions, batch, hidden_size]``
-                (``[num_layers * num_directions, hidden_size]`` unbatched); zeros if ``None``.
-            training: force training (``True``) or eval (``False``) behaviour of the dropout
-                between layers; ``None``: :func:`diffprog.nn.is_training`.
-            generator: the random source of that dropout.
-
-        Returns:
-            ``(output, h_n)``: the last layer's outputs at every step,
-            ``[seq, batch, num_directions * hidden_size]`` (a ``PackedSequence`` for one),
-            and the final states of every layer and direction, shaped as ``hx``.
-
-        Raises:
-            ValueError: ``input`` is not 2-D or 3-D, or its dtype is not the weights'.
-            RuntimeError: the feature size of ``input`` or the shape of ``hx`` is wrong.
-
-        Example:
-            >>> rnn = sample(RNNSpec(3, 4, batch_first=True, bidirectional=True))
-            >>> output, h_n = rnn(torch.randn(2, 6, 3))  # [batch, seq, feature]
-            >>> output.shape, h_n.shape
-            (torch.Size([2, 6, 8]), torch.Size([2, 2, 4]))
-        """
-        output, (h_n,) = self._run(input, None if hx is None else (hx,), training, generator)
-        return output, h_n
 
 
 class LSTM(_RNNBase):
@@ -612,7 +616,7 @@ class LSTM(_RNNBase):
         return output, (h_n, c_n)
 
 
-class GRU(_RNNBase):
+class GRU(_SingleStateRNN):
     """A multi-layer gated recurrent unit over a sequence, as ``torch.nn.GRU``.
 
     With ``dropout > 0``, in training mode, the outputs of every layer but the last are
@@ -638,63 +642,6 @@ class GRU(_RNNBase):
     """
 
     _name: ClassVar[str] = "GRU"
-
-    @overload
-    def __call__(
-        self,
-        input: torch.Tensor,
-        hx: torch.Tensor | None = None,
-        *,
-        training: bool | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
-    def __call__(
-        self,
-        input: PackedSequence,
-        hx: torch.Tensor | None = None,
-        *,
-        training: bool | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[PackedSequence, torch.Tensor]: ...
-
-    def __call__(
-        self,
-        input: torch.Tensor | PackedSequence,
-        hx: torch.Tensor | None = None,
-        *,
-        training: bool | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor | PackedSequence, torch.Tensor]:
-        """Run over a sequence, as ``torch.nn.GRU.forward``.
-
-        Args:
-            input: ``[seq, batch, input_size]`` (``[batch, seq, input_size]`` with
-                ``batch_first``), ``[seq, input_size]`` unbatched, or a ``PackedSequence``.
-            hx: the initial states, ``[num_layers * num_directions, batch, hidden_size]``
-                (``[num_layers * num_directions, hidden_size]`` unbatched); zeros if ``None``.
-            training: force training (``True``) or eval (``False``) behaviour of the dropout
-                between layers; ``None``: :func:`diffprog.nn.is_training`.
-            generator: the random source of that dropout.
-
-        Returns:
-            ``(output, h_n)``: the last layer's outputs at every step,
-            ``[seq, batch, num_directions * hidden_size]`` (a ``PackedSequence`` for one),
-            and the final states of every layer and direction, shaped as ``hx``.
-
-        Raises:
-            ValueError: ``input`` is not 2-D or 3-D, or its dtype is not the weights'.
-            RuntimeError: the feature size of ``input`` or the shape of ``hx`` is wrong.
-
-        Example:
-            >>> gru = sample(GRUSpec(3, 4, num_layers=2))
-            >>> output, h_n = gru(torch.randn(6, 3), torch.zeros(2, 4))  # unbatched
-            >>> output.shape, h_n.shape
-            (torch.Size([6, 4]), torch.Size([2, 4]))
-        """
-        output, (h_n,) = self._run(input, None if hx is None else (hx,), training, generator)
-        return output, h_n
 
 
 def _check_spec(
