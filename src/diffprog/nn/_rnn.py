@@ -639,6 +639,13 @@ class GRU(_SingleStateRNN):
         >>> output, h_n = gru(torch.randn(7, 2, 3))
         >>> output.shape, h_n.shape
         (torch.Size([7, 2, 10]), torch.Size([2, 2, 5]))
+
+    Unbatched:
+
+        >>> gru = sample(GRUSpec(3, 4, num_layers=2))
+        >>> output, h_n = gru(torch.randn(6, 3), torch.zeros(2, 4))
+        >>> output.shape, h_n.shape
+        (torch.Size([6, 4]), torch.Size([2, 4]))
     """
 
     _name: ClassVar[str] = "GRU"
