@@ -22,31 +22,31 @@ __all__ = ["make_flatten", "make_replace"]
 
 def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., None]:
     """``flatten(value, out)`` for a class with fields ``names`` (read from __dict__)."""
-    lines = ["def flatten(value, out):", "    d = value.__dict__", "    field = None"]
-    lines.append("    try:")
+    lines = ["def flatten(value, out):", "    d = value.__dict__", "    try:"]
+    fields: dict[int, str] = {}
     for name in names:
+        first = len(lines) + 1  # the line number of the next line
         lines += [
-            f"        field = {name!r}",
-            f"        c = d[{name!r}]",
-            "        t = type(c)",
-            "        if t is Parameter:",
-            "            out.append(c)",
-            "        elif t not in STATIC:",
-            "            (CACHE.get(t) or node_for(t)).flatten(c, out)",
+            f"        c = d[{name!r}]; t = type(c)",
+            "        if t is Parameter: out.append(c)",
+            "        elif t not in STATIC: (CACHE.get(t) or node_for(t)).flatten(c, out)",
         ]
+        fields.update(dict.fromkeys(range(first, len(lines) + 1), name))
     lines += [
         "        pass",  # a class without fields
+        # Errors name the field by the line they came from: no bookkeeping on the hot path.
         "    except ModelError as e:",
-        "        e.push('attr', field)",
+        "        e.push('attr', FIELDS[e.__traceback__.tb_lineno])",
         "        raise",
     ]
-    return _compile("flatten", lines, env)
+    return _compile("flatten", lines, {**env, "FIELDS": fields})
 
 
 def make_replace(
-    names: tuple[str, ...], env: dict[str, Any], cached: tuple[str, ...] = ()
+    cls: type, names: tuple[str, ...], env: dict[str, Any], cached: tuple[str, ...] = ()
 ) -> Callable[..., Any]:
-    """``replace(value, stream)`` for a class with fields ``names`` (read from __dict__).
+    """``replace(value, stream)`` for instances of exactly ``cls``, with fields ``names`` (read
+    from __dict__).
 
     ``cached`` names the class's ``functools.cached_property`` attributes, dropped from the
     rebuilt value.
@@ -56,39 +56,34 @@ def make_replace(
         "    d = value.__dict__",
         # The optimistic stream's take() (the training-step fast path) is inlined below;
         # any other stream's is called.
-        "    if type(stream) is OptimisticStream:",
+        "    if stream.optimistic:",
         "        take = None",
         "        olds = stream._olds",
-        "        params = stream._params",
+        "        pull = stream._next",
         "    else:",
         "        take = stream.take",
         # A sub-model met again (shared at several paths) gets the version built before.
         "        built = stream._built.get(id(value))",
         "        if built is not None:",
         "            return built",
-        "    field = None",
         "    try:",
     ]
+    fields: dict[int, str] = {}
     for k, name in enumerate(names):
+        first = len(lines) + 1
         lines += [
-            f"        field = {name!r}",
-            f"        c{k} = d[{name!r}]",
-            f"        t = type(c{k})",
+            f"        c{k} = d[{name!r}]; t = type(c{k})",
             "        if t is Parameter:",
-            "            if take is None:",
-            f"                n{k} = params[len(olds)]",
-            f"                olds.append(c{k})",
-            "            else:",
-            f"                n{k} = take(c{k})",
-            "        elif t in STATIC:",
-            f"            n{k} = c{k}",
-            "        else:",
-            f"            n{k} = (CACHE.get(t) or node_for(t)).replace(c{k}, stream)",
+            f"            if take is None: n{k} = pull(); olds.append(c{k})",
+            f"            else: n{k} = take(c{k})",
+            f"        elif t in STATIC: n{k} = c{k}",
+            f"        else: n{k} = (CACHE.get(t) or node_for(t)).replace(c{k}, stream)",
         ]
+        fields.update(dict.fromkeys(range(first, len(lines) + 1), name))
     lines += [
         "        pass",  # a class without fields
         "    except ModelError as e:",
-        "        e.push('attr', field)",
+        "        e.push('attr', FIELDS[e.__traceback__.tb_lineno])",
         "        raise",
     ]
     same = " and ".join(f"n{k} is c{k}" for k in range(len(names))) or "True"
@@ -98,7 +93,7 @@ def make_replace(
         # Bypass __init__/__post_init__ and the frozen __setattr__: the value was validated
         # when it was built, and only parameter slots change. Attributes set in
         # __post_init__ are kept; cached_property values, computed from the old fields, not.
-        "    new = object_new(type(value))",
+        "    new = object_new(CLS)",
         "    nd = new.__dict__",
         "    nd.update(d)",
     ]
@@ -109,7 +104,7 @@ def make_replace(
         "        stream._built[id(value)] = new",
         "    return new",
     ]
-    return _compile("replace", lines, env)
+    return _compile("replace", lines, {**env, "FIELDS": fields, "CLS": cls})
 
 
 def _compile(name: str, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:

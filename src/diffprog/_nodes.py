@@ -32,6 +32,7 @@ from diffprog._errors import (
     ParameterCountError,
     PathKey,
 )
+from diffprog._signature import Signed
 
 if TYPE_CHECKING:
     from diffprog._stream import ParamStream
@@ -156,19 +157,12 @@ class FieldsNode(Node):
         )
         # Instances keep their fields in __dict__ (not __slots__): read it directly.
         self.uses_dict = cls.__dictoffset__ != 0 and not any(
-            "__slots__" in vars(c) for c in cls.__mro__[:-1]
+            "__slots__" in vars(c) for c in cls.__mro__[:-1] if c is not Signed
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
-            from diffprog._stream import OptimisticStream
-
-            env = {
-                "STATIC": _STATIC_SEEN,
-                "CACHE": _CACHE,
-                "node_for": node_for,
-                "OptimisticStream": OptimisticStream,
-            }
+            env = {"STATIC": _STATIC_SEEN, "CACHE": _CACHE, "node_for": node_for}
             self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
-            self.replace = make_replace(names, env, self.cached)  # type: ignore[method-assign]
+            self.replace = make_replace(cls, names, env, self.cached)  # type: ignore[method-assign]
         else:
             self.flatten = self._flatten_generic  # type: ignore[method-assign]
             self.replace = self._replace_generic  # type: ignore[method-assign]
@@ -232,45 +226,63 @@ class _SequenceNode(Node):
         self.cls = cls
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
-        for index, child in enumerate(value):
-            t = type(child)
-            if t is Parameter:
-                out.append(child)
-                continue
-            if t in _STATIC_SEEN:
-                continue
-            node = _CACHE.get(t) or node_for(t)
-            try:
-                node.flatten(child, out)
-            except ModelError as e:
-                e.push("index", index)
-                raise
+        # The node of the previous child is reused for the next one of the same type: the
+        # layers of a list usually are.
+        last: type | None = None
+        flatten: Any = None
+        child: Any = None
+        try:
+            for child in value:
+                t = type(child)
+                if t is Parameter:
+                    out.append(child)
+                elif t is last:
+                    flatten(child, out)
+                elif t not in _STATIC_SEEN:
+                    last = t
+                    flatten = (_CACHE.get(t) or node_for(t)).flatten
+                    flatten(child, out)
+        except ModelError as e:
+            e.push("index", _position(value, child))
+            raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
-        built = stream._built.get(id(value))  # shared at several paths: built already
-        if built is not None:
-            return built
+        # A container shared at several paths is rebuilt once (an optimistic stream gives up
+        # at the second sight of a parameter, so it need not remember).
+        optimistic = stream.optimistic
+        if not optimistic:
+            built = stream._built.get(id(value))
+            if built is not None:
+                return built
         new: list[Any] | None = None
-        for index, child in enumerate(value):
-            t = type(child)
-            try:
+        last: type | None = None
+        replace: Any = None
+        child: Any = None
+        try:
+            for index, child in enumerate(value):
+                t = type(child)
                 if t is Parameter:
                     replaced = stream.take(child)
+                elif t is last:
+                    replaced = replace(child, stream)
                 elif t in _STATIC_SEEN:
                     continue
                 else:
-                    replaced = (_CACHE.get(t) or node_for(t)).replace(child, stream)
-            except ModelError as e:
-                e.push("index", index)
-                raise
-            if replaced is not child:
-                if new is None:
-                    new = list(value)
-                new[index] = replaced
+                    last = t
+                    replace = (_CACHE.get(t) or node_for(t)).replace
+                    replaced = replace(child, stream)
+                if replaced is not child:
+                    if new is None:
+                        new = list(value)
+                    new[index] = replaced
+        except ModelError as e:
+            e.push("index", _position(value, child))
+            raise
         if new is None:
             return value
         result = new if self.cls is list else tuple(new)
-        stream._built[id(value)] = result
+        if not optimistic:
+            stream._built[id(value)] = result
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
@@ -278,6 +290,12 @@ class _SequenceNode(Node):
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         return list(children) if self.cls is list else tuple(children)
+
+
+def _position(seq: Any, child: Any) -> int:
+    """The index of ``child`` in ``seq`` (its first, for an object found twice: the error it
+    raised is the same at each)."""
+    return next(i for i, c in enumerate(seq) if c is child)
 
 
 class _NamedTupleNode(Node):

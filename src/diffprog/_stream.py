@@ -32,7 +32,10 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_built", "_memo", "_olds", "_params", "_untracked")
+    __slots__ = ("_built", "_memo", "_next", "_olds", "_params", "_untracked")
+
+    #: Whether this stream assumes no ties (and so need not remember what it rebuilt).
+    optimistic = False
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
@@ -137,17 +140,37 @@ class OptimisticStream(ParamStream):
     """A stream that assumes the model has no tied parameters, and so keeps no memo.
 
     ``replace_parameters`` runs it first: it is the fast path of every training step. When a
-    parameter turns up twice (:meth:`has_ties`) or the stream runs out (``IndexError``), the
-    result is discarded and the replace runs again with a :class:`ParamStream`.
+    parameter turns up twice (:meth:`has_ties`) or the stream runs out (``StopIteration``),
+    the result is discarded and the replace runs again with a :class:`ParamStream`. The
+    generated replace functions inline :meth:`take`: ``stream._next()``, then
+    ``stream._olds.append(old)``.
     """
 
     __slots__ = ()
+    optimistic = True
+
+    def __init__(self, params: list[Any]) -> None:  # no copy: replace_parameters owns it
+        self._params = params
+        self._next = iter(params).__next__
+        self._memo = {}
+        self._olds = []
+        self._untracked = False
+        self._built = {}
+
+    def next_parameter(self) -> torch.nn.Parameter:
+        """Consume and return the next parameter (see :meth:`ParamStream.next_parameter`)."""
+        try:
+            new = self._next()
+        except StopIteration:
+            raise self._exhausted() from None
+        self._olds.append(None)
+        self._untracked = True
+        return new  # type: ignore[no-any-return]
 
     def take(self, old: torch.Tensor) -> Any:
-        """The next parameter, for the slot ``old`` (``IndexError`` when exhausted)."""
-        olds = self._olds
-        new = self._params[len(olds)]
-        olds.append(old)
+        """The next parameter, for the slot ``old`` (``StopIteration`` when exhausted)."""
+        new = self._next()
+        self._olds.append(old)
         return new
 
     def has_ties(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -15,7 +15,8 @@ from diffprog._errors import (
     PathKey,
     state_dict_path,
 )
-from diffprog._nodes import HandWrittenNode, flatten_into, node_for, replace_value, unique
+from diffprog._nodes import _CACHE, HandWrittenNode, node_for, replace_value, unique
+from diffprog._signature import check_signatures
 from diffprog._stream import CheckingStream, OptimisticStream, ParamStream
 
 __all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
@@ -49,12 +50,15 @@ def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
         [(1, 3), (1,)]
     """
     out: list[torch.nn.Parameter] = []
-
-    def run() -> list[torch.nn.Parameter]:
-        flatten_into(value, out)
-        return unique(out)
-
-    return _guarded(value, run)
+    try:
+        t = type(value)
+        if t is torch.nn.Parameter:
+            return [value]
+        (_CACHE.get(t) or node_for(t)).flatten(value, out)
+    except (ModelError, RecursionError) as e:
+        _explain(value, e)
+        raise
+    return unique(out)
 
 
 def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
@@ -89,44 +93,71 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         (0.0, True)
     """
     params = list(params)
-    streams: list[ParamStream] = []
-
-    def run() -> Any:
-        # Optimistic first: no tie bookkeeping. A tie, or running out of parameters, sends
-        # the replace round again with a stream that handles (and reports) both.
-        stream: ParamStream = OptimisticStream(params)
-        streams.append(stream)
-        try:
-            new = replace_value(value, stream)
-            clean = not stream.has_ties()  # type: ignore[attr-defined]
-        except IndexError:
-            clean = False
-        if not clean:
-            stream = ParamStream(params)
-            streams.append(stream)
-            new = replace_value(value, stream)
-        if stream.remaining:
-            raise ParameterCountError(
-                f"{stream.remaining} parameters left unconsumed: the model has "
-                f"{stream.consumed} parameters but {len(params)} were given",
-                "Pass exactly the parameters flatten_parameters returns, in its order.",
-            )
-        try:
-            stream.verify()
-        except ModelError:
-            # verify() knows which parameter is wrong but not where it sits: replay with
-            # checks at every slot so the error names the path.
-            replace_value(value, CheckingStream(params))
-            raise
-        return new
-
+    stream = OptimisticStream(params)
+    new: Any = None
     try:
-        return _guarded(value, run)  # type: ignore[no-any-return]
+        # The fast path of every training step: an optimistic stream (no tie bookkeeping)
+        # that used every parameter, no ties, and shapes and dtypes as in the slots.
+        t = type(value)
+        if t is torch.nn.Parameter:
+            new = stream.take(value)  # type: ignore[arg-type]
+        else:
+            new = (_CACHE.get(t) or node_for(t)).replace(value, stream)
+        olds = stream._olds
+        if (
+            len(olds) == len(params)
+            and not stream._untracked
+            and check_signatures(value, new, olds, params, stream.has_ties)
+        ):
+            return new  # type: ignore[no-any-return]
+        ran_out = False
+    except StopIteration:  # the model may have ties
+        ran_out = True
+    except (ModelError, RecursionError) as e:
+        _explain(value, e)
+        raise
+    streams: list[ParamStream] = [stream]
+    try:
+        return _replace(value, params, streams, new, ran_out)  # type: ignore[no-any-return]
     except ParameterCountError as e:
         if streams[-1].remaining == 0:  # ran out, rather than left some over
             needed = len(flatten_parameters(value))
             e.problem = f"too few parameters: the model has {needed} but {len(params)} were given"
+        _explain(value, e)
         raise
+    except (ModelError, RecursionError) as e:
+        _explain(value, e)
+        raise
+
+
+def _replace(
+    value: Any, params: list[Any], streams: list[ParamStream], new: Any, ran_out: bool
+) -> Any:
+    """:func:`replace_parameters` off its fast path: ties, a wrong count, a wrong shape or
+    dtype, or a hand-written instance that reads its parameters with ``next_parameter``.
+    ``streams`` holds the optimistic stream tried first (which built ``new``, unless it
+    ``ran_out``); the streams used are added."""
+    stream = streams[-1]
+    if ran_out or stream.has_ties():  # type: ignore[attr-defined]
+        stream = ParamStream(params)
+        streams.append(stream)
+        new = replace_value(value, stream)
+    if stream.remaining:
+        raise ParameterCountError(
+            f"{stream.remaining} parameters left unconsumed: the model has "
+            f"{stream.consumed} parameters but {len(params)} were given",
+            "Pass exactly the parameters flatten_parameters returns, in its order.",
+        )
+    try:
+        stream.verify()
+        return new
+    except ModelError:
+        pass
+    # verify() knows which parameter is wrong but not where it sits: replay with checks at
+    # every slot so the error names the path.
+    replace_value(value, CheckingStream(params))
+    stream.verify()  # the replay found nothing (it always does): check one by one
+    return new
 
 
 def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
@@ -251,21 +282,18 @@ def _cycle_error(path: tuple[PathKey, ...]) -> CycleError:
     return err
 
 
-def _guarded(value: Any, run: Callable[[], T]) -> T:
-    """Run a fast traversal; name the model in errors and turn deep recursion into a clear
-    error when (and only when) it comes from a cycle."""
+def _explain(value: Any, error: BaseException) -> None:
+    """Complete an error from a fast traversal before it propagates: name the model in a
+    ``ModelError``, and turn deep recursion into a ``CycleError`` when (and only when) it comes
+    from a cycle. Returns for the caller to re-raise ``error`` itself."""
+    if isinstance(error, ModelError):
+        if not error.root:
+            error.root = type(value).__name__
+        return
+    # The fast paths keep no record of where they are, so look for the cycle now.
     try:
-        return run()
-    except ModelError as e:
-        if not e.root:
-            e.root = type(value).__name__
-        raise
-    except RecursionError:
-        # The fast paths keep no record of where they are, so look for the cycle now.
-        try:
-            for _ in walk(value):
-                pass
-        except CycleError as e:
-            e.root = type(value).__name__
-            raise e from None
-        raise
+        for _ in walk(value):
+            pass
+    except CycleError as e:
+        e.root = type(value).__name__
+        raise e from None

@@ -1,0 +1,87 @@
+"""Slot signatures: the shapes and dtypes of a model's parameter slots, remembered per model.
+
+``replace_parameters`` checks every new parameter against the shape and dtype of the slot it
+fills. Reading a tensor's shape or dtype goes through torch's Python bindings (about 100 ns
+each), so reading both sides costs as much as the rebuild itself. But the slots of a model are
+the new parameters of the replace that built it, whose shapes and dtypes that replace has
+just read. So each replace remembers them in the model it returns (and, on a miss, in the
+model it was given), and the next replace of that model reads only the new side: a training
+loop reads one side per step instead of two.
+
+The signature lives in a slot of the model (:class:`Signed`, a base of ``Parameterized``), so
+it dies with the model and holds nothing the model does not hold already. It is used only if
+the slot tensors met now are the very objects it remembers (compared by identity): a list
+inside the model that was edited since, or a tensor that was swapped, is a miss, read afresh.
+No replace, copy or pickle carries it to another object. Values other than ``Parameterized``
+ones (tuples, lists, dicts) never remember one.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["Signed", "check_signatures"]
+
+
+class Signed:
+    """The base of values that remember the signature of their parameter slots."""
+
+    __slots__ = ("__dict__", "__diffprog_signature__", "__weakref__")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The default state would carry the signature slot, which copy and pickle would then
+        # restore through the frozen __setattr__: the fields alone, as without the slot.
+        return self.__dict__
+
+
+_SLOT = Signed.__dict__["__diffprog_signature__"]
+_is = operator.is_
+_size = torch.Tensor.size
+_dtype = operator.attrgetter("dtype")
+
+# A signature is a list (the cheapest object to make, and made at every step):
+# [slot tensors (one per slot, a tie repeats), their sizes, their dtypes, whether a tensor
+# fills two slots (None: not known yet)].
+SLOTS, SIZES, DTYPES, TIED = range(4)
+
+
+def check_signatures(
+    value: Any, new: Any, olds: list[Any], news: list[Any], has_ties: Callable[[], bool]
+) -> bool:
+    """Whether ``news`` may fill the slots ``olds`` of ``value`` as they did to build ``new``:
+    no tensor fills two slots (``has_ties``, asked only if not known) and every new tensor has
+    its slot's shape and dtype. Remembers what it read in ``value`` and ``new``.
+
+    False means: look closer (a tie, a non-tensor, a wrong shape or dtype).
+    """
+    known = getattr(value, "__diffprog_signature__", None)
+    if type(known) is list and len(known[SLOTS]) == len(olds) and all(map(_is, known[SLOTS], olds)):
+        tied = known[TIED]
+        if tied is None:
+            known[TIED] = tied = has_ties()
+        if tied:
+            return False
+    elif has_ties():
+        return False
+    else:
+        known = None
+    try:
+        sizes = list(map(_size, news))
+        dtypes = list(map(_dtype, news))
+    except (TypeError, AttributeError):  # not a tensor
+        return False
+    if known is None:
+        known = [olds, list(map(_size, olds)), list(map(_dtype, olds)), False]
+        if sizes != known[SIZES] or dtypes != known[DTYPES]:
+            return False
+        if isinstance(value, Signed):
+            _SLOT.__set__(value, known)
+    elif sizes != known[SIZES] or dtypes != known[DTYPES]:
+        return False
+    if new is not value and isinstance(new, Signed):
+        _SLOT.__set__(new, [news, sizes, dtypes, None])
+    return True

@@ -1,0 +1,189 @@
+"""The slot signatures a replace remembers (``diffprog._signature``): never wrong, never kept.
+
+A replace remembers the shapes and dtypes of the slots of the model it builds, so the next
+replace of that model reads only the new side. These tests check that a remembered signature
+never lets a wrong replacement through, never rejects a right one, survives no edit of the
+model, and is carried by no copy or pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffprog as dp
+
+
+class Block(dp.Parameterized):
+    weight: dp.Parameter
+    bias: dp.Parameter
+
+
+class Net(dp.Parameterized):
+    blocks: list[Block]
+    scale: float = 1.0
+
+
+def param(*shape: int, dtype: torch.dtype = torch.float32) -> dp.Parameter:
+    return dp.make_independent(torch.randn(*shape).to(dtype))
+
+
+def net(*sizes: int) -> Net:
+    return Net([Block(param(n, n), param(n)) for n in sizes])
+
+
+def fresh(model: Any) -> list[dp.Parameter]:
+    return [dp.make_independent(p.detach() + 1) for p in dp.flatten_parameters(model)]
+
+
+def test_a_chain_of_replaces_still_rejects_a_wrong_shape_at_every_step() -> None:
+    model = net(2, 3)
+    for _ in range(3):
+        model = dp.replace_parameters(model, fresh(model))
+        wrong = fresh(model)
+        wrong[2] = param(4, 4)
+        with pytest.raises(dp.ParameterShapeError) as info:
+            dp.replace_parameters(model, wrong)
+        assert info.value.path == "blocks[1].weight"
+
+
+def test_the_same_model_replaced_again_still_rejects_a_wrong_dtype() -> None:
+    model = net(2)
+    dp.replace_parameters(model, fresh(model))  # remembers model's slots
+    wrong = fresh(model)
+    wrong[1] = param(2, dtype=torch.float64)
+    with pytest.raises(dp.ParameterShapeError, match="float64"):
+        dp.replace_parameters(model, wrong)
+    with pytest.raises(dp.ParameterTypeError):
+        dp.replace_parameters(model, [wrong[0], 3.0])
+
+
+def test_a_slot_swapped_in_a_list_inside_the_model_is_read_afresh() -> None:
+    model = net(2, 2)
+    dp.replace_parameters(model, fresh(model))
+    # Lists inside a frozen model can still be edited; the remembered slots no longer match.
+    model.blocks[1] = Block(param(5, 5), param(5))
+    grown = fresh(model)
+    assert [tuple(p.shape) for p in grown][2:] == [(5, 5), (5,)]
+    rebuilt = dp.replace_parameters(model, grown)
+    assert rebuilt.blocks[1].weight is grown[2]
+    stale = grown[:2] + [param(2, 2), param(2)]
+    with pytest.raises(dp.ParameterShapeError):
+        dp.replace_parameters(model, stale)
+
+
+def test_a_freed_slot_whose_id_is_reused_cannot_fool_the_check() -> None:
+    model = net(3)
+    dp.replace_parameters(model, fresh(model))
+    for _ in range(20):  # freed tensors' ids are typically reused by the next tensor made
+        model.blocks[0] = Block(param(4, 4), param(4))
+        gc.collect()
+        with pytest.raises(dp.ParameterShapeError):
+            dp.replace_parameters(model, [param(3, 3), param(3)])
+        assert dp.replace_parameters(model, [param(4, 4), param(4)]).blocks[0].weight.shape == (
+            4,
+            4,
+        )
+
+
+def test_a_tie_introduced_by_the_new_parameters_is_handled_at_the_next_replace() -> None:
+    model = Net([Block(param(2, 2), param(2)), Block(param(2, 2), param(2))])
+    shared = param(2)
+    tied = dp.replace_parameters(model, [param(2, 2), shared, param(2, 2), shared])
+    assert tied.blocks[0].bias is tied.blocks[1].bias
+    assert len(dp.flatten_parameters(tied)) == 3
+    again = dp.replace_parameters(tied, fresh(tied))
+    assert again.blocks[0].bias is again.blocks[1].bias
+    with pytest.raises(dp.ParameterCountError, match="1 parameters left unconsumed"):
+        dp.replace_parameters(tied, [param(2, 2), param(2), param(2, 2), param(2)])
+
+
+def test_copies_and_pickles_carry_no_signature_and_still_replace() -> None:
+    model = dp.replace_parameters(net(2), fresh(net(2)))
+    dp.replace_parameters(model, fresh(model))
+    assert "__diffprog_signature__" not in model.__getstate__()
+    for clone in (copy.copy(model), copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone) is Net
+        rebuilt = dp.replace_parameters(clone, fresh(clone))
+        torch.testing.assert_close(rebuilt.blocks[0].bias, clone.blocks[0].bias + 1)
+        with pytest.raises(dp.ParameterShapeError):
+            dp.replace_parameters(clone, [param(2, 2), param(3)])
+
+
+def test_a_signature_keeps_nothing_alive_beyond_its_model() -> None:
+    model = dp.replace_parameters(net(2), fresh(net(2)))
+    dp.replace_parameters(model, fresh(model))
+    watched = weakref.ref(model.blocks[0].weight)
+    del model
+    gc.collect()
+    assert watched() is None
+
+
+def test_roots_that_cannot_remember_are_checked_on_both_sides_every_time() -> None:
+    for root in ((Block(param(2), param(2)),), [Block(param(2), param(2))], {"a": param(2)}):
+        assert dp.replace_parameters(root, fresh(root)) is not root
+        with pytest.raises(dp.ParameterShapeError):
+            dp.replace_parameters(root, [param(3)] * len(dp.flatten_parameters(root)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    steps=st.integers(0, 3),
+    corrupt=st.one_of(st.none(), st.tuples(st.integers(0, 7), st.sampled_from(["shape", "dtype"]))),
+)
+def test_after_any_chain_of_replaces_a_replacement_is_accepted_exactly_when_it_fits(
+    sizes: list[int], steps: int, corrupt: tuple[int, str] | None
+) -> None:
+    model = net(*sizes)
+    for _ in range(steps):
+        model = dp.replace_parameters(model, fresh(model))
+    new = fresh(model)
+    if corrupt is None:
+        rebuilt = dp.replace_parameters(model, new)
+        assert dp.flatten_parameters(rebuilt) == new
+        return
+    index, how = corrupt
+    index %= len(new)
+    old = new[index]
+    new[index] = (
+        param(*[s + 1 for s in old.shape]) if how == "shape" else old.detach().double()
+    )
+    with pytest.raises(dp.ParameterShapeError):
+        dp.replace_parameters(model, new)
+
+
+class Hidden:
+    """A plain object hiding a parameter, for the error paths of the generated functions."""
+
+    def __init__(self) -> None:
+        self.w = param(1)
+
+
+class Wide(dp.Parameterized):
+    first: dp.Parameter
+    second: float
+    third: Any
+    fourth: dp.Parameter
+
+
+def test_errors_from_generated_code_name_the_field_they_came_from() -> None:
+    model = Wide(param(1), 1.0, Hidden(), param(1))
+    with pytest.raises(dp.HiddenParameterError) as info:
+        dp.flatten_parameters(model)
+    assert info.value.path == "third.w"
+    with pytest.raises(dp.HiddenParameterError) as info:
+        dp.replace_parameters(model, [param(1), param(1)])
+    assert info.value.path == "third.w"
+    good = Wide(param(1), 1.0, None, param(1))
+    with pytest.raises(dp.ParameterShapeError) as info:
+        dp.replace_parameters(good, [param(1), param(2)])
+    assert info.value.path == "fourth"
