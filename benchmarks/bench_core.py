@@ -115,11 +115,33 @@ def bench_flatten_replace() -> None:
             dp.flatten_parameters(ours)
             dp.replace_parameters(ours, new_params)
 
+        # The training-loop pattern: each replace rebuilds the model the last one built, with
+        # other parameters (two sets, alternating, so that each replace changes every slot).
+        other_params = [dp.make_independent(p.detach().clone()) for p in new_params]
+        chain = [ours, new_params, other_params]
+
+        def diffprog_chained() -> None:
+            dp.flatten_parameters(chain[0])
+            chain[0] = dp.replace_parameters(chain[0], chain[1])
+            chain[1], chain[2] = chain[2], chain[1]
+
         def torch_pytree_round_trip() -> None:
             _, spec = pytree.tree_flatten(theirs)
             pytree.tree_unflatten(new_params, spec)
 
-        candidates = {"diffprog": diffprog_round_trip, "torch pytree": torch_pytree_round_trip}
+        pytree_chain = [theirs, new_params, other_params]
+
+        def torch_pytree_chained() -> None:
+            _, spec = pytree.tree_flatten(pytree_chain[0])
+            pytree_chain[0] = pytree.tree_unflatten(pytree_chain[1], spec)
+            pytree_chain[1], pytree_chain[2] = pytree_chain[2], pytree_chain[1]
+
+        candidates = {
+            "diffprog": diffprog_round_trip,
+            "diffprog chained": diffprog_chained,
+            "torch pytree": torch_pytree_round_trip,
+            "torch pytree chained": torch_pytree_chained,
+        }
         if optree is not None:
 
             def optree_round_trip() -> None:
@@ -131,6 +153,8 @@ def bench_flatten_replace() -> None:
         times = compare(candidates, number=number, rounds=15)
         line = f"  {n_params:5d} params: diffprog {times['diffprog'] * 1e6:8.1f} us"
         line += f" | vs torch pytree {times['diffprog'] / times['torch pytree']:.2f}x"
+        chained = times["diffprog chained"] / times["torch pytree chained"]
+        line += f" (chained {chained:.2f}x)"
         if "optree" in times:
             line += f" | vs optree {times['diffprog'] / times['optree']:.2f}x"
         print(line)

@@ -75,7 +75,7 @@ def test_a_slot_swapped_in_a_list_inside_the_model_is_read_afresh() -> None:
     assert [tuple(p.shape) for p in grown][2:] == [(5, 5), (5,)]
     rebuilt = dp.replace_parameters(model, grown)
     assert rebuilt.blocks[1].weight is grown[2]
-    stale = grown[:2] + [param(2, 2), param(2)]
+    stale = [*grown[:2], param(2, 2), param(2)]
     with pytest.raises(dp.ParameterShapeError):
         dp.replace_parameters(model, stale)
 
@@ -154,9 +154,7 @@ def test_after_any_chain_of_replaces_a_replacement_is_accepted_exactly_when_it_f
     index, how = corrupt
     index %= len(new)
     old = new[index]
-    new[index] = (
-        param(*[s + 1 for s in old.shape]) if how == "shape" else old.detach().double()
-    )
+    new[index] = param(*[s + 1 for s in old.shape]) if how == "shape" else old.detach().double()
     with pytest.raises(dp.ParameterShapeError):
         dp.replace_parameters(model, new)
 
