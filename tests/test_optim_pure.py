@@ -3,6 +3,7 @@ gradients."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pytest
@@ -475,3 +476,74 @@ def test_clipping_ignores_frozen_parameters() -> None:
     got, _ = _our_run(opt, params, grads, 0.01)
     torch.testing.assert_close(got[0], params[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1:], [p.detach() for p in trained])
+
+
+# --- large models: stepping in pieces, gradients released as the step goes ---
+
+ALL_PURE = [
+    (GD, {}),
+    (GDM, {"momentum": 0.9, "nesterov": True}),
+    (Adam, {"weight_decay": 0.01, "amsgrad": True}),
+    (AdamW, {}),
+    (Adagrad, {}),
+    (RMSprop, {"centered": True, "momentum": 0.5}),
+    (Lion, {}),
+]
+
+
+@pytest.mark.parametrize(("cls", "options"), ALL_PURE)
+@pytest.mark.parametrize("how", ["plain", "overrides", "frozen"])
+def test_stepping_in_pieces_changes_no_number(
+    cls: Any, options: dict[str, Any], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra: dict[str, Any] = {
+        "plain": {},
+        "overrides": {"overrides": {"*bias": {"lr_scale": 0.5}}},
+        "frozen": {"freeze": "layers.0.bias"},
+    }[how]
+    results = []
+    for piece_bytes in (2**40, 64):  # one piece; then a piece per parameter or two
+        monkeypatch.setattr(diffprog.optim._pure, "PIECE_BYTES", piece_bytes)
+        model, _ = _mlp_pair()
+        opt = cls.init(model, **options, **extra)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(5):
+            x, y = torch.randn(8, 5, generator=gen), torch.randn(8, 3, generator=gen)
+            model, opt = run_step(model, opt, F.mse_loss(model(x), y), 0.01)
+        results.append([p.detach() for p in flatten_parameters(model)])
+        assert (opt.__dict__["_pieces"] is None) == (piece_bytes == 2**40)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+class _Probe(Adam):
+    """Adam that records, at each piece, how many earlier gradients are still alive."""
+
+    def _update(self, hyper: Any, lr: Any, count: int, params: Any, grads: Any, state: Any) -> Any:
+        earlier = self.__dict__.setdefault("_refs", [])
+        self.__dict__.setdefault("_alive", []).append(sum(r() is not None for r in earlier))
+        earlier.extend(weakref.ref(g) for g in grads)
+        return super()._update(hyper, lr, count, params, grads, state)
+
+
+def test_run_step_frees_each_pieces_gradients_before_the_next_piece(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(diffprog.optim._pure, "PIECE_BYTES", 64)
+    model, _ = _mlp_pair()
+    opt = _Probe.init(model)
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+    run_step(model, opt, F.mse_loss(model(x), y), 0.01)
+    alive = opt.__dict__["_alive"]
+    assert len(alive) > 2 and alive == [0] * len(alive)
+
+
+def test_step_called_directly_leaves_the_callers_gradients_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(diffprog.optim._pure, "PIECE_BYTES", 64)
+    model, _ = _mlp_pair()
+    params = flatten_parameters(model)
+    grads = [torch.ones_like(p) for p in params]
+    new, _ = Adam.init(model).step(0.1, grads, params)
+    assert all(g is not None and torch.equal(g, torch.ones_like(g)) for g in grads)
+    torch.testing.assert_close(new, [p.detach() - 0.1 for p in params])

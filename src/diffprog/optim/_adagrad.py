@@ -7,7 +7,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer, device_groups, has_fused, lr_on
+from diffprog.optim._pure import (
+    Overrides,
+    PureOptimizer,
+    clone_all,
+    device_groups,
+    has_fused,
+    lr_on,
+)
 from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["Adagrad"]
@@ -118,7 +125,7 @@ class Adagrad(PureOptimizer):
         grads: list[torch.Tensor],
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
-        new = [p.clone() for p in params]
+        new = clone_all(params)
         for device, (ps, gs, ss) in device_groups(new, grads, state["sum"]):
             if has_fused("_fused_adagrad_", device):
                 torch._fused_adagrad_(

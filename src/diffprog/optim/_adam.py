@@ -7,7 +7,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer, device_groups, has_fused, lr_on
+from diffprog.optim._pure import (
+    Overrides,
+    PureOptimizer,
+    clone_all,
+    device_groups,
+    has_fused,
+    lr_on,
+)
 from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["Adam", "mk_adam"]
@@ -147,7 +154,7 @@ class Adam(PureOptimizer):
         grads: list[torch.Tensor],
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
-        new = [p.clone() for p in params]
+        new = clone_all(params)
         lists = [new, grads, state["exp_avg"], state["exp_avg_sq"]]
         if hyper["amsgrad"]:
             lists.append(state["max_exp_avg_sq"])

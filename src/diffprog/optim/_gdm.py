@@ -7,7 +7,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer, device_groups, has_fused, lr_on
+from diffprog.optim._pure import (
+    Overrides,
+    PureOptimizer,
+    clone_all,
+    device_groups,
+    has_fused,
+    lr_on,
+)
 from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["GDM"]
@@ -120,7 +127,7 @@ class GDM(PureOptimizer):
         grads: list[torch.Tensor],
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
-        new = [p.clone() for p in params]
+        new = clone_all(params)
         buffers = state.get("momentum_buffer", [])
         for device, (ps, gs, *bs) in device_groups(new, grads, *([buffers] if buffers else [])):
             if has_fused("_fused_sgd_", device):

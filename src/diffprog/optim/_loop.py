@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 
@@ -108,8 +108,14 @@ def run_step(
         if on_nonfinite == "skip":
             return model, optimizer
         raise nonfinite_error(model, loss, checked, indices)
-    # lr may be None here for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
-    new_params, new_optimizer = optimizer.step(lr, gradients, params)  # type: ignore[arg-type]
+    if isinstance(optimizer, PureOptimizer):
+        # Hand the gradients over: the step frees each one once its update is done.
+        del checked
+        new_params, stepped = optimizer._step(lr, gradients, params, consume=True)  # type: ignore[arg-type]
+        new_optimizer = cast(OptT, stepped)
+    else:
+        # lr may be None for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
+        new_params, new_optimizer = optimizer.step(lr, gradients, params)  # type: ignore[arg-type]
     new_model = replace_parameters(model, [make_independent(p) for p in new_params])
     return new_model, new_optimizer
 

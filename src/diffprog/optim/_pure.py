@@ -162,13 +162,26 @@ class PureOptimizer(Parameterized):
             (tensor([-0.1000, -0.1000]), 0, 1, Parameter containing:
             tensor([0., 0.], requires_grad=True))
         """
+        return self._step(lr, list(gradients), list(params), consume=False)
+
+    def _step(
+        self, lr: LearningRate, gradients: list[Any], params: list[torch.Tensor], consume: bool
+    ) -> tuple[list[torch.Tensor], Self]:
+        """:meth:`step`; with ``consume``, the caller hands ``gradients`` over and each entry is
+        set to None as soon as its update is done (``run_step`` does this, to free them).
+
+        Why consume: the old parameters and state stay valid and the new ones are being
+        written, so a pure step holds 6 copies of the parameters besides the gradients. On a
+        large model the step runs piece by piece (:data:`PIECE_BYTES` at most, a larger tensor
+        alone) and drops each piece's gradients after its update, so that the peak is near 6
+        copies rather than 7. A small model is one piece: no cost.
+        """
         if self.__dict__.get("_donated", False):
             raise DiffprogError(
                 f"this {type(self).__name__} was created with donate=True and has already "
                 "stepped, so its state now belongs to the optimizer that step returned. Step "
                 "that one instead, or init with donate=False to keep old optimizers valid."
             )
-        params, gradients = list(params), list(gradients)
         n = len(params)
         if len(gradients) != n:
             raise DiffprogError(
@@ -189,49 +202,55 @@ class PureOptimizer(Parameterized):
                 f"this {type(self).__name__} was built for {settings.num_params} parameters but "
                 f"step got {n}. Build it from the same model: {type(self).__name__}.init(model)."
             )
+        pieces = self._pieces_of(params)
         count = self.count
         lr_now = learning_rate_at(lr, count)
         defaults = self._defaults()
         states = {name: getattr(self, name) for name in self._state_fields}
         new_params = list(params)
         new_states: dict[str, list[torch.Tensor | None]] = {}
-        plain = settings.is_plain
+        whole = settings.is_plain and pieces is None
         with torch.no_grad():
             for group in settings.groups:
                 hyper = {**defaults, **dict(group.overrides)} if group.overrides else defaults
-                idx = group.indices
-                ps = params if plain else [params[i] for i in idx]
-                gs = gradients if plain else [gradients[i] for i in idx]
-                work: dict[str, list[torch.Tensor]] = {}
-                for name in self._state_names(hyper):
-                    held = states[name]
-                    if not held:  # built without init: state starts at zero on the first step
-                        current = [self._init_state(name, p, hyper) for p in ps]
-                    elif plain:
-                        current = list(held)
-                    else:
-                        current = [held[i] for i in idx]
-                    if self.donate or not held:
-                        work[name] = current
-                    else:
-                        work[name] = [t.clone() for t in current]
                 scale = hyper.get("lr_scale", 1.0)
                 group_lr = lr_now if scale == 1.0 else lr_now * scale
-                outs = self._run(hyper, group_lr, count, ps, gs, work)
-                if plain:
-                    new_params = outs
-                    new_states.update(work)  # type: ignore[arg-type]
-                    continue
-                for i, out in zip(idx, outs):
-                    new_params[i] = out
-                for name, values in work.items():
-                    target = new_states.setdefault(name, [None] * n)
-                    for i, v in zip(idx, values):
-                        target[i] = v
+                for idx in _split(group.indices, pieces):
+                    ps = params if whole else [params[i] for i in idx]
+                    gs = gradients if whole else [gradients[i] for i in idx]
+                    work: dict[str, list[torch.Tensor]] = {}
+                    for name in self._state_names(hyper):
+                        held = states[name]
+                        if not held:  # built without init: state starts at zero on the first step
+                            current = [self._init_state(name, p, hyper) for p in ps]
+                        elif whole:
+                            current = list(held)
+                        else:
+                            current = [held[i] for i in idx]
+                        if self.donate or not held:
+                            work[name] = current
+                        else:
+                            work[name] = clone_all(current)
+                    outs = self._run(hyper, group_lr, count, ps, gs, work)
+                    del gs
+                    if consume:
+                        for i in idx:
+                            gradients[i] = None
+                    if whole:
+                        new_params = outs
+                        new_states.update(work)  # type: ignore[arg-type]
+                        continue
+                    for i, out in zip(idx, outs):
+                        new_params[i] = out
+                    for name, values in work.items():
+                        target = new_states.setdefault(name, [None] * n)
+                        for i, v in zip(idx, values):
+                            target[i] = v
         new = object.__new__(type(self))
         fields = dict(self.__dict__)
         fields.pop("_donated", None)
         fields["count"] = count + 1
+        fields["_pieces"] = pieces
         for name in self._state_fields:
             if name in new_states:
                 fields[name] = tuple(new_states[name])
@@ -239,6 +258,24 @@ class PureOptimizer(Parameterized):
         if self.donate:
             object.__setattr__(self, "_donated", True)
         return new_params, new
+
+    def _pieces_of(self, params: list[torch.Tensor]) -> list[int] | None:
+        """The piece of each parameter (None: one piece), worked out once per optimizer line
+        and handed on to each new optimizer."""
+        known: list[int] | bool | None = self.__dict__.get("_pieces", False)
+        if known is None or (isinstance(known, list) and len(known) == len(params)):
+            return known
+        sizes = [p.numel() * p.element_size() for p in params]
+        if sum(sizes) <= PIECE_BYTES:
+            return None
+        pieces: list[int] = []
+        piece = filled = 0
+        for size in sizes:
+            if filled and filled + size > PIECE_BYTES:
+                piece, filled = piece + 1, 0
+            pieces.append(piece)
+            filled += size
+        return pieces
 
     def _run(
         self,
@@ -258,6 +295,30 @@ class PureOptimizer(Parameterized):
         r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
         outs = self._update(hyper, lr, count, r_params, r_grads, r_state)
         return [torch.view_as_complex(o) if p.is_complex() else o for o, p in zip(outs, params)]
+
+
+PIECE_BYTES = 64 * 2**20
+"""Above this many parameter bytes, ``run_step`` steps a pure optimizer piece by piece (see
+``PureOptimizer._step``)."""
+
+
+def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int, ...]]:
+    """``indices`` cut where the piece changes (``pieces``: the piece of each parameter)."""
+    if pieces is None or not indices:
+        return [indices]
+    out: list[tuple[int, ...]] = []
+    start = 0
+    for k in range(1, len(indices)):
+        if pieces[indices[k]] != pieces[indices[k - 1]]:
+            out.append(indices[start:k])
+            start = k
+    out.append(indices[start:])
+    return out
+
+
+def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh copies of ``tensors`` (strides kept), in one multi-tensor call."""
+    return list(torch._foreach_clone(tensors)) if tensors else []
 
 
 def device_groups(
