@@ -19,7 +19,6 @@ ones (tuples, lists, dicts) never remember one.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,12 +48,10 @@ _dtype = operator.attrgetter("dtype")
 SLOTS, SIZES, DTYPES, TIED = range(4)
 
 
-def check_signatures(
-    value: Any, new: Any, olds: list[Any], news: list[Any], has_ties: Callable[[], bool]
-) -> bool:
+def check_signatures(value: Any, new: Any, olds: list[Any], news: list[Any]) -> bool:
     """Whether ``news`` may fill the slots ``olds`` of ``value`` as they did to build ``new``:
-    no tensor fills two slots (``has_ties``, asked only if not known) and every new tensor has
-    its slot's shape and dtype. Remembers what it read in ``value`` and ``new``.
+    no tensor fills two slots (looked at only if not known) and every new tensor has its
+    slot's shape and dtype. Remembers what it read in ``value`` and ``new``.
 
     False means: look closer (a tie, a non-tensor, a wrong shape or dtype).
     """
@@ -62,10 +59,10 @@ def check_signatures(
     if type(known) is list and len(known[SLOTS]) == len(olds) and all(map(_is, known[SLOTS], olds)):
         tied = known[TIED]
         if tied is None:
-            known[TIED] = tied = has_ties()
+            known[TIED] = tied = len(set(map(id, olds))) != len(olds)
         if tied:
             return False
-    elif has_ties():
+    elif len(set(map(id, olds))) != len(olds):  # a tie
         return False
     else:
         known = None

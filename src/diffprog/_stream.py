@@ -152,8 +152,7 @@ class OptimisticStream(ParamStream):
     def __init__(self, params: list[Any]) -> None:  # no copy: replace_parameters owns it
         self._params = params
         self._next = iter(params).__next__
-        self._memo = {}
-        self._olds = []
+        self._olds = []  # no _memo: take() and next_parameter() are the ones below
         self._untracked = False
         self._built = {}
 

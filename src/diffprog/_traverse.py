@@ -58,6 +58,8 @@ def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
     except (ModelError, RecursionError) as e:
         _explain(value, e)
         raise
+    if len(set(map(id, out))) == len(out):  # no ties, the usual case
+        return out
     return unique(out)
 
 
@@ -107,7 +109,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         if (
             len(olds) == len(params)
             and not stream._untracked
-            and check_signatures(value, new, olds, params, stream.has_ties)
+            and check_signatures(value, new, olds, params)
         ):
             return new  # type: ignore[no-any-return]
         ran_out = False
