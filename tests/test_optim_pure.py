@@ -547,3 +547,56 @@ def test_step_called_directly_leaves_the_callers_gradients_alone(
     new, _ = Adam.init(model).step(0.1, grads, params)
     assert all(g is not None and torch.equal(g, torch.ones_like(g)) for g in grads)
     torch.testing.assert_close(new, [p.detach() - 0.1 for p in params])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"freeze": "layers.0.weight", "overrides": {"*bias": {"lr_scale": 0.5}}},
+        {"donate": True},
+    ],
+)
+@pytest.mark.parametrize("clip", [False, True])
+def test_every_gradient_is_freed_piece_by_piece(
+    options: dict[str, Any], clip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(diffprog.optim._pure, "PIECE_BYTES", 64)
+    model, _ = _mlp_pair()
+    inner = _Probe.init(model, **options)
+    opt: Any = ClipGradNorm(inner, max_norm=0.5) if clip else inner
+    run_step(model, opt, F.mse_loss(model(torch.randn(8, 5)), torch.randn(8, 3)), 0.01)
+    alive = inner.__dict__["_alive"]
+    assert len(alive) > 1 and alive == [0] * len(alive)
+
+
+def test_run_step_goes_through_an_overridden_step() -> None:
+    class Zeroed(GD):
+        def step(self, lr: Any, gradients: Any, params: Any) -> Any:
+            return super().step(lr, [torch.zeros_like(g) for g in gradients], params)
+
+    p = make_independent(torch.ones(2))
+    (new,), _ = run_step([p], Zeroed(), (p * p).sum(), 0.1)
+    assert torch.equal(new, torch.ones(2))
+
+
+def test_a_donated_step_that_fails_halfway_leaves_an_optimizer_that_refuses_to_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(diffprog.optim._pure, "PIECE_BYTES", 64)
+
+    class Failing(Adam):
+        def _update(self, hyper: Any, lr: Any, count: int, *rest: Any) -> Any:
+            calls = self.__dict__.setdefault("_calls", [])
+            calls.append(1)
+            if len(calls) == 2:
+                raise MemoryError("out of memory in the second piece")
+            return super()._update(hyper, lr, count, *rest)
+
+    model, _ = _mlp_pair()
+    opt = Failing.init(model, donate=True)
+    loss = F.mse_loss(model(torch.randn(8, 5)), torch.randn(8, 3))
+    with pytest.raises(MemoryError):
+        run_step(model, opt, loss, 0.01)
+    with pytest.raises(DiffprogError, match="donate=True and has already stepped"):
+        run_step(model, opt, F.mse_loss(model(torch.randn(8, 5)), torch.randn(8, 3)), 0.01)

@@ -185,3 +185,111 @@ def test_errors_from_generated_code_name_the_field_they_came_from() -> None:
     with pytest.raises(dp.ParameterShapeError) as info:
         dp.replace_parameters(good, [param(1), param(2)])
     assert info.value.path == "fourth"
+
+
+# --- found in review: each a regression test ---
+
+
+class Copying(dp.Parameterized):
+    """A hand-written instance that keeps copies, not the tensors it is given."""
+
+    w: dp.Parameter
+
+    def flatten_parameters(self) -> list[Any]:
+        return [self.w]
+
+    def replace_own_parameters(self, stream: dp.ParamStream) -> Copying:
+        return Copying(dp.make_independent(stream.next_parameter().detach().clone()))
+
+
+def test_a_model_rebuilt_by_a_hand_written_instance_keeps_nothing_it_was_given() -> None:
+    model = Net([Block(param(2, 2), param(2))]), Copying(param(3))
+    holder = [Block(param(2, 2), param(2)), Copying(param(3))]
+    for root in (model, Wrapper(holder)):
+        given = fresh(root)
+        watched = weakref.ref(given[-1])
+        rebuilt = dp.replace_parameters(root, given)
+        del given
+        gc.collect()
+        assert watched() is None and rebuilt is not None
+
+
+class Wrapper(dp.Parameterized):
+    parts: list[Any]
+
+
+def test_a_class_with_its_own_getattr_replaces() -> None:
+    class Config(dp.Parameterized):
+        w: dp.Parameter
+        options: dict[str, Any]
+
+        def __getattr__(self, name: str) -> Any:
+            return self.options[name]
+
+    model = Config(param(2), {})
+    for _ in range(2):
+        model = dp.replace_parameters(model, [param(2)])
+    with pytest.raises(dp.ParameterShapeError):
+        dp.replace_parameters(model, [param(3)])
+
+
+def test_containers_shared_at_two_paths_stay_shared() -> None:
+    class Pair(dp.Parameterized):
+        enc: Any
+        dec: Any
+
+    class Holder(dp.Parameterized):
+        d: dict[str, Any]
+
+    class Fresh(dp.Parameterized):
+        """A parameter-free hand-written instance that rebuilds itself."""
+
+        tag: str = "x"
+
+        def flatten_parameters(self) -> list[Any]:
+            return []
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> Fresh:
+            return Fresh(self.tag)
+
+    w = param(2)
+    for shared in ([{"w": w}], ({"w": w},), Holder({"w": w}), [Fresh(), {"w": w}]):
+        model = Pair(shared, shared)
+        new = dp.replace_parameters(model, [param(2)])
+        assert new.enc is new.dec
+        assert len(dp.flatten_parameters(new)) == 1
+    cell = Copying(param(3))
+    model = Pair(cell, cell)
+    new = dp.replace_parameters(model, [param(3)])
+    assert new.enc is new.dec
+
+
+def test_a_tie_into_a_hand_written_instance_is_resolved() -> None:
+    class Plain(dp.Parameterized):
+        w: dp.Parameter
+
+    class Taking(dp.Parameterized):
+        w: dp.Parameter
+
+        def flatten_parameters(self) -> list[Any]:
+            return [self.w]
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> Taking:
+            return Taking(stream.take(self.w))  # take() checks the shape against the slot
+
+    p = param(2)
+    model = [Plain(p), Taking(p), Plain(param(3))]
+    new = dp.replace_parameters(model, [param(2), param(3)])
+    assert new[0].w is new[1].w and new[2].w.shape == (3,)
+
+
+def test_a_slot_changed_in_place_never_makes_a_right_replacement_fail() -> None:
+    model = dp.replace_parameters(Block(param(3), param(3)), [param(3), param(3)])
+    with torch.no_grad():
+        model.weight.data = torch.zeros(5)
+    # The replacement that fits the slot as it is now is accepted...
+    rebuilt = dp.replace_parameters(model, [param(5), param(3)])
+    assert rebuilt.weight.shape == (5,)
+    # ...and the rebuilt model checks against its own slots from then on.
+    with pytest.raises(dp.ParameterShapeError):
+        dp.replace_parameters(rebuilt, [param(3), param(3)])

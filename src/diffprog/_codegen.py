@@ -60,7 +60,7 @@ def make_replace(
         "    d = value.__dict__",
         # The optimistic stream's take() (the training-step fast path) is inlined below;
         # any other stream's is called.
-        "    if stream.optimistic:",
+        "    if stream._optimistic:",
         "        take = None",
         "        olds = stream._olds",
         "        pull = stream._next",

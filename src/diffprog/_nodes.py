@@ -74,11 +74,13 @@ class Node:
         """Return ``value`` with its parameters taken from ``stream``, in flatten order.
 
         A container met again in the same replace (shared at several paths) gets the version
-        built the first time, so sharing survives.
+        built the first time, so sharing survives (see ``ParamStream._optimistic``).
         """
-        built = stream._built.get(id(value))
-        if built is not None:
-            return built
+        optimistic = stream._optimistic
+        if not optimistic:
+            built = stream._built.get(id(value))
+            if built is not None:
+                return built
         children = self.children(value)
         new: list[Any] = []
         changed = False
@@ -93,7 +95,8 @@ class Node:
         if not changed:
             return value
         result = self.rebuild(value, new)
-        stream._built[id(value)] = result
+        if not optimistic:
+            stream._built[id(value)] = result
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
@@ -247,9 +250,8 @@ class _SequenceNode(Node):
             raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
-        # A container shared at several paths is rebuilt once (an optimistic stream gives up
-        # at the second sight of a parameter, so it need not remember).
-        optimistic = stream.optimistic
+        # A container shared at several paths is rebuilt once (see ParamStream._optimistic).
+        optimistic = stream._optimistic
         if not optimistic:
             built = stream._built.get(id(value))
             if built is not None:
@@ -295,7 +297,7 @@ class _SequenceNode(Node):
 def _position(seq: Any, child: Any) -> int:
     """The index of ``child`` in ``seq`` (its first, for an object found twice: the error it
     raised is the same at each)."""
-    return next(i for i, c in enumerate(seq) if c is child)
+    return next((i for i, c in enumerate(seq) if c is child), -1)
 
 
 class _NamedTupleNode(Node):
@@ -344,6 +346,12 @@ class _PytreeNode(Node):
         children, _ = self.flatten_fn(value)
         return [(("index", i), c) for i, c in enumerate(children)]
 
+    def replace(self, value: Any, stream: ParamStream) -> Any:
+        result = super().replace(value, stream)
+        if result is not value:  # its unflatten may keep other tensors than those given
+            stream._foreign = True
+        return result
+
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         _, context = self.flatten_fn(value)
         return self.unflatten_fn(children, context)
@@ -388,6 +396,14 @@ class HandWrittenNode(Node):
         from diffprog._stream import ParamStream
 
         old = self.own(value)
+        if not old:  # nothing to replace: the value stays as it is
+            return value
+        optimistic = stream._optimistic
+        if not optimistic:  # shared at several paths: built already
+            built = stream._built.get(id(value))
+            if built is not None:
+                return built
+        stream._foreign = True  # its replace may keep other tensors than those given
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):
             try:
@@ -412,6 +428,8 @@ class HandWrittenNode(Node):
                 "Make both methods walk the same parameters in the same order.",
             )
         own.verify()
+        if not optimistic:
+            stream._built[id(value)] = result
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:

@@ -9,11 +9,18 @@ model it was given), and the next replace of that model reads only the new side:
 loop reads one side per step instead of two.
 
 The signature lives in a slot of the model (:class:`Signed`, a base of ``Parameterized``), so
-it dies with the model and holds nothing the model does not hold already. It is used only if
-the slot tensors met now are the very objects it remembers (compared by identity): a list
-inside the model that was edited since, or a tensor that was swapped, is a miss, read afresh.
-No replace, copy or pickle carries it to another object. Values other than ``Parameterized``
-ones (tuples, lists, dicts) never remember one.
+it dies with the model. It is used only if the slot tensors met now are the very objects it
+remembers (compared by identity; it holds them, so no id can be reused meanwhile): a list
+inside the model that was edited since, or a tensor that was swapped, is a miss, read afresh
+and remembered anew. No replace, copy or pickle carries it to another object. Values other
+than ``Parameterized`` ones (tuples, lists, dicts) never remember one, nor does a model rebuilt
+by a hand-written or pytree-registered instance (whose slots may hold other tensors than the
+ones given).
+
+The contract (docs/core.md, "Speed"): a parameter's shape and dtype are part of the model
+value. A slot tensor changed in place (``.data =``, ``set_``, ``resize_``) is checked against
+its shape as built; a replacement that fits its shape as it is now still passes, since a
+mismatch with the memory only sends the replace to the slow path, which reads both sides.
 """
 
 from __future__ import annotations
@@ -48,15 +55,19 @@ _dtype = operator.attrgetter("dtype")
 SLOTS, SIZES, DTYPES, TIED = range(4)
 
 
-def check_signatures(value: Any, new: Any, olds: list[Any], news: list[Any]) -> bool:
+def check_signatures(
+    value: Any, new: Any, olds: list[Any], news: list[Any], news_in_slots: bool
+) -> bool:
     """Whether ``news`` may fill the slots ``olds`` of ``value`` as they did to build ``new``:
     no tensor fills two slots (looked at only if not known) and every new tensor has its
-    slot's shape and dtype. Remembers what it read in ``value`` and ``new``.
+    slot's shape and dtype. Remembers what it read in ``value``, and in ``new`` if
+    ``news_in_slots`` (the slots of ``new`` hold exactly ``news``: no hand-written or
+    pytree-registered instance rebuilt anything).
 
     False means: look closer (a tie, a non-tensor, a wrong shape or dtype).
     """
-    known = getattr(value, "__diffprog_signature__", None)
-    if type(known) is list and len(known[SLOTS]) == len(olds) and all(map(_is, known[SLOTS], olds)):
+    known = _remembered(value)
+    if known is not None and len(known[SLOTS]) == len(olds) and all(map(_is, known[SLOTS], olds)):
         tied = known[TIED]
         if tied is None:
             known[TIED] = tied = len(set(map(id, olds))) != len(olds)
@@ -79,6 +90,17 @@ def check_signatures(value: Any, new: Any, olds: list[Any], news: list[Any]) -> 
             _SLOT.__set__(value, known)
     elif sizes != known[SIZES] or dtypes != known[DTYPES]:
         return False
-    if new is not value and isinstance(new, Signed):
+    if news_in_slots and new is not value and isinstance(new, Signed):
         _SLOT.__set__(new, [news, sizes, dtypes, None])
     return True
+
+
+def _remembered(value: Any) -> list[Any] | None:
+    # Read the slot itself: a class's own __getattr__ must not be asked for it.
+    if isinstance(value, Signed):
+        try:
+            found: list[Any] | None = _SLOT.__get__(value, Signed)
+            return found
+        except AttributeError:  # never set
+            return None
+    return None

@@ -32,10 +32,13 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_built", "_memo", "_next", "_olds", "_params", "_untracked")
+    __slots__ = ("_built", "_foreign", "_memo", "_next", "_olds", "_params", "_untracked")
 
-    #: Whether this stream assumes no ties (and so need not remember what it rebuilt).
-    optimistic = False
+    # Whether this stream assumes no ties. Such a stream remembers nothing it rebuilt: every
+    # node returns a value unchanged unless a parameter inside it changed, so a value met at
+    # two paths that needs rebuilding holds a parameter met twice, which sends the replace to
+    # a ParamStream, which remembers (``_built``) and keeps the sharing.
+    _optimistic = False
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
@@ -46,6 +49,9 @@ class ParamStream:
         # a slot), for verify(); its length is the position in the stream.
         self._olds: list[torch.Tensor | None] = []
         self._untracked = False
+        # Whether a hand-written or pytree-registered instance rebuilt something: the new
+        # model's slots may then hold other tensors than the ones given.
+        self._foreign = False
         # id(old sub-model or container) -> its rebuilt version: a layer object reachable at
         # several paths (a shared block) is rebuilt once, so it stays one object, and its
         # state (BatchNorm's running statistics) stays shared, as in PyTorch.
@@ -147,14 +153,14 @@ class OptimisticStream(ParamStream):
     """
 
     __slots__ = ()
-    optimistic = True
+    _optimistic = True
 
     def __init__(self, params: list[Any]) -> None:  # no copy: replace_parameters owns it
         self._params = params
         self._next = iter(params).__next__
-        self._olds = []  # no _memo: take() and next_parameter() are the ones below
+        self._olds = []  # no _memo, no _built: see ParamStream._optimistic
         self._untracked = False
-        self._built = {}
+        self._foreign = False
 
     def next_parameter(self) -> torch.nn.Parameter:
         """Consume and return the next parameter (see :meth:`ParamStream.next_parameter`)."""

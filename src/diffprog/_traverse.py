@@ -109,13 +109,20 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         if (
             len(olds) == len(params)
             and not stream._untracked
-            and check_signatures(value, new, olds, params)
+            and check_signatures(value, new, olds, params, not stream._foreign)
         ):
             return new  # type: ignore[no-any-return]
         ran_out = False
     except StopIteration:  # the model may have ties
         ran_out = True
-    except (ModelError, RecursionError) as e:
+    except ModelError as e:
+        # With a tie, the optimistic stream hands a later parameter to the tie's second slot,
+        # which a hand-written instance may refuse: that is for the ParamStream to judge.
+        if not stream.has_ties():
+            _explain(value, e)
+            raise
+        ran_out = True
+    except RecursionError as e:
         _explain(value, e)
         raise
     streams: list[ParamStream] = [stream]

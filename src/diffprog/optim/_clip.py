@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
 from diffprog.optim._optimizer import Gradients, LearningRate, Optimizer
+from diffprog.optim._pure import PureOptimizer
 
-__all__ = ["ClipGradNorm", "clip_grad_norm"]
+__all__ = ["ClipGradNorm", "clip_grad_norm", "consuming_step"]
 
 OptT = TypeVar("OptT", bound=Optimizer)
+
+
+ConsumingStep = Callable[[LearningRate, list[Any], list[torch.Tensor], bool], tuple[Any, Any]]
+
+
+def consuming_step(optimizer: object) -> ConsumingStep | None:
+    """The ``_step(lr, grads, params, consume)`` of a pure optimizer or of a ``ClipGradNorm``
+    (whose ``step`` is not overridden), which may free the gradients it is handed; else None.
+
+    Example:
+        >>> from diffprog.optim import GD
+        >>> consuming_step(GD()) is not None, consuming_step(object())
+        (True, None)
+    """
+    step = getattr(type(optimizer), "step", None)
+    if isinstance(optimizer, PureOptimizer) and step is PureOptimizer.step:
+        return optimizer._step
+    if isinstance(optimizer, ClipGradNorm) and step is ClipGradNorm.step:
+        return optimizer._step
+    return None
 
 
 def clip_grad_norm(
@@ -101,7 +122,13 @@ class ClipGradNorm(Parameterized, Generic[OptT]):
         Returns:
             ``(new_params, new_optimizer)``.
         """
-        grads = list(gradients)
+        return self._step(lr, list(gradients), list(params), consume=False)
+
+    def _step(
+        self, lr: LearningRate, grads: list[Any], params: list[torch.Tensor], consume: bool
+    ) -> tuple[list[torch.Tensor], Self]:
+        """:meth:`step`; with ``consume``, the caller hands ``grads`` over: they are dropped
+        once clipped, and the clipped ones are handed to the inner optimizer in turn."""
         trainable = self.trainable
         if trainable is None or all(trainable):
             clipped, _ = clip_grad_norm(
@@ -112,9 +139,16 @@ class ClipGradNorm(Parameterized, Generic[OptT]):
             scaled, _ = clip_grad_norm(
                 chosen, self.max_norm, self.norm_type, self.error_if_nonfinite
             )
+            del chosen
             it = iter(scaled)
             clipped = [next(it) if t else g for g, t in zip(grads, trainable)]
-        new_params, new_inner = self.inner.step(lr, clipped, params)
+            del scaled, it
+        inner_step = consuming_step(self.inner) if consume else None
+        if inner_step is not None:
+            grads[:] = [None] * len(grads)  # free the unclipped gradients before the step
+            new_params, new_inner = inner_step(lr, clipped, params, True)
+        else:
+            new_params, new_inner = self.inner.step(lr, clipped, params)
         new = object.__new__(type(self))
         object.__setattr__(new, "__dict__", {**self.__dict__, "inner": new_inner})
         return new_params, new

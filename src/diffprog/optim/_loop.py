@@ -9,6 +9,7 @@ import torch
 
 from diffprog import DiffprogError, flatten_parameters, make_independent, replace_parameters
 from diffprog._autograd import gradients as grads_and_count
+from diffprog.optim._clip import consuming_step
 from diffprog.optim._grad import OnNonFinite, all_finite, check_on_nonfinite, nonfinite_error
 from diffprog.optim._optimizer import LearningRate, Optimizer
 from diffprog.optim._pure import PureOptimizer
@@ -95,8 +96,8 @@ def run_step(
         checked, connected = grads_and_count(loss, [params[i] for i in indices])
         # Frozen parameters get a zero of their shape that takes no memory (never read).
         gradients = [_zero_like(p) for p in params]
-        for i, g in zip(indices, checked):
-            gradients[i] = g
+        for k, i in enumerate(indices):  # no loop variable left holding a gradient
+            gradients[i] = checked[k]
     if checked and not connected:
         raise DiffprogError(
             "the loss does not depend on any parameter this step trains, so the step would "
@@ -108,10 +109,11 @@ def run_step(
         if on_nonfinite == "skip":
             return model, optimizer
         raise nonfinite_error(model, loss, checked, indices)
-    if isinstance(optimizer, PureOptimizer):
+    consuming = consuming_step(optimizer)
+    if consuming is not None:
         # Hand the gradients over: the step frees each one once its update is done.
         del checked
-        new_params, stepped = optimizer._step(lr, gradients, params, consume=True)  # type: ignore[arg-type]
+        new_params, stepped = consuming(lr, gradients, params, True)  # type: ignore[arg-type]
         new_optimizer = cast(OptT, stepped)
     else:
         # lr may be None for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).

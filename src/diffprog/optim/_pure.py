@@ -202,7 +202,7 @@ class PureOptimizer(Parameterized):
                 f"this {type(self).__name__} was built for {settings.num_params} parameters but "
                 f"step got {n}. Build it from the same model: {type(self).__name__}.init(model)."
             )
-        pieces = self._pieces_of(params)
+        pieces = self._pieces_of(params) if consume else None
         count = self.count
         lr_now = learning_rate_at(lr, count)
         defaults = self._defaults()
@@ -210,6 +210,10 @@ class PureOptimizer(Parameterized):
         new_params = list(params)
         new_states: dict[str, list[torch.Tensor | None]] = {}
         whole = settings.is_plain and pieces is None
+        if self.donate:
+            # From here on this value's state is being updated in place: if anything below
+            # fails halfway, stepping this value again must be refused, not half-repeated.
+            object.__setattr__(self, "_donated", True)
         with torch.no_grad():
             for group in settings.groups:
                 hyper = {**defaults, **dict(group.overrides)} if group.overrides else defaults
@@ -250,13 +254,12 @@ class PureOptimizer(Parameterized):
         fields = dict(self.__dict__)
         fields.pop("_donated", None)
         fields["count"] = count + 1
-        fields["_pieces"] = pieces
+        if consume:
+            fields["_pieces"] = pieces
         for name in self._state_fields:
             if name in new_states:
                 fields[name] = tuple(new_states[name])
         object.__setattr__(new, "__dict__", fields)
-        if self.donate:
-            object.__setattr__(self, "_donated", True)
         return new_params, new
 
     def _pieces_of(self, params: list[torch.Tensor]) -> list[int] | None:
