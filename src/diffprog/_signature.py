@@ -45,6 +45,7 @@ class Signed:
 
 
 _SLOT = Signed.__dict__["__diffprog_signature__"]
+_read = _SLOT.__get__
 _is = operator.is_
 _size = torch.Tensor.size
 _dtype = operator.attrgetter("dtype")
@@ -66,7 +67,12 @@ def check_signatures(
 
     False means: look closer (a tie, a non-tensor, a wrong shape or dtype).
     """
-    known = _remembered(value)
+    known: list[Any] | None = None
+    if isinstance(value, Signed):
+        try:  # the slot itself: a class's own __getattr__ must not be asked for it
+            known = _read(value, Signed)
+        except AttributeError:  # never set
+            known = None
     if known is not None and len(known[SLOTS]) == len(olds) and all(map(_is, known[SLOTS], olds)):
         tied = known[TIED]
         if tied is None:
@@ -93,14 +99,3 @@ def check_signatures(
     if news_in_slots and new is not value and isinstance(new, Signed):
         _SLOT.__set__(new, [news, sizes, dtypes, None])
     return True
-
-
-def _remembered(value: Any) -> list[Any] | None:
-    # Read the slot itself: a class's own __getattr__ must not be asked for it.
-    if isinstance(value, Signed):
-        try:
-            found: list[Any] | None = _SLOT.__get__(value, Signed)
-            return found
-        except AttributeError:  # never set
-            return None
-    return None

@@ -22,6 +22,7 @@ from diffprog._stream import CheckingStream, OptimisticStream, ParamStream
 __all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
 
 T = TypeVar("T")
+_Parameter = torch.nn.Parameter
 
 
 def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
@@ -52,7 +53,7 @@ def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
     out: list[torch.nn.Parameter] = []
     try:
         t = type(value)
-        if t is torch.nn.Parameter:
+        if t is _Parameter:
             return [value]
         (_CACHE.get(t) or node_for(t)).flatten(value, out)
     except (ModelError, RecursionError) as e:
@@ -101,7 +102,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         # The fast path of every training step: an optimistic stream (no tie bookkeeping)
         # that used every parameter, no ties, and shapes and dtypes as in the slots.
         t = type(value)
-        if t is torch.nn.Parameter:
+        if t is _Parameter:
             new = stream.take(value)  # type: ignore[arg-type]
         else:
             new = (_CACHE.get(t) or node_for(t)).replace(value, stream)
