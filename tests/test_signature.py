@@ -293,3 +293,16 @@ def test_a_slot_changed_in_place_never_makes_a_right_replacement_fail() -> None:
     # ...and the rebuilt model checks against its own slots from then on.
     with pytest.raises(dp.ParameterShapeError):
         dp.replace_parameters(rebuilt, [param(3), param(3)])
+
+
+def test_the_state_for_copy_and_pickle_keeps_other_slots_but_not_the_signature() -> None:
+    class Cached(dp.Parameterized):
+        __slots__ = ("cache",)
+        w: dp.Parameter
+
+    model = dp.replace_parameters(Cached(param(2)), [param(2)])
+    dp.replace_parameters(model, [param(2)])  # remembered on both sides
+    assert model.__getstate__() is model.__dict__
+    object.__setattr__(model, "cache", 5)
+    state, slots = model.__getstate__()
+    assert state is model.__dict__ and slots == {"cache": 5}

@@ -25,6 +25,8 @@ mismatch with the memory only sends the replace to the slow path, which reads bo
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import operator
 from typing import Any
 
@@ -38,10 +40,15 @@ class Signed:
 
     __slots__ = ("__dict__", "__diffprog_signature__", "__weakref__")
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The default state would carry the signature slot, which copy and pickle would then
-        # restore through the frozen __setattr__: the fields alone, as without the slot.
-        return self.__dict__
+    def __getstate__(self) -> Any:
+        # What object.__getstate__ gives, without the signature, which copy and pickle would
+        # otherwise restore (through the frozen __setattr__) into an object it does not fit.
+        slots = {}
+        for name in copyreg._slotnames(type(self)):  # type: ignore[attr-defined]
+            if name != "__diffprog_signature__":
+                with contextlib.suppress(AttributeError):  # AttributeError: never set
+                    slots[name] = object.__getattribute__(self, name)
+        return (self.__dict__, slots) if slots else self.__dict__
 
 
 _SLOT = Signed.__dict__["__diffprog_signature__"]
