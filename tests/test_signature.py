@@ -306,3 +306,50 @@ def test_the_state_for_copy_and_pickle_keeps_other_slots_but_not_the_signature()
     object.__setattr__(model, "cache", 5)
     state, slots = model.__getstate__()
     assert state is model.__dict__ and slots == {"cache": 5}
+
+
+def test_every_kind_of_node_rebuilds_on_the_fast_path_and_after_it() -> None:
+    import collections
+    import dataclasses
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        a: Any
+        b: Any
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain:
+        w: Any
+
+    class Slotted(dp.Parameterized):
+        __slots__ = ("extra",)
+        w: dp.Parameter
+
+    def model() -> Any:
+        return Wide(
+            param(1),
+            2.0,
+            [
+                Pair(param(2), {"k": param(3)}),
+                collections.OrderedDict(x=param(4)),
+                collections.defaultdict(list, {"y": param(5)}),
+                collections.deque([param(6)]),
+                Plain(param(7)),
+                Slotted(param(8)),
+                Copying(param(9)),
+                (torch.zeros(1), "static", torch.relu),
+            ],
+            param(10),
+        )
+
+    value = model()
+    for step in range(3):
+        new = fresh(value)
+        value = dp.replace_parameters(value, new)
+        got = dp.flatten_parameters(value)
+        assert all(a is b for a, b in zip(got[:8], new[:8])), step  # Copying keeps copies
+        assert got[9] is new[9] and got[8] is not new[8]
+        assert [p.shape[0] for p in dp.flatten_parameters(value)] == list(range(1, 11))
+    with pytest.raises(dp.ParameterShapeError) as info:
+        dp.replace_parameters(value, [*fresh(value)[:7], param(9), *fresh(value)[8:]])
+    assert info.value.path == "third[5].w"

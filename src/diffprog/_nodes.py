@@ -179,9 +179,11 @@ class FieldsNode(Node):
                 raise
 
     def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
-        built = stream._built.get(id(value))  # shared at several paths: built already
-        if built is not None:
-            return built
+        optimistic = stream._optimistic  # see ParamStream._optimistic
+        if not optimistic:  # shared at several paths: built already
+            built = stream._built.get(id(value))
+            if built is not None:
+                return built
         changes: dict[str, Any] = {}
         for name in self.names:
             child = getattr(value, name)
@@ -195,7 +197,8 @@ class FieldsNode(Node):
         if not changes:
             return value
         result = self._with(value, changes)
-        stream._built[id(value)] = result
+        if not optimistic:
+            stream._built[id(value)] = result
         return result
 
     def _with(self, value: Any, changes: dict[str, Any]) -> Any:
