@@ -600,3 +600,16 @@ def test_a_donated_step_that_fails_halfway_leaves_an_optimizer_that_refuses_to_s
         run_step(model, opt, loss, 0.01)
     with pytest.raises(DiffprogError, match="donate=True and has already stepped"):
         run_step(model, opt, F.mse_loss(model(torch.randn(8, 5)), torch.randn(8, 3)), 0.01)
+
+
+def test_a_subclass_may_have_its_own_step_helper() -> None:
+    class Halved(GD):
+        def _step(self, lr: float) -> float:  # a name of the user's own
+            return lr / 2
+
+        def step(self, lr: Any, gradients: Any, params: Any) -> Any:
+            return super().step(self._step(lr), gradients, params)
+
+    p = make_independent(torch.ones(2))
+    (new,), _ = run_step([p], Halved(), (p * p).sum(), 0.1)
+    torch.testing.assert_close(new, torch.full((2,), 0.9))

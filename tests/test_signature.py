@@ -353,3 +353,103 @@ def test_every_kind_of_node_rebuilds_on_the_fast_path_and_after_it() -> None:
     with pytest.raises(dp.ParameterShapeError) as info:
         dp.replace_parameters(value, [*fresh(value)[:7], param(9), *fresh(value)[8:]])
     assert info.value.path == "third[5].w"
+
+
+# --- found in the second review ---
+
+
+def test_a_hand_written_instance_may_rebuild_temporaries_one_after_another() -> None:
+    class TwoLists(dp.Parameterized):
+        a: dp.Parameter
+        b: dp.Parameter
+
+        def flatten_parameters(self) -> list[Any]:
+            return [self.a, self.b]
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> TwoLists:
+            (a,) = stream.replace([self.a])  # each list dies at once: its id may come again
+            (b,) = stream.replace([self.b])
+            return TwoLists(a, b)
+
+    p = param(2)
+    model = (TwoLists(param(2), param(3)), p, p)  # the tie sends it to the memoizing stream
+    new = dp.replace_parameters(model, [param(2), param(3), param(2)])
+    assert new[0].b.shape == (3,) and new[1] is new[2]
+
+
+class Packed:
+    """A pytree-registered type whose flatten builds a new container at every call."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor) -> None:
+        self.w, self.b = w, b
+
+
+torch.utils._pytree.register_pytree_node(
+    Packed, lambda v: ([(v.w, v.b)], None), lambda children, _: Packed(*children[0])
+)
+
+
+def test_a_pytree_type_flattening_into_temporaries_is_rebuilt_right() -> None:
+    p = param(4)
+    model = [Packed(param(2), param(3)), Packed(param(2), param(3)), p, p]
+    new = dp.replace_parameters(model, fresh(model))
+    assert [tuple(x.shape) for x in dp.flatten_parameters(new)] == [(2,), (3,), (2,), (3,), (4,)]
+    assert new[2] is new[3]
+
+
+class Viewing:
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+
+
+dp.register_parameterized(
+    Viewing,
+    flatten=lambda v: [v.w],
+    replace=lambda v, stream: Viewing(stream.next_parameter().view(2)),
+)
+
+
+def test_a_tie_reaching_a_registered_instance_never_hands_it_the_wrong_tensor() -> None:
+    class Holder(dp.Parameterized):
+        a: Any
+        r: Any
+        c: Any
+
+    w = param(2)
+    model = Holder(w, Viewing(w), param(3))
+    new = dp.replace_parameters(model, [param(2), param(3)])
+    assert torch.equal(new.a, new.r.w) and new.c.shape == (3,)
+
+
+class Packing:
+    def __getstate__(self) -> dict[str, Any]:
+        return {"packed": dict(self.__dict__)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state["packed"])
+
+
+class Mixed(dp.Parameterized, Packing):
+    w: dp.Parameter
+
+
+def test_a_mixins_own_getstate_is_kept() -> None:
+    model = dp.replace_parameters(Mixed(param(2)), [param(2)])
+    dp.replace_parameters(model, [param(2)])
+    for clone in (copy.copy(model), copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone.w, model.w)
+
+
+def test_a_generic_model_keeps_what_post_init_set() -> None:
+    from typing import Generic, TypeVar
+
+    X = TypeVar("X")
+
+    class Tagged(dp.Parameterized, Generic[X]):
+        w: dp.Parameter
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "tag", "set in __post_init__")
+
+    new = dp.replace_parameters(Tagged[int](param(2)), [param(2)])
+    assert new.tag == "set in __post_init__"  # type: ignore[attr-defined]

@@ -80,7 +80,7 @@ class Node:
         if not optimistic:
             built = stream._built.get(id(value))
             if built is not None:
-                return built
+                return built[1]
         children = self.children(value)
         new: list[Any] = []
         changed = False
@@ -96,7 +96,7 @@ class Node:
             return value
         result = self.rebuild(value, new)
         if not optimistic:
-            stream._built[id(value)] = result
+            stream._built[id(value)] = (value, result)
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
@@ -159,8 +159,9 @@ class FieldsNode(Node):
             if isinstance(attr, functools.cached_property)
         )
         # Instances keep their fields in __dict__ (not __slots__): read it directly.
+        # (Empty __slots__, as in Generic and Protocol, hold nothing: they don't count.)
         self.uses_dict = cls.__dictoffset__ != 0 and not any(
-            "__slots__" in vars(c) for c in cls.__mro__[:-1] if c is not Signed
+            vars(c).get("__slots__") for c in cls.__mro__[:-1] if c is not Signed
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
             env = {"STATIC": _STATIC_SEEN, "CACHE": _CACHE, "node_for": node_for}
@@ -183,7 +184,7 @@ class FieldsNode(Node):
         if not optimistic:  # shared at several paths: built already
             built = stream._built.get(id(value))
             if built is not None:
-                return built
+                return built[1]
         changes: dict[str, Any] = {}
         for name in self.names:
             child = getattr(value, name)
@@ -198,7 +199,7 @@ class FieldsNode(Node):
             return value
         result = self._with(value, changes)
         if not optimistic:
-            stream._built[id(value)] = result
+            stream._built[id(value)] = (value, result)
         return result
 
     def _with(self, value: Any, changes: dict[str, Any]) -> Any:
@@ -258,7 +259,7 @@ class _SequenceNode(Node):
         if not optimistic:
             built = stream._built.get(id(value))
             if built is not None:
-                return built
+                return built[1]
         new: list[Any] | None = None
         last: type | None = None
         replace: Any = None
@@ -287,7 +288,7 @@ class _SequenceNode(Node):
             return value
         result = new if self.cls is list else tuple(new)
         if not optimistic:
-            stream._built[id(value)] = result
+            stream._built[id(value)] = (value, result)
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
@@ -405,7 +406,7 @@ class HandWrittenNode(Node):
         if not optimistic:  # shared at several paths: built already
             built = stream._built.get(id(value))
             if built is not None:
-                return built
+                return built[1]
         stream._foreign = True  # its replace may keep other tensors than those given
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):
@@ -414,6 +415,10 @@ class HandWrittenNode(Node):
             except ModelError as e:
                 e.push("index", index)
                 raise
+        if optimistic and stream.tied_so_far():  # type: ignore[attr-defined]
+            # A tie: the optimistic stream handed out the wrong tensors. Give up before the
+            # instance's own code sees them; the replace reruns with a ParamStream.
+            raise StopIteration
         own = ParamStream(new)
         name = self.cls.__name__
         try:
@@ -432,7 +437,7 @@ class HandWrittenNode(Node):
             )
         own.verify()
         if not optimistic:
-            stream._built[id(value)] = result
+            stream._built[id(value)] = (value, result)
         return result
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:

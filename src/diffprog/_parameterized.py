@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 from typing_extensions import Self, dataclass_transform
@@ -123,4 +124,11 @@ def _plan(cls: type) -> FieldsNode:
     node = node_for(cls)
     if isinstance(node, FieldsNode):
         return node
-    return fields_node(cls)
+    # A hand-written instance calling the derived methods through super(): built once too.
+    plan = _FIELD_PLANS.get(cls)
+    if plan is None:
+        plan = _FIELD_PLANS[cls] = fields_node(cls)
+    return plan
+
+
+_FIELD_PLANS: weakref.WeakKeyDictionary[type, FieldsNode] = weakref.WeakKeyDictionary()

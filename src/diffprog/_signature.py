@@ -41,14 +41,27 @@ class Signed:
     __slots__ = ("__dict__", "__diffprog_signature__", "__weakref__")
 
     def __getstate__(self) -> Any:
-        # What object.__getstate__ gives, without the signature, which copy and pickle would
-        # otherwise restore (through the frozen __setattr__) into an object it does not fit.
-        slots = {}
-        for name in copyreg._slotnames(type(self)):  # type: ignore[attr-defined]
-            if name != "__diffprog_signature__":
+        # The state the class would give without this base (a mixin's own __getstate__, or
+        # object's default), less the signature, which copy and pickle would otherwise restore
+        # (through the frozen __setattr__) into an object it does not fit.
+        parent = getattr(super(), "__getstate__", None)
+        if parent is not None:  # Python >= 3.11 always has object.__getstate__
+            state = parent()
+        else:
+            slots = {}
+            for name in copyreg._slotnames(type(self)):  # type: ignore[attr-defined]
                 with contextlib.suppress(AttributeError):  # AttributeError: never set
                     slots[name] = object.__getattribute__(self, name)
-        return (self.__dict__, slots) if slots else self.__dict__
+            state = (self.__dict__, slots) if slots else self.__dict__
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and isinstance(state[1], dict)
+            and "__diffprog_signature__" in state[1]
+        ):
+            slots = {k: v for k, v in state[1].items() if k != "__diffprog_signature__"}
+            state = (state[0], slots) if slots else state[0]
+        return state
 
 
 _SLOT = Signed.__dict__["__diffprog_signature__"]

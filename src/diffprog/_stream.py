@@ -52,10 +52,11 @@ class ParamStream:
         # Whether a hand-written or pytree-registered instance rebuilt something: the new
         # model's slots may then hold other tensors than the ones given.
         self._foreign = False
-        # id(old sub-model or container) -> its rebuilt version: a layer object reachable at
-        # several paths (a shared block) is rebuilt once, so it stays one object, and its
-        # state (BatchNorm's running statistics) stays shared, as in PyTorch.
-        self._built: dict[int, Any] = {}
+        # id(old sub-model or container) -> (it, its rebuilt version): a layer object reachable
+        # at several paths (a shared block) is rebuilt once, so it stays one object, and its
+        # state (BatchNorm's running statistics) stays shared, as in PyTorch. The old value is
+        # kept alive here so that its id, the key, cannot be reused by a temporary.
+        self._built: dict[int, tuple[Any, Any]] = {}
 
     @property
     def remaining(self) -> int:
@@ -152,8 +153,10 @@ class OptimisticStream(ParamStream):
     ``stream._olds.append(old)``.
     """
 
-    __slots__ = ()
+    __slots__ = ("_seen", "_seen_upto")  # for tied_so_far(), set on first use
     _optimistic = True
+    _seen: set[int]
+    _seen_upto: int
 
     def __init__(self, params: list[Any]) -> None:  # no copy: replace_parameters owns it
         self._params = params
@@ -182,6 +185,27 @@ class OptimisticStream(ParamStream):
         """Whether some parameter filled two slots (a tie, which this stream cannot handle)."""
         olds = self._olds
         return len(set(map(id, olds))) != len(olds)
+
+    def tied_so_far(self) -> bool:
+        """:meth:`has_ties` for the slots taken so far, in time linear over all calls.
+
+        A hand-written instance asks before its own code runs: with a tie, this stream would
+        hand it the wrong tensors.
+        """
+        try:
+            seen, start = self._seen, self._seen_upto
+        except AttributeError:
+            seen, start = set(), 0
+            self._seen = seen
+        olds = self._olds
+        for k in range(start, len(olds)):
+            old = olds[k]
+            if old is not None:  # None: taken by next_parameter(), without a slot
+                if id(old) in seen:
+                    return True
+                seen.add(id(old))
+        self._seen_upto = len(olds)
+        return False
 
 
 class CheckingStream(ParamStream):

@@ -21,8 +21,9 @@ ConsumingStep = Callable[[LearningRate, list[Any], list[torch.Tensor], bool], tu
 
 
 def consuming_step(optimizer: object) -> ConsumingStep | None:
-    """The ``_step(lr, grads, params, consume)`` of a pure optimizer or of a ``ClipGradNorm``
-    (whose ``step`` is not overridden), which may free the gradients it is handed; else None.
+    """The ``_diffprog_step(lr, grads, params, consume)`` of a pure optimizer or of a
+    ``ClipGradNorm`` (whose ``step`` is not overridden), which may free the gradients it is
+    handed; else None.
 
     Example:
         >>> from diffprog.optim import GD
@@ -31,9 +32,9 @@ def consuming_step(optimizer: object) -> ConsumingStep | None:
     """
     step = getattr(type(optimizer), "step", None)
     if isinstance(optimizer, PureOptimizer) and step is PureOptimizer.step:
-        return optimizer._step
+        return optimizer._diffprog_step
     if isinstance(optimizer, ClipGradNorm) and step is ClipGradNorm.step:
-        return optimizer._step
+        return optimizer._diffprog_step
     return None
 
 
@@ -122,9 +123,9 @@ class ClipGradNorm(Parameterized, Generic[OptT]):
         Returns:
             ``(new_params, new_optimizer)``.
         """
-        return self._step(lr, list(gradients), list(params), consume=False)
+        return self._diffprog_step(lr, list(gradients), list(params), consume=False)
 
-    def _step(
+    def _diffprog_step(
         self, lr: LearningRate, grads: list[Any], params: list[torch.Tensor], consume: bool
     ) -> tuple[list[torch.Tensor], Self]:
         """:meth:`step`; with ``consume``, the caller hands ``grads`` over: they are dropped

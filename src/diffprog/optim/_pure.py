@@ -162,9 +162,9 @@ class PureOptimizer(Parameterized):
             (tensor([-0.1000, -0.1000]), 0, 1, Parameter containing:
             tensor([0., 0.], requires_grad=True))
         """
-        return self._step(lr, list(gradients), list(params), consume=False)
+        return self._diffprog_step(lr, list(gradients), list(params), consume=False)
 
-    def _step(
+    def _diffprog_step(
         self, lr: LearningRate, gradients: list[Any], params: list[torch.Tensor], consume: bool
     ) -> tuple[list[torch.Tensor], Self]:
         """:meth:`step`; with ``consume``, the caller hands ``gradients`` over and each entry is
@@ -302,7 +302,7 @@ class PureOptimizer(Parameterized):
 
 PIECE_BYTES = 64 * 2**20
 """Above this many parameter bytes, ``run_step`` steps a pure optimizer piece by piece (see
-``PureOptimizer._step``)."""
+``PureOptimizer._diffprog_step``)."""
 
 
 def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int, ...]]:
