@@ -1,7 +1,8 @@
 """Core benchmarks: flatten + replace against pytree libraries, and a training step.
 
-Prints ratios against baselines measured in the same process, interleaved, as medians of many
-repeats (the machines are shared and noisy; absolute times mean little).
+Prints ratios against baselines measured in the same process, interleaved round by round: each
+figure is the median over rounds of the ratio within a round (the machines are shared and
+noisy; absolute times mean little).
 
 Run: ``python benchmarks/bench_core.py``
 """
@@ -96,13 +97,21 @@ def median_time(fn: Callable[[], Any], number: int) -> float:
     return (time.perf_counter() - start) / number
 
 
-def compare(candidates: dict[str, Callable[[], Any]], number: int, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured interleaved."""
+def compare(
+    candidates: dict[str, Callable[[], Any]], number: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in each round, the candidates interleaved."""
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
             samples[name].append(median_time(fn, number))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def ratio(samples: dict[str, list[float]], ours: str, base: str) -> float:
+    """The median over rounds of ``ours / base`` in the same round: pairing the two cancels
+    the machine's slow changes in speed, which a ratio of two medians does not."""
+    return statistics.median(a / b for a, b in zip(samples[ours], samples[base]))
 
 
 def bench_flatten_replace() -> None:
@@ -149,14 +158,15 @@ def bench_flatten_replace() -> None:
                 optree.tree_unflatten(spec, new_params)
 
             candidates["optree"] = optree_round_trip
-        number = max(5, 20_000 // n_params)
-        times = compare(candidates, number=number, rounds=15)
-        line = f"  {n_params:5d} params: diffprog {times['diffprog'] * 1e6:8.1f} us"
-        line += f" | vs torch pytree {times['diffprog'] / times['torch pytree']:.2f}x"
-        chained = times["diffprog chained"] / times["torch pytree chained"]
-        line += f" (chained {chained:.2f}x)"
+        number = max(5, 10_000 // n_params)
+        times = compare(candidates, number=number, rounds=31)
+        line = (
+            f"  {n_params:5d} params: diffprog {statistics.median(times['diffprog']) * 1e6:8.1f} us"
+        )
+        line += f" | vs torch pytree {ratio(times, 'diffprog', 'torch pytree'):.2f}x"
+        line += f" (chained {ratio(times, 'diffprog chained', 'torch pytree chained'):.2f}x)"
         if "optree" in times:
-            line += f" | vs optree {times['diffprog'] / times['optree']:.2f}x"
+            line += f" | vs optree {ratio(times, 'diffprog', 'optree'):.2f}x"
         print(line)
 
 
@@ -194,10 +204,11 @@ def bench_training_step() -> None:
         loss.backward()
         sgd.step()
 
-    times = compare({"diffprog": diffprog_step, "torch": torch_step}, number=200, rounds=15)
+    times = compare({"diffprog": diffprog_step, "torch": torch_step}, number=100, rounds=31)
+    ours, theirs = statistics.median(times["diffprog"]), statistics.median(times["torch"])
     print(
-        f"  diffprog {times['diffprog'] * 1e6:.1f} us, nn.Module+SGD {times['torch'] * 1e6:.1f} us:"
-        f" {times['diffprog'] / times['torch']:.3f}x"
+        f"  diffprog {ours * 1e6:.1f} us, nn.Module+SGD {theirs * 1e6:.1f} us:"
+        f" {ratio(times, 'diffprog', 'torch'):.3f}x"
     )
 
 
