@@ -67,9 +67,9 @@ def make_replace(
         "    else:",
         "        take = stream.take",
         # A sub-model met again (shared at several paths) gets the version built before.
-        "        built = stream._built.get(id(value))",
+        "        built = stream.built(value)",
         "        if built is not None:",
-        "            return built[1]",
+        "            return built",
         "    try:",
     ]
     fields: dict[int, str] = {}
@@ -105,7 +105,7 @@ def make_replace(
     lines += [f"    nd.pop({name!r}, None)" for name in cached]
     lines += [
         "    if take is not None:",
-        "        stream._built[id(value)] = (value, new)",
+        "        stream.keep(value, new)",
         "    return new",
     ]
     return _compile("replace", lines, {**env, "FIELDS": fields, "CLS": cls})

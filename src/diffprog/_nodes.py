@@ -74,13 +74,11 @@ class Node:
         """Return ``value`` with its parameters taken from ``stream``, in flatten order.
 
         A container met again in the same replace (shared at several paths) gets the version
-        built the first time, so sharing survives (see ``ParamStream._optimistic``).
+        built the first time, so sharing survives (see ``ParamStream.built``).
         """
-        optimistic = stream._optimistic
-        if not optimistic:
-            built = stream._built.get(id(value))
-            if built is not None:
-                return built[1]
+        built = stream.built(value)
+        if built is not None:
+            return built
         children = self.children(value)
         new: list[Any] = []
         changed = False
@@ -94,10 +92,7 @@ class Node:
             new.append(replaced)
         if not changed:
             return value
-        result = self.rebuild(value, new)
-        if not optimistic:
-            stream._built[id(value)] = (value, result)
-        return result
+        return stream.keep(value, self.rebuild(value, new))
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         """The direct sub-values of ``value`` with their path keys, in traversal order."""
@@ -180,11 +175,9 @@ class FieldsNode(Node):
                 raise
 
     def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
-        optimistic = stream._optimistic  # see ParamStream._optimistic
-        if not optimistic:  # shared at several paths: built already
-            built = stream._built.get(id(value))
-            if built is not None:
-                return built[1]
+        built = stream.built(value)  # shared at several paths: built already
+        if built is not None:
+            return built
         changes: dict[str, Any] = {}
         for name in self.names:
             child = getattr(value, name)
@@ -197,10 +190,7 @@ class FieldsNode(Node):
                 changes[name] = new
         if not changes:
             return value
-        result = self._with(value, changes)
-        if not optimistic:
-            stream._built[id(value)] = (value, result)
-        return result
+        return stream.keep(value, self._with(value, changes))
 
     def _with(self, value: Any, changes: dict[str, Any]) -> Any:
         # Bypass __init__/__post_init__ (and frozen __setattr__): the value was already
@@ -254,12 +244,9 @@ class _SequenceNode(Node):
             raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
-        # A container shared at several paths is rebuilt once (see ParamStream._optimistic).
-        optimistic = stream._optimistic
-        if not optimistic:
-            built = stream._built.get(id(value))
-            if built is not None:
-                return built[1]
+        built = stream.built(value)  # shared at several paths: built already
+        if built is not None:
+            return built
         new: list[Any] | None = None
         last: type | None = None
         replace: Any = None
@@ -286,10 +273,7 @@ class _SequenceNode(Node):
             raise
         if new is None:
             return value
-        result = new if self.cls is list else tuple(new)
-        if not optimistic:
-            stream._built[id(value)] = (value, result)
-        return result
+        return stream.keep(value, new if self.cls is list else tuple(new))
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         return [(("index", i), child) for i, child in enumerate(value)]
@@ -402,11 +386,9 @@ class HandWrittenNode(Node):
         old = self.own(value)
         if not old:  # nothing to replace: the value stays as it is
             return value
-        optimistic = stream._optimistic
-        if not optimistic:  # shared at several paths: built already
-            built = stream._built.get(id(value))
-            if built is not None:
-                return built[1]
+        built = stream.built(value)  # shared at several paths: built already
+        if built is not None:
+            return built
         stream._foreign = True  # its replace may keep other tensors than those given
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):
@@ -415,8 +397,8 @@ class HandWrittenNode(Node):
             except ModelError as e:
                 e.push("index", index)
                 raise
-        if optimistic and stream.tied_so_far():  # type: ignore[attr-defined]
-            # A tie: the optimistic stream handed out the wrong tensors. Give up before the
+        if stream.tied_so_far():
+            # A tie, which an optimistic stream handed the wrong tensors: give up before the
             # instance's own code sees them; the replace reruns with a ParamStream.
             raise StopIteration
         own = ParamStream(new)
@@ -436,9 +418,7 @@ class HandWrittenNode(Node):
                 "Make both methods walk the same parameters in the same order.",
             )
         own.verify()
-        if not optimistic:
-            stream._built[id(value)] = (value, result)
-        return result
+        return stream.keep(value, result)
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         return [(("index", i), p) for i, p in enumerate(self.own(value))]

@@ -34,10 +34,7 @@ class ParamStream:
 
     __slots__ = ("_built", "_foreign", "_memo", "_next", "_olds", "_params", "_untracked")
 
-    # Whether this stream assumes no ties. Such a stream remembers nothing it rebuilt: every
-    # node returns a value unchanged unless a parameter inside it changed, so a value met at
-    # two paths that needs rebuilding holds a parameter met twice, which sends the replace to
-    # a ParamStream, which remembers (``_built``) and keeps the sharing.
+    # Whether this stream assumes no ties (the generated code inlines its take()).
     _optimistic = False
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
@@ -57,6 +54,25 @@ class ParamStream:
         # state (BatchNorm's running statistics) stays shared, as in PyTorch. The old value is
         # kept alive here so that its id, the key, cannot be reused by a temporary.
         self._built: dict[int, tuple[Any, Any]] = {}
+
+    def built(self, value: Any) -> Any:
+        """The version of ``value`` rebuilt earlier in this replace (None: not yet).
+
+        Nodes ask before rebuilding a container or sub-model and :meth:`keep` what they
+        rebuild, so a value met at several paths stays one object.
+        """
+        found = self._built.get(id(value))
+        return None if found is None else found[1]
+
+    def keep(self, value: Any, rebuilt: T) -> T:
+        """Remember ``rebuilt`` as the new version of ``value`` (see :meth:`built`); return it."""
+        self._built[id(value)] = (value, rebuilt)
+        return rebuilt
+
+    def tied_so_far(self) -> bool:
+        """Whether a parameter has filled two slots so far that this stream got wrong (never:
+        a ParamStream handles ties; see :class:`OptimisticStream`)."""
+        return False
 
     @property
     def remaining(self) -> int:
@@ -161,9 +177,22 @@ class OptimisticStream(ParamStream):
     def __init__(self, params: list[Any]) -> None:  # no copy: replace_parameters owns it
         self._params = params
         self._next = iter(params).__next__
-        self._olds = []  # no _memo, no _built: see ParamStream._optimistic
+        self._olds = []  # no _memo and no _built: see built()
         self._untracked = False
         self._foreign = False
+
+    def built(self, value: Any) -> Any:
+        """Always None: this stream remembers nothing it rebuilt.
+
+        It needs not. Every node returns a value unchanged unless a parameter inside it
+        changed, so a value met at two paths that needs rebuilding holds a parameter met
+        twice: a tie, which sends the replace to a :class:`ParamStream`, which remembers.
+        """
+        return None
+
+    def keep(self, value: Any, rebuilt: T) -> T:
+        """``rebuilt``, remembered nowhere (see :meth:`built`)."""
+        return rebuilt
 
     def next_parameter(self) -> torch.nn.Parameter:
         """Consume and return the next parameter (see :meth:`ParamStream.next_parameter`)."""
