@@ -26,23 +26,16 @@ __all__ = ["make_flatten", "make_replace"]
 
 def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., None]:
     """``flatten(value, out)`` for a class with fields ``names`` (read from __dict__)."""
-    lines = ["def flatten(value, out):", "    d = value.__dict__", "    try:"]
-    fields: dict[int, str] = {}
-    for name in names:
-        first = len(lines) + 1  # the line number of the next line
-        lines += [
+    lines = ["def flatten(value, out):", "    d = value.__dict__"]
+    fields = _per_field(
+        lines,
+        names,
+        lambda k, name: [
             f"        c = d[{name!r}]; t = type(c)",
             "        if t is Parameter: out.append(c)",
             "        elif t not in STATIC: (CACHE.get(t) or node_for(t)).flatten(c, out)",
-        ]
-        fields.update(dict.fromkeys(range(first, len(lines) + 1), name))
-    lines += [
-        "        pass",  # a class without fields
-        # Errors name the field by the line they came from: no bookkeeping on the hot path.
-        "    except ModelError as e:",
-        "        e.push('attr', FIELDS[e.__traceback__.tb_lineno])",
-        "        raise",
-    ]
+        ],
+    )
     return _compile("flatten", lines, {**env, "FIELDS": fields})
 
 
@@ -70,26 +63,19 @@ def make_replace(
         "        built = stream.built(value)",
         "        if built is not None:",
         "            return built",
-        "    try:",
     ]
-    fields: dict[int, str] = {}
-    for k, name in enumerate(names):
-        first = len(lines) + 1
-        lines += [
+    fields = _per_field(
+        lines,
+        names,
+        lambda k, name: [
             f"        c{k} = d[{name!r}]; t = type(c{k})",
             "        if t is Parameter:",
             f"            if take is None: n{k} = pull(); olds.append(c{k})",
             f"            else: n{k} = take(c{k})",
             f"        elif t in STATIC: n{k} = c{k}",
             f"        else: n{k} = (CACHE.get(t) or node_for(t)).replace(c{k}, stream)",
-        ]
-        fields.update(dict.fromkeys(range(first, len(lines) + 1), name))
-    lines += [
-        "        pass",  # a class without fields
-        "    except ModelError as e:",
-        "        e.push('attr', FIELDS[e.__traceback__.tb_lineno])",
-        "        raise",
-    ]
+        ],
+    )
     same = " and ".join(f"n{k} is c{k}" for k in range(len(names))) or "True"
     lines += [
         f"    if {same}:",
@@ -109,6 +95,29 @@ def make_replace(
         "    return new",
     ]
     return _compile("replace", lines, {**env, "FIELDS": fields, "CLS": cls})
+
+
+def _per_field(
+    lines: list[str], names: tuple[str, ...], code: Callable[[int, str], list[str]]
+) -> dict[int, str]:
+    """Append a ``try`` block running ``code(k, name)`` for each field to ``lines``.
+
+    Returns the table from line number to field that its ``except`` uses to name the field an
+    error came from: no bookkeeping on the hot path.
+    """
+    fields: dict[int, str] = {}
+    lines.append("    try:")
+    for k, name in enumerate(names):
+        first = len(lines) + 1  # the line number of the next line
+        lines += code(k, name)
+        fields.update(dict.fromkeys(range(first, len(lines) + 1), name))
+    lines += [
+        "        pass",  # a class without fields
+        "    except ModelError as e:",
+        "        e.push('attr', FIELDS[e.__traceback__.tb_lineno])",
+        "        raise",
+    ]
+    return fields
 
 
 def _compile(name: str, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:
