@@ -530,8 +530,40 @@ def _sample(
     return cls(weight, bias, **hyper)
 
 
+class _Samples(Generic[C]):
+    """What the conv and transposed-conv specs share: ``sample``, for the layer class each
+    sets in ``_layer``."""
+
+    _layer: ClassVar[type[_ConvNd]]
+
+    def sample(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        device: DeviceLike = None,
+        dtype: torch.dtype | None = None,
+    ) -> C:
+        """Sample the layer with PyTorch's default initialisation.
+
+        Args:
+            generator: the random source (``None``: torch's global generator).
+            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
+            dtype: their floating point dtype.
+
+        Returns:
+            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
+
+        Raises:
+            ValueError: ``groups`` does not divide the channels, a size has the wrong
+                length, an unknown padding string or mode, ``padding="same"`` with a
+                stride.
+        """
+        spec = cast("_ConvSpec[C] | _ConvTransposeSpec[C]", self)
+        return _sample(spec, cast("type[C]", self._layer), generator, device, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class _ConvSpec(Generic[C]):
+class _ConvSpec(_Samples[C]):
     """``torch.nn.ConvNd``'s constructor arguments, shared by the three specs."""
 
     in_channels: int
@@ -544,35 +576,9 @@ class _ConvSpec(Generic[C]):
     bias: bool = True
     padding_mode: PaddingMode = "zeros"
 
-    _layer: ClassVar[type[_ConvNd]]
-
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> C:
-        """Sample the layer with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, cast("type[C]", self._layer), generator, device, dtype)
-
 
 @dataclasses.dataclass(frozen=True)
-class _ConvTransposeSpec(Generic[C]):
+class _ConvTransposeSpec(_Samples[C]):
     """``torch.nn.ConvTransposeNd``'s constructor arguments, in its order."""
 
     in_channels: int
@@ -585,32 +591,6 @@ class _ConvTransposeSpec(Generic[C]):
     bias: bool = True
     dilation: int | tuple[int, ...] = 1
     padding_mode: PaddingMode = "zeros"
-
-    _layer: ClassVar[type[_ConvNd]]
-
-    def sample(
-        self,
-        *,
-        generator: torch.Generator | None = None,
-        device: DeviceLike = None,
-        dtype: torch.dtype | None = None,
-    ) -> C:
-        """Sample the layer with PyTorch's default initialisation.
-
-        Args:
-            generator: the random source (``None``: torch's global generator).
-            device: where the parameters live (``"meta"``: shapes only, nothing drawn).
-            dtype: their floating point dtype.
-
-        Returns:
-            The layer, its int arguments made tuples (``kernel_size=3`` -> ``(3, 3)``).
-
-        Raises:
-            ValueError: ``groups`` does not divide the channels, a size has the wrong
-                length, an unknown padding string or mode, ``padding="same"`` with a
-                stride.
-        """
-        return _sample(self, cast("type[C]", self._layer), generator, device, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
