@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import ClassVar, overload
+from typing import ClassVar, Protocol, overload
 
 import torch
 from torch import _VF
@@ -697,22 +697,38 @@ def _check_spec(
         )
 
 
+class _StackSpec(Protocol):
+    """What the RNN, LSTM and GRU specs share (an LSTM spec also has ``proj_size``)."""
+
+    @property
+    def input_size(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def bidirectional(self) -> bool: ...
+    @property
+    def bias(self) -> bool: ...
+
+
 def _sample_weights(
     gates: int,
-    input_size: int,
-    hidden_size: int,
-    num_layers: int,
-    bidirectional: bool,
-    bias: bool,
-    proj_size: int,
+    spec: _StackSpec,
     generator: torch.Generator | None,
     device: DeviceLike,
     dtype: torch.dtype | None,
 ) -> dict[str, Parameter]:
     """torch.nn's ``RNNBase.reset_parameters``: every parameter uniform(-1/√h, 1/√h), in order."""
-    bound = 1.0 / math.sqrt(hidden_size)
+    bound = 1.0 / math.sqrt(spec.hidden_size)
     shapes = _weight_shapes(
-        gates, input_size, hidden_size, num_layers, bidirectional, bias, proj_size
+        gates,
+        spec.input_size,
+        spec.hidden_size,
+        spec.num_layers,
+        spec.bidirectional,
+        spec.bias,
+        getattr(spec, "proj_size", 0),
     )
     return {
         name: init_parameter(
@@ -802,18 +818,7 @@ class RNNSpec:
         Returns:
             The layer.
         """
-        weights = _sample_weights(
-            1,
-            self.input_size,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.bias,
-            0,
-            generator,
-            device,
-            dtype,
-        )
+        weights = _sample_weights(1, self, generator, device, dtype)
         return RNN(
             weights,
             nonlinearity=self.nonlinearity,
@@ -897,18 +902,7 @@ class LSTMSpec:
         Returns:
             The layer.
         """
-        weights = _sample_weights(
-            4,
-            self.input_size,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.bias,
-            self.proj_size,
-            generator,
-            device,
-            dtype,
-        )
+        weights = _sample_weights(4, self, generator, device, dtype)
         return LSTM(weights, batch_first=self.batch_first, dropout=float(self.dropout))
 
 
@@ -978,16 +972,5 @@ class GRUSpec:
         Returns:
             The layer.
         """
-        weights = _sample_weights(
-            3,
-            self.input_size,
-            self.hidden_size,
-            self.num_layers,
-            self.bidirectional,
-            self.bias,
-            0,
-            generator,
-            device,
-            dtype,
-        )
+        weights = _sample_weights(3, self, generator, device, dtype)
         return GRU(weights, batch_first=self.batch_first, dropout=float(self.dropout))
