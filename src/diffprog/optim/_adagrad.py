@@ -14,6 +14,7 @@ from diffprog.optim._pure import (
     device_groups,
     has_fused,
     lr_on,
+    require_non_negative,
 )
 from diffprog.optim._select import ParamSettings, Selection
 
@@ -105,9 +106,7 @@ class Adagrad(PureOptimizer):
 
     @classmethod
     def _check(cls, hyper: Mapping[str, Any]) -> None:
-        for name in ("lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
-            if hyper[name] < 0.0:
-                raise ValueError(f"Invalid {name} value: {hyper[name]} (must be >= 0).")
+        require_non_negative(hyper, "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:

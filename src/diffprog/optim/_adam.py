@@ -14,6 +14,7 @@ from diffprog.optim._pure import (
     device_groups,
     has_fused,
     lr_on,
+    require_non_negative,
 )
 from diffprog.optim._select import ParamSettings, Selection
 
@@ -261,10 +262,8 @@ def _betas(betas: Sequence[float]) -> tuple[float, float]:
 
 def _check_adam_like(hyper: Mapping[str, Any]) -> None:
     """torch.optim.Adam's argument checks."""
-    if hyper["eps"] < 0.0:
-        raise ValueError(f"Invalid epsilon value: {hyper['eps']} (must be >= 0).")
+    require_non_negative(hyper, "eps")
     for i, b in enumerate(hyper["betas"]):
         if not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1)).")
-    if hyper["weight_decay"] < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']} (must be >= 0).")
+    require_non_negative(hyper, "weight_decay")

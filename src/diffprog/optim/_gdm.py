@@ -14,6 +14,7 @@ from diffprog.optim._pure import (
     device_groups,
     has_fused,
     lr_on,
+    require_non_negative,
 )
 from diffprog.optim._select import ParamSettings, Selection
 
@@ -107,10 +108,7 @@ class GDM(PureOptimizer):
 
     @classmethod
     def _check(cls, hyper: Mapping[str, Any]) -> None:
-        if hyper["momentum"] < 0.0:
-            raise ValueError(f"Invalid momentum value: {hyper['momentum']} (must be >= 0).")
-        if hyper["weight_decay"] < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']} (must be >= 0).")
+        require_non_negative(hyper, "momentum", "weight_decay")
         if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening.")
 

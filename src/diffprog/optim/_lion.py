@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffprog.optim._adam import _betas
-from diffprog.optim._pure import Overrides, PureOptimizer
+from diffprog.optim._pure import Overrides, PureOptimizer, require_non_negative
 from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["Lion"]
@@ -86,8 +86,7 @@ class Lion(PureOptimizer):
         for i, b in enumerate(hyper["betas"]):
             if not 0.0 <= b <= 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1]).")
-        if hyper["weight_decay"] < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']} (must be >= 0).")
+        require_non_negative(hyper, "weight_decay")
 
     def _update(
         self,

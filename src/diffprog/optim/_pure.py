@@ -319,6 +319,21 @@ def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int
     return out
 
 
+def require_non_negative(hyper: Mapping[str, Any], *names: str) -> None:
+    """Raise torch.optim's ``ValueError`` for the first of ``names`` that is negative.
+
+    Example:
+        >>> require_non_negative({"eps": -1.0}, "eps")
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid epsilon value: -1.0 (must be >= 0).
+    """
+    for name in names:
+        if hyper[name] < 0.0:
+            label = "epsilon" if name == "eps" else name  # torch.optim's word
+            raise ValueError(f"Invalid {label} value: {hyper[name]} (must be >= 0).")
+
+
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Fresh copies of ``tensors`` (strides kept), in one multi-tensor call."""
     return list(torch._foreach_clone(tensors)) if tensors else []

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer
+from diffprog.optim._pure import Overrides, PureOptimizer, require_non_negative
 from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["RMSprop"]
@@ -107,9 +107,7 @@ class RMSprop(PureOptimizer):
 
     @classmethod
     def _check(cls, hyper: Mapping[str, Any]) -> None:
-        for name in ("alpha", "eps", "weight_decay", "momentum"):
-            if hyper[name] < 0.0:
-                raise ValueError(f"Invalid {name} value: {hyper[name]} (must be >= 0).")
+        require_non_negative(hyper, "alpha", "eps", "weight_decay", "momentum")
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
