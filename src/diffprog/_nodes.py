@@ -32,7 +32,7 @@ from diffprog._errors import (
     ParameterCountError,
     PathKey,
 )
-from diffprog._signature import Signed
+from diffprog._signature import Signed, has_repeats
 
 if TYPE_CHECKING:
     from diffprog._stream import ParamStream
@@ -642,7 +642,7 @@ def node_for(t: type) -> Node:
 
 def unique(params: list[Parameter]) -> list[Parameter]:
     """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
-    if len(set(map(id, params))) == len(params):  # the usual case: one C-level pass
+    if not has_repeats(params):  # the usual case
         return params
     seen: set[int] = set()
     return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]

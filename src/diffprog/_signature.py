@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Signed", "check_signatures"]
+__all__ = ["Signed", "check_signatures", "has_repeats"]
 
 
 class Signed:
@@ -76,6 +76,11 @@ _dtype = operator.attrgetter("dtype")
 SLOTS, SIZES, DTYPES, TIED = range(4)
 
 
+def has_repeats(items: list[Any]) -> bool:
+    """Whether an object appears twice in ``items`` (by identity): a tie, among slots."""
+    return len(set(map(id, items))) != len(items)
+
+
 def check_signatures(
     value: Any, new: Any, olds: list[Any], news: list[Any], news_in_slots: bool
 ) -> bool:
@@ -93,16 +98,17 @@ def check_signatures(
             known = _read(value, Signed)
         except AttributeError:  # never set
             known = None
-    if known is not None and len(known[SLOTS]) == len(olds) and all(map(_is, known[SLOTS], olds)):
-        tied = known[TIED]
-        if tied is None:
-            known[TIED] = tied = len(set(map(id, olds))) != len(olds)
-        if tied:
-            return False
-    elif len(set(map(id, olds))) != len(olds):  # a tie
+    if known is not None and (
+        len(known[SLOTS]) != len(olds) or not all(map(_is, known[SLOTS], olds))
+    ):
+        known = None  # the slots changed since: read both sides
+    tied = None if known is None else known[TIED]
+    if tied is None:
+        tied = has_repeats(olds)
+        if known is not None:
+            known[TIED] = tied
+    if tied:
         return False
-    else:
-        known = None
     try:
         sizes = list(map(_size, news))
         dtypes = list(map(_dtype, news))

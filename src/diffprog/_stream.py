@@ -10,6 +10,7 @@ import torch
 
 from diffprog._errors import ParameterCountError, ParameterShapeError, ParameterTypeError
 from diffprog._nodes import replace_value
+from diffprog._signature import has_repeats
 
 __all__ = ["CheckingStream", "OptimisticStream", "ParamStream"]
 
@@ -212,8 +213,7 @@ class OptimisticStream(ParamStream):
 
     def has_ties(self) -> bool:
         """Whether some parameter filled two slots (a tie, which this stream cannot handle)."""
-        olds = self._olds
-        return len(set(map(id, olds))) != len(olds)
+        return has_repeats(self._olds)
 
     def tied_so_far(self) -> bool:
         """:meth:`has_ties` for the slots taken so far, in time linear over all calls.

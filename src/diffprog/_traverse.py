@@ -59,8 +59,6 @@ def flatten_parameters(value: Any) -> list[torch.nn.Parameter]:
     except (ModelError, RecursionError) as e:
         _explain(value, e)
         raise
-    if len(set(map(id, out))) == len(out):  # no ties, the usual case
-        return out
     return unique(out)
 
 
