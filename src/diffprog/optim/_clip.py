@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -10,32 +10,11 @@ from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
 from diffprog.optim._optimizer import Gradients, LearningRate, Optimizer
-from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._pure import consuming_step
 
-__all__ = ["ClipGradNorm", "clip_grad_norm", "consuming_step"]
+__all__ = ["ClipGradNorm", "clip_grad_norm"]
 
 OptT = TypeVar("OptT", bound=Optimizer)
-
-
-ConsumingStep = Callable[[LearningRate, list[Any], list[torch.Tensor], bool], tuple[Any, Any]]
-
-
-def consuming_step(optimizer: object) -> ConsumingStep | None:
-    """The ``_diffprog_step(lr, grads, params, consume)`` of a pure optimizer or of a
-    ``ClipGradNorm`` (whose ``step`` is not overridden), which may free the gradients it is
-    handed; else None.
-
-    Example:
-        >>> from diffprog.optim import GD
-        >>> consuming_step(GD()) is not None, consuming_step(object())
-        (True, None)
-    """
-    step = getattr(type(optimizer), "step", None)
-    if isinstance(optimizer, PureOptimizer) and step is PureOptimizer.step:
-        return optimizer._diffprog_step
-    if isinstance(optimizer, ClipGradNorm) and step is ClipGradNorm.step:
-        return optimizer._diffprog_step
-    return None
 
 
 def clip_grad_norm(

@@ -9,10 +9,9 @@ import torch
 
 from diffprog import DiffprogError, flatten_parameters, make_independent, replace_parameters
 from diffprog._autograd import gradients as grads_and_count
-from diffprog.optim._clip import consuming_step
 from diffprog.optim._grad import OnNonFinite, all_finite, check_on_nonfinite, nonfinite_error
 from diffprog.optim._optimizer import LearningRate, Optimizer
-from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._pure import PureOptimizer, consuming_step
 
 __all__ = ["fold_loop", "run_step"]
 

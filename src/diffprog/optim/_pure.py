@@ -10,7 +10,7 @@ base does the rest.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -298,6 +298,30 @@ class PureOptimizer(Parameterized):
         r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
         outs = self._update(hyper, lr, count, r_params, r_grads, r_state)
         return [torch.view_as_complex(o) if p.is_complex() else o for o, p in zip(outs, params)]
+
+
+ConsumingStep = Callable[[LearningRate, list[Any], list[torch.Tensor], bool], tuple[Any, Any]]
+
+
+def consuming_step(optimizer: object) -> ConsumingStep | None:
+    """The ``_diffprog_step(lr, grads, params, consume)`` of ``optimizer``, which may free the
+    gradients it is handed (a pure optimizer's, ``ClipGradNorm``'s); else None.
+
+    None too where a subclass overrides ``step`` without its own ``_diffprog_step``: the step
+    it wrote must run.
+
+    Example:
+        >>> from diffprog.optim import GD
+        >>> consuming_step(GD()) is not None, consuming_step(object())
+        (True, None)
+    """
+    cls = type(optimizer)
+    for base in cls.__mro__:
+        if "_diffprog_step" in vars(base):
+            if getattr(cls, "step", None) is not vars(base).get("step"):
+                return None
+            return optimizer._diffprog_step  # type: ignore[attr-defined, no-any-return]
+    return None
 
 
 PIECE_BYTES = 64 * 2**20
