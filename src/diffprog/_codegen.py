@@ -60,7 +60,7 @@ def make_replace(
         "    else:",
         "        take = stream.take",
         # A sub-model met again (shared at several paths) gets the version built before.
-        "        built = stream.built(value)",
+        "        built = stream._rebuilt(value)",
         "        if built is not None:",
         "            return built",
     ]
@@ -91,7 +91,7 @@ def make_replace(
     lines += [f"    nd.pop({name!r}, None)" for name in cached]
     lines += [
         "    if take is not None:",
-        "        stream.keep(value, new)",
+        "        stream._keep(value, new)",
         "    return new",
     ]
     return _compile("replace", lines, {**env, "FIELDS": fields, "CLS": cls})

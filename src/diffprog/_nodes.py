@@ -74,9 +74,9 @@ class Node:
         """Return ``value`` with its parameters taken from ``stream``, in flatten order.
 
         A container met again in the same replace (shared at several paths) gets the version
-        built the first time, so sharing survives (see ``ParamStream.built``).
+        built the first time, so sharing survives (see ``ParamStream._rebuilt``).
         """
-        built = stream.built(value)
+        built = stream._rebuilt(value)
         if built is not None:
             return built
         children = self.children(value)
@@ -92,7 +92,7 @@ class Node:
             new.append(replaced)
         if not changed:
             return value
-        return stream.keep(value, self.rebuild(value, new))
+        return stream._keep(value, self.rebuild(value, new))
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         """The direct sub-values of ``value`` with their path keys, in traversal order."""
@@ -175,7 +175,7 @@ class FieldsNode(Node):
                 raise
 
     def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
-        built = stream.built(value)  # shared at several paths: built already
+        built = stream._rebuilt(value)  # shared at several paths: built already
         if built is not None:
             return built
         changes: dict[str, Any] = {}
@@ -190,7 +190,7 @@ class FieldsNode(Node):
                 changes[name] = new
         if not changes:
             return value
-        return stream.keep(value, self._with(value, changes))
+        return stream._keep(value, self._with(value, changes))
 
     def _with(self, value: Any, changes: dict[str, Any]) -> Any:
         # Bypass __init__/__post_init__ (and frozen __setattr__): the value was already
@@ -244,7 +244,7 @@ class _SequenceNode(Node):
             raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
-        built = stream.built(value)  # shared at several paths: built already
+        built = stream._rebuilt(value)  # shared at several paths: built already
         if built is not None:
             return built
         new: list[Any] | None = None
@@ -273,7 +273,7 @@ class _SequenceNode(Node):
             raise
         if new is None:
             return value
-        return stream.keep(value, new if self.cls is list else tuple(new))
+        return stream._keep(value, new if self.cls is list else tuple(new))
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         return [(("index", i), child) for i, child in enumerate(value)]
@@ -386,7 +386,7 @@ class HandWrittenNode(Node):
         old = self.own(value)
         if not old:  # nothing to replace: the value stays as it is
             return value
-        built = stream.built(value)  # shared at several paths: built already
+        built = stream._rebuilt(value)  # shared at several paths: built already
         if built is not None:
             return built
         stream._foreign = True  # its replace may keep other tensors than those given
@@ -397,7 +397,7 @@ class HandWrittenNode(Node):
             except ModelError as e:
                 e.push("index", index)
                 raise
-        if stream.tied_so_far():
+        if stream._tied_so_far():
             # A tie, which an optimistic stream handed the wrong tensors: give up before the
             # instance's own code sees them; the replace reruns with a ParamStream.
             raise StopIteration
@@ -418,7 +418,7 @@ class HandWrittenNode(Node):
                 "Make both methods walk the same parameters in the same order.",
             )
         own.verify()
-        return stream.keep(value, result)
+        return stream._keep(value, result)
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         return [(("index", i), p) for i, p in enumerate(self.own(value))]

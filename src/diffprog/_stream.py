@@ -56,21 +56,21 @@ class ParamStream:
         # kept alive here so that its id, the key, cannot be reused by a temporary.
         self._built: dict[int, tuple[Any, Any]] = {}
 
-    def built(self, value: Any) -> Any:
+    def _rebuilt(self, value: Any) -> Any:
         """The version of ``value`` rebuilt earlier in this replace (None: not yet).
 
-        Nodes ask before rebuilding a container or sub-model and :meth:`keep` what they
+        Nodes ask before rebuilding a container or sub-model and :meth:`_keep` what they
         rebuild, so a value met at several paths stays one object.
         """
         found = self._built.get(id(value))
         return None if found is None else found[1]
 
-    def keep(self, value: Any, rebuilt: T) -> T:
-        """Remember ``rebuilt`` as the new version of ``value`` (see :meth:`built`); return it."""
+    def _keep(self, value: Any, rebuilt: T) -> T:
+        """Remember ``rebuilt`` as the new ``value`` (see :meth:`_rebuilt`); return it."""
         self._built[id(value)] = (value, rebuilt)
         return rebuilt
 
-    def tied_so_far(self) -> bool:
+    def _tied_so_far(self) -> bool:
         """Whether a parameter has filled two slots so far that this stream got wrong (never:
         a ParamStream handles ties; see :class:`OptimisticStream`)."""
         return False
@@ -170,7 +170,7 @@ class OptimisticStream(ParamStream):
     ``stream._olds.append(old)``.
     """
 
-    __slots__ = ("_seen", "_seen_upto")  # for tied_so_far(), set on first use
+    __slots__ = ("_seen", "_seen_upto")  # for _tied_so_far(), set on first use
     _optimistic = True
     _seen: set[int]
     _seen_upto: int
@@ -178,11 +178,11 @@ class OptimisticStream(ParamStream):
     def __init__(self, params: list[Any]) -> None:  # no copy: replace_parameters owns it
         self._params = params
         self._next = iter(params).__next__
-        self._olds = []  # no _memo and no _built: see built()
+        self._olds = []  # no _memo and no _built: see _rebuilt()
         self._untracked = False
         self._foreign = False
 
-    def built(self, value: Any) -> Any:
+    def _rebuilt(self, value: Any) -> Any:
         """Always None: this stream remembers nothing it rebuilt.
 
         It needs not. Every node returns a value unchanged unless a parameter inside it
@@ -191,8 +191,8 @@ class OptimisticStream(ParamStream):
         """
         return None
 
-    def keep(self, value: Any, rebuilt: T) -> T:
-        """``rebuilt``, remembered nowhere (see :meth:`built`)."""
+    def _keep(self, value: Any, rebuilt: T) -> T:
+        """``rebuilt``, remembered nowhere (see :meth:`_rebuilt`)."""
         return rebuilt
 
     def next_parameter(self) -> torch.nn.Parameter:
@@ -215,7 +215,7 @@ class OptimisticStream(ParamStream):
         """Whether some parameter filled two slots (a tie, which this stream cannot handle)."""
         return has_repeats(self._olds)
 
-    def tied_so_far(self) -> bool:
+    def _tied_so_far(self) -> bool:
         """:meth:`has_ties` for the slots taken so far, in time linear over all calls.
 
         A hand-written instance asks before its own code runs: with a tie, this stream would
