@@ -99,3 +99,62 @@ def test_grad_with_create_graph_gives_second_derivatives() -> None:
 
 def test_grad_with_no_params_is_empty() -> None:
     assert dp.grad(torch.tensor(1.0, requires_grad=True) * 2, []) == []
+
+
+# --- grad keeps the graph (Hasktorch's keep_graph = true); run_step frees it ----------------
+
+
+def _model_and_loss() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    model = {
+        "w": dp.make_independent(torch.randn(4, 3, generator=gen)),
+        "b": dp.make_independent(torch.randn(4, generator=gen)),
+        "unused": dp.make_independent(torch.zeros(2)),
+    }
+    x = torch.randn(5, 3, generator=gen)
+    return model, torch.tanh(x @ model["w"].T + model["b"]).square().sum()
+
+
+def test_grad_twice_on_one_loss_gives_equal_results() -> None:
+    model, loss = _model_and_loss()
+    params = dp.flatten_parameters(model)
+    first = dp.grad(loss, params)
+    second = dp.grad(loss, params)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    expected = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    torch.testing.assert_close(first[:2], list(expected[:2]))
+
+
+def test_grad_then_run_step_on_the_same_loss() -> None:
+    from diffprog.optim import Adam, TorchOptimizer, run_step
+
+    for make in (Adam.init, lambda m: TorchOptimizer.init(m, torch.optim.Adam, fused=True)):
+        model, loss = _model_and_loss()
+        reference, fresh_loss = _model_and_loss()
+        grads = dp.grad(loss, dp.flatten_parameters(model))
+        stepped, _ = run_step(model, make(model), loss, 0.1)
+        expected, _ = run_step(reference, make(reference), fresh_loss, 0.1)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(dp.flatten_parameters(stepped), dp.flatten_parameters(expected))
+        )
+        assert torch.equal(grads[2], torch.zeros(2))
+
+
+def test_grad_with_retain_graph_false_frees_the_graph() -> None:
+    model, loss = _model_and_loss()
+    params = dp.flatten_parameters(model)
+    dp.grad(loss, params, retain_graph=False)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        dp.grad(loss, params)
+
+
+def test_run_step_still_frees_the_graph() -> None:
+    from diffprog.optim import GD, TorchOptimizer, run_step
+
+    for make in (lambda m: GD(), lambda m: TorchOptimizer.init(m, torch.optim.SGD, lr=0.1)):
+        model, loss = _model_and_loss()
+        params = dp.flatten_parameters(model)
+        run_step(model, make(model), loss, 0.1)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            dp.grad(loss, params)

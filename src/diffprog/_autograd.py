@@ -77,21 +77,31 @@ def grad(
     params: Sequence[torch.Tensor],
     *,
     create_graph: bool = False,
-    retain_graph: bool | None = None,
+    retain_graph: bool = True,
 ) -> list[torch.Tensor]:
     """Gradients of a scalar ``loss`` with respect to ``params``, in their order.
 
     A parameter the loss does not depend on (or that does not require grad) gets a zero
     tensor of its shape, never ``None``.
 
+    Like Hasktorch's ``grad`` (whose C++ side runs the engine with ``keep_graph = true``), this
+    is a pure function of ``loss``: the graph of ``loss`` is kept, so ``grad`` can be called
+    again on the same loss, and ``run_step`` can still take a step with it. The price is
+    memory: the tensors the graph saved for the backward pass live as long as ``loss`` does.
+    In a loop ``loss = f(model); gs = grad(loss, ps)``, the previous loss and its graph are
+    still alive while the next one is built, which can double the peak. Where the graph is
+    not needed again, pass ``retain_graph=False`` (torch's name and default; the graph is freed
+    as this call ends) or ``del loss``. ``run_step`` always frees it.
+
     Args:
         loss: a tensor with one element.
         params: the tensors to differentiate with respect to, usually
             ``flatten_parameters(model)``.
         create_graph: build a graph of the gradients themselves (for higher-order gradients,
-            e.g. meta-learning).
-        retain_graph: keep the graph of ``loss`` for another backward pass (defaults to
-            ``create_graph``, as in ``torch.autograd.grad``).
+            e.g. a meta-gradient through a hand-written inner step ``p - lr * g``; the
+            optimizers' steps are not differentiable).
+        retain_graph: keep the graph of ``loss`` for another backward pass (default ``True``,
+            unlike ``torch.autograd.grad``; ``False`` frees it).
 
     Returns:
         One gradient tensor per parameter.
@@ -102,8 +112,11 @@ def grad(
     Example:
         >>> w = make_independent(torch.tensor([1.0, 2.0]))
         >>> unused = make_independent(torch.zeros(3))
-        >>> grad((w * w).sum(), [w, unused])
+        >>> loss = (w * w).sum()
+        >>> grad(loss, [w, unused])
         [tensor([2., 4.]), tensor([0., 0., 0.])]
+        >>> grad(loss, [w])  # the graph was kept: the same loss again
+        [tensor([2., 4.])]
     """
     return gradients(loss, params, create_graph=create_graph, retain_graph=retain_graph)[0]
 

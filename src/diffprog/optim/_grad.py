@@ -17,6 +17,7 @@ import torch
 
 from diffprog import (
     DiffprogError,
+    Randomizable,
     flatten_parameters,
     grad,
     make_independent,
@@ -24,6 +25,7 @@ from diffprog import (
     replace_parameters,
     walk,
 )
+from diffprog._errors import render_path
 
 __all__ = [
     "NonFiniteError",
@@ -68,6 +70,90 @@ class NonFiniteError(DiffprogError, FloatingPointError):
             "passed in are unchanged. Find the source with torch.autograd.set_detect_anomaly("
             "True) (log of 0, division by 0, overflow), lower the learning rate or clip "
             "gradients, or pass on_nonfinite='skip' to run_step to skip such steps."
+        )
+
+
+class NothingToTrainError(DiffprogError, ValueError):
+    """A training step was asked for on a model with no parameter to train.
+
+    The model has no ``Parameter`` at all (specs where layers belong, plain tensors, a plain
+    object), or the optimizer freezes every one of them.
+    """
+
+
+def check_trains_something(
+    model: Any, num_params: int, trainable: Sequence[bool] | None, owner: str
+) -> None:
+    """Raise :class:`NothingToTrainError` unless a step on ``model`` trains some parameter.
+
+    Args:
+        model: the model (searched for a spec, to name it, only when raising).
+        num_params: ``len(flatten_parameters(model))``.
+        trainable: the optimizer's ``trainable`` (``None``: every parameter).
+        owner: the optimizer's name, for the message.
+
+    Raises:
+        NothingToTrainError: the model has no parameter, or ``trainable`` has no ``True``.
+    """
+    if num_params and (trainable is None or any(trainable)):
+        return
+    if num_params:
+        raise NothingToTrainError(
+            f"every parameter of the model is frozen, so {owner} has nothing to train. "
+            "Freeze fewer parameters (freeze= in the optimizer's init)."
+        )
+    spec = _find_spec(model)
+    if spec is not None:
+        path, found = spec
+        name = type(found).__name__
+        where = "it is" if path == "model" else f"{path} holds"
+        raise NothingToTrainError(
+            f"the model ({type(model).__name__}) has no Parameters, so {owner} has nothing to "
+            f"train: {where} a {name}, a spec where a layer belongs. Build the layer with "
+            f"sample({name}(...)) and put that in the model."
+        )
+    raise NothingToTrainError(
+        f"the model ({type(model).__name__}) has no Parameters, so {owner} has nothing to "
+        "train. Did you put specs where layers belong? sample(...) them. Only a "
+        "diffprog.Parameter (torch.nn.Parameter, as make_independent makes) is trained; "
+        "plain tensors are constants."
+    )
+
+
+def _find_spec(model: Any) -> tuple[str, Any] | None:
+    """The first spec (an object with a ``sample`` method) inside ``model``, with its path.
+
+    Only for an error message: follows the paths of ``walk`` from the root and gives up
+    quietly where a path cannot be followed.
+    """
+    if isinstance(model, Randomizable):
+        return "model", model
+    try:
+        for keys, _ in walk(model):
+            node = model
+            for depth, (kind, key) in enumerate(keys):
+                node = getattr(node, key) if kind in ("attr", "inline") else node[key]
+                if isinstance(node, Randomizable):
+                    return render_path(keys[: depth + 1], "model"), node
+    except (DiffprogError, LookupError, AttributeError, TypeError):
+        pass
+    return None
+
+
+def check_loss_reaches_parameters(connected: int) -> None:
+    """Raise unless the loss depends on some parameter the step trains (``connected > 0``).
+
+    One check for both kinds of step (pure and ``TorchOptimizer``): a loss computed from a
+    stale model or under ``torch.no_grad()`` has zero gradients everywhere, and a step on
+    them would move the weights on momentum and weight decay alone.
+    """
+    if not connected:
+        raise DiffprogError(
+            "the loss does not depend on any parameter this step trains: its gradients are all "
+            "zero, so a step would only move the weights on momentum and weight decay (and "
+            "count a step, and move a scheduler, for nothing). Compute the loss from the "
+            "model you pass to run_step (not from the model of an earlier step, which run_step "
+            "replaces, nor from another model), and not under torch.no_grad()."
         )
 
 
@@ -212,7 +298,8 @@ def value_and_grad(
                 f"{' as the first of (loss, aux)' if has_aux else ''}, got {type(loss).__name__}."
                 + ("" if has_aux else " If it returns (loss, aux), pass has_aux=True.")
             )
-        grads = replace_parameters(model, grad(loss, params))
+        # Nothing can use the loss's graph again (the loss comes back detached): free it.
+        grads = replace_parameters(model, grad(loss, params, retain_graph=False))
         value = loss.detach()
         return ((value, aux) if has_aux else value), grads
 

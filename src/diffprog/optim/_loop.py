@@ -7,9 +7,16 @@ from typing import TypeVar, cast
 
 import torch
 
-from diffprog import DiffprogError, flatten_parameters, make_independent, replace_parameters
+from diffprog import flatten_parameters, make_independent, replace_parameters
 from diffprog._autograd import gradients as grads_and_count
-from diffprog.optim._grad import OnNonFinite, all_finite, check_on_nonfinite, nonfinite_error
+from diffprog.optim._grad import (
+    OnNonFinite,
+    all_finite,
+    check_loss_reaches_parameters,
+    check_on_nonfinite,
+    check_trains_something,
+    nonfinite_error,
+)
 from diffprog.optim._optimizer import LearningRate, Optimizer
 from diffprog.optim._pure import PureOptimizer, consuming_step
 
@@ -60,7 +67,10 @@ def run_step(
         NonFiniteError: the loss or a gradient is NaN or infinite (with ``"raise"``).
         DiffprogError: the loss depends on none of the parameters the step trains (it was
             computed from another model, e.g. the one before the last step, or under
-            ``torch.no_grad()``).
+            ``torch.no_grad()``); or the model has no parameter to train (no ``Parameter``
+            at all, e.g. specs where layers belong, or every one frozen): a
+            ``NothingToTrainError``, also a ``ValueError``. Both are raised, for every
+            optimizer, before anything is written.
         ValueError: ``on_nonfinite`` is not one of the three, or ``lr`` is ``None`` for a
             pure optimizer.
 
@@ -86,6 +96,7 @@ def run_step(
         loss = loss()
     params = flatten_parameters(model)
     trainable = getattr(optimizer, "trainable", None)
+    check_trains_something(model, len(params), trainable, type(optimizer).__name__)
     if trainable is None or all(trainable):
         gradients, connected = grads_and_count(loss, params)
         indices: list[int] | range = range(len(params))
@@ -97,13 +108,7 @@ def run_step(
         gradients = [_zero_like(p) for p in params]
         for k, i in enumerate(indices):  # no loop variable left holding a gradient
             gradients[i] = checked[k]
-    if checked and not connected:
-        raise DiffprogError(
-            "the loss does not depend on any parameter this step trains, so the step would "
-            "only apply momentum and weight decay to zero gradients. Compute the loss from the "
-            "model you pass to run_step (not from the model of an earlier step, which run_step "
-            "replaces), and not under torch.no_grad()."
-        )
+    check_loss_reaches_parameters(connected)
     if on_nonfinite != "ignore" and not all_finite(loss, checked):
         if on_nonfinite == "skip":
             return model, optimizer

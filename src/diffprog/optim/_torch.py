@@ -21,7 +21,9 @@ from diffprog.optim._grad import (
     NonFiniteError,
     OnNonFinite,
     all_finite,
+    check_loss_reaches_parameters,
     check_on_nonfinite,
+    check_trains_something,
     nonfinite_error,
 )
 from diffprog.optim._optimizer import Gradients, LearningRate, learning_rate_at
@@ -164,7 +166,9 @@ class TorchOptimizer:
 
         Raises:
             ValueError: an override names an option the optimizer does not take, or a
-                selection matches no parameter, or every parameter is frozen.
+                selection matches no parameter.
+            NothingToTrainError: (a ``DiffprogError`` and a ``ValueError``) the model has no
+                ``Parameter`` (specs where layers belong?), or every parameter is frozen.
 
         Example:
             >>> from diffprog.nn import LinearSpec
@@ -179,11 +183,7 @@ class TorchOptimizer:
         known = _option_names(optimizer)
         owner = getattr(optimizer, "__name__", type(optimizer).__name__)
         settings, params = resolve_settings(model, overrides, freeze, known, owner)
-        if not settings.groups:
-            raise ValueError(
-                f"every parameter of the model is frozen, so {owner} would have nothing to "
-                "train. Freeze fewer parameters."
-            )
+        check_trains_something(model, settings.num_params, settings.trainable, owner)
         groups = [
             {"params": [params[i] for i in group.indices], **dict(group.overrides)}
             for group in settings.groups
@@ -316,28 +316,36 @@ class TorchOptimizer:
 
         Raises:
             NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
+            DiffprogError: the loss depends on none of the trained parameters (computed from
+                another model, or under ``torch.no_grad()``): the same check as the pure path.
+
+        A refused step (either error, or ``"skip"``) leaves the parameters, their ``.grad``,
+        the torch optimizer, its scheduler and ``count`` as they were.
         """
         check_on_nonfinite(on_nonfinite)
         params = self._params_of(model)
         trained = params if len(self._trained) == len(params) else self._trained_params()
         if callable(loss) and not isinstance(loss, torch.Tensor):
             return self._closure_step(model, loss, lr, on_nonfinite, trained)
-        for p in trained:
-            if p.grad is not None:
-                p.grad = None
-        if loss.requires_grad:
-            torch.autograd.backward(loss, inputs=trained)
+        if not loss.requires_grad:  # no graph at all (torch.no_grad()): nothing reaches them
+            check_loss_reaches_parameters(0)
+        saved = _take_grads(trained)
+        taken = False
         try:
-            if on_nonfinite != "ignore" and not all_finite(loss, [p.grad for p in trained]):
+            torch.autograd.backward(loss, inputs=trained)
+            grads = [p.grad for p in trained]
+            # A loss of another model leaves every .grad None: torch.optim would skip every
+            # parameter but still count the step and move the scheduler.
+            check_loss_reaches_parameters(any(g is not None for g in grads))
+            if on_nonfinite != "ignore" and not all_finite(loss, grads):
                 if on_nonfinite == "skip":
                     return model, self
-                raise nonfinite_error(
-                    model, loss, [p.grad for p in trained], self._trained_indices()
-                )
+                raise nonfinite_error(model, loss, grads, self._trained_indices())
+            del grads
+            taken = True
             self._torch_step(lr, None, loss)
         finally:
-            for p in trained:
-                p.grad = None
+            _put_grads(trained, None if taken else saved)
         return model, self
 
     # --- internals ----------------------------------------------------------------------------
@@ -442,7 +450,7 @@ class TorchOptimizer:
             with torch.no_grad():
                 values = [p.detach().clone() for p in trained]
             backup = (values, {k: copy.deepcopy(v) for k, v in self._optimizer.state.items()})
-        bad: list[Any] = []
+        bad: list[DiffprogError] = []
 
         def closure() -> torch.Tensor:
             for p in trained:
@@ -450,31 +458,55 @@ class TorchOptimizer:
             value = loss_fn()
             if value.requires_grad:
                 torch.autograd.backward(value, inputs=trained)
-            if check and not all_finite(value, [p.grad for p in trained]):
-                bad.append(
-                    nonfinite_error(
-                        model, value, [p.grad for p in trained], self._trained_indices()
-                    )
-                )
-                raise _Abort
+            grads = [p.grad for p in trained]
+            try:
+                # The pure path's check, at every evaluation: LBFGS's first one comes before
+                # any update, so a closure of another model (or under no_grad) changes nothing.
+                check_loss_reaches_parameters(any(g is not None for g in grads))
+                if check and not all_finite(value, grads):
+                    raise nonfinite_error(model, value, grads, self._trained_indices())
+            except DiffprogError as error:
+                bad.append(error)
+                raise _Abort from None
             return value.detach()
 
+        saved = _take_grads(trained)
+        taken = False
         try:
             self._torch_step(lr, closure, None)
+            taken = True
         except _Abort:
-            assert backup is not None
-            with torch.no_grad():
-                torch._foreach_copy_(trained, backup[0])
-            self._optimizer.state.clear()
-            self._optimizer.state.update(backup[1])
-            if on_nonfinite == "skip":
+            if backup is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(trained, backup[0])
+                self._optimizer.state.clear()
+                self._optimizer.state.update(backup[1])
+            error = bad[0]
+            if on_nonfinite == "skip" and isinstance(error, NonFiniteError):
                 return model, self
-            error: NonFiniteError = bad[0]
             raise error from None
         finally:
-            for p in trained:
-                p.grad = None
+            _put_grads(trained, None if taken else saved)
         return model, self
+
+
+def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The ``.grad`` of each of ``params`` (usually ``None``), now cleared for a backward pass."""
+    saved = [p.grad for p in params]
+    for p, g in zip(params, saved):
+        if g is not None:
+            p.grad = None
+    return saved
+
+
+def _put_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None] | None) -> None:
+    """Set each ``.grad`` of ``params`` to ``grads`` (``None``: clear them all)."""
+    if grads is None:
+        for p in params:
+            p.grad = None
+    else:
+        for p, g in zip(params, grads):
+            p.grad = g
 
 
 def _option_names(optimizer: Callable[..., Any]) -> tuple[str, ...]:

@@ -1,0 +1,98 @@
+"""Optimizer steps are not differentiable (yet): no meta-gradient flows through a step.
+
+The docs say so (docs/optim.md, docs/autograd.md, README.md). These tests pin the behaviour, so
+that when differentiable steps land, these tests and those docs are changed deliberately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import diffprog as dp
+from diffprog.nn import Linear, LinearSpec
+from diffprog.optim import (
+    GD,
+    GDM,
+    Adagrad,
+    Adam,
+    AdamW,
+    ClipGradNorm,
+    Lion,
+    RMSprop,
+    apply_updates,
+    run_step,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+PURE: dict[str, Callable[[Any], Any]] = {
+    "GD": lambda m: GD(),
+    "GDM": lambda m: GDM.init(m, momentum=0.9, nesterov=True),
+    "Adam": lambda m: Adam.init(m, weight_decay=0.1),
+    "AdamW": lambda m: AdamW.init(m),
+    "Adagrad": lambda m: Adagrad.init(m),
+    "RMSprop": lambda m: RMSprop.init(m, momentum=0.5, centered=True),
+    "Lion": lambda m: Lion.init(m),
+    "ClipGradNorm(Adam)": lambda m: ClipGradNorm(Adam.init(m), 0.1),
+}
+
+
+def make_model() -> Linear:
+    return dp.sample(LinearSpec(3, 2), generator=torch.Generator().manual_seed(0))
+
+
+def loss_of(model: Linear) -> torch.Tensor:
+    return model(torch.linspace(-1.0, 1.0, 6).reshape(2, 3)).square().sum()
+
+
+@pytest.mark.parametrize("name", list(PURE))
+def test_no_gradient_flows_through_a_step(name: str) -> None:
+    model = make_model()
+    old = dp.flatten_parameters(model)
+    opt = PURE[name](model)
+    lr = torch.tensor(0.1, requires_grad=True)  # not even to a learning rate that asks for one
+    grads = dp.grad(loss_of(model), old, create_graph=True)
+    new_params, _ = opt.step(lr, grads, old)
+    assert not any(p.requires_grad or p.grad_fn is not None for p in new_params)
+    new_model, _ = run_step(model, opt, loss_of(model), lr)
+    assert all(p.is_leaf for p in dp.flatten_parameters(new_model))
+    after = loss_of(new_model)
+    assert torch.autograd.grad(after, [*old, lr], allow_unused=True) == (None,) * (len(old) + 1)
+
+
+def test_apply_updates_is_not_differentiable_either() -> None:
+    model = make_model()
+    old = dp.flatten_parameters(model)
+    grads = dp.grad(loss_of(model), old, create_graph=True)
+    new_model = apply_updates(model, [-0.1 * g for g in grads])
+    after = loss_of(new_model)
+    assert torch.autograd.grad(after, old, allow_unused=True) == (None,) * len(old)
+
+
+def test_a_hand_written_inner_step_does_carry_the_meta_gradient() -> None:
+    """The way the docs give instead: p - lr * g with create_graph and replace_parameters,
+    checked against torch.func on the same function."""
+    model = make_model()
+    old = dp.flatten_parameters(model)
+
+    def outer_loss(params: list[torch.Tensor]) -> torch.Tensor:
+        current = dp.replace_parameters(model, params)
+        inner = torch.autograd.grad(loss_of(current), params, create_graph=True)
+        return loss_of(dp.replace_parameters(model, [p - 0.1 * g for p, g in zip(params, inner)]))
+
+    meta = dp.grad(outer_loss(old), old)
+    expected = torch.func.grad(outer_loss)([p.detach().requires_grad_() for p in old])
+    torch.testing.assert_close(meta, list(expected))
+
+
+def test_the_docs_say_steps_are_not_differentiable() -> None:
+    optim = (DOCS / "optim.md").read_text()
+    assert "**Steps are not differentiable.**" in optim
+    assert "meta-learning experiments" not in optim
+    assert "not differentiable" in (DOCS / "autograd.md").read_text()
+    assert "a step itself is not differentiable" in (DOCS.parent / "README.md").read_text()
