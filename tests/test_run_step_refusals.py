@@ -27,6 +27,7 @@ from diffprog.optim import (
     AdamW,
     ClipGradNorm,
     Lion,
+    NothingToTrainError,
     RMSprop,
     TorchOptimizer,
     run_step,
@@ -236,20 +237,34 @@ NOTHING: dict[str, tuple[Callable[[], Any], str]] = {
     "every parameter frozen": (make_model, r"every parameter of the model is frozen"),
 }
 
-OPTIMIZERS: dict[str, tuple[Callable[..., Any], float | None]] = {
-    "GD": (lambda m, **kw: GD.init(m, **kw), 0.1),
-    "GDM": (lambda m, **kw: GDM.init(m, momentum=0.9, **kw), 0.1),
-    "Adam": (lambda m, **kw: Adam.init(m, **kw), 1e-2),
-    "AdamW": (lambda m, **kw: AdamW.init(m, **kw), 1e-2),
-    "Adagrad": (lambda m, **kw: Adagrad.init(m, **kw), 1e-2),
-    "RMSprop": (lambda m, **kw: RMSprop.init(m, **kw), 1e-2),
-    "Lion": (lambda m, **kw: Lion.init(m, **kw), 1e-3),
-    "ClipGradNorm(Adam)": (lambda m, **kw: ClipGradNorm(Adam.init(m, **kw), 1.0), 1e-2),
-    "TorchOptimizer(SGD)": (lambda m, **kw: TorchOptimizer.init(m, torch.optim.SGD, **kw), 0.1),
-    "TorchOptimizer(Adam)": (lambda m, **kw: TorchOptimizer.init(m, torch.optim.Adam, **kw), None),
+# name: (factory taking freeze=..., lr, the optimizer the message names)
+OPTIMIZERS: dict[str, tuple[Callable[..., Any], float | None, str]] = {
+    "GD": (lambda m, **kw: GD.init(m, **kw), 0.1, "GD"),
+    "GDM": (lambda m, **kw: GDM.init(m, momentum=0.9, **kw), 0.1, "GDM"),
+    "Adam": (lambda m, **kw: Adam.init(m, **kw), 1e-2, "Adam"),
+    "AdamW": (lambda m, **kw: AdamW.init(m, **kw), 1e-2, "AdamW"),
+    "Adagrad": (lambda m, **kw: Adagrad.init(m, **kw), 1e-2, "Adagrad"),
+    "RMSprop": (lambda m, **kw: RMSprop.init(m, **kw), 1e-2, "RMSprop"),
+    "Lion": (lambda m, **kw: Lion.init(m, **kw), 1e-3, "Lion"),
+    "ClipGradNorm(Adam)": (
+        lambda m, **kw: ClipGradNorm(Adam.init(m, **kw), 1.0),
+        1e-2,
+        "ClipGradNorm",
+    ),
+    "TorchOptimizer(SGD)": (
+        lambda m, **kw: TorchOptimizer.init(m, torch.optim.SGD, **kw),
+        0.1,
+        "SGD",
+    ),
+    "TorchOptimizer(Adam)": (
+        lambda m, **kw: TorchOptimizer.init(m, torch.optim.Adam, **kw),
+        None,
+        "Adam",
+    ),
     "ClipGradNorm(TorchOptimizer(SGD))": (
         lambda m, **kw: ClipGradNorm(TorchOptimizer.init(m, torch.optim.SGD, lr=0.1, **kw), 1.0),
         None,
+        "SGD",  # the inner TorchOptimizer.init refuses first
     ),
 }
 
@@ -265,19 +280,19 @@ def attempt_step(make: Callable[..., Any], model: Any, lr: float | None, frozen:
 @pytest.mark.parametrize("case", list(NOTHING))
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_model_with_nothing_to_train_is_refused_by_every_optimizer(name: str, case: str) -> None:
-    make, lr = OPTIMIZERS[name]
+    make, lr, owner = OPTIMIZERS[name]
     build, expected = NOTHING[case]
     model = build()
-    with pytest.raises(dp.DiffprogError, match=expected) as raised:
+    with pytest.raises(NothingToTrainError, match=expected) as raised:
         attempt_step(make, model, lr, frozen=case == "every parameter frozen")
+    assert isinstance(raised.value, dp.DiffprogError)
     assert isinstance(raised.value, ValueError)  # TorchOptimizer.init raised ValueError before
-    optimizer_name = name.split("(")[-1].rstrip(")") if "Torch" in name else name.split("(")[0]
-    assert f"so {optimizer_name} has nothing to train" in str(raised.value)
+    assert f"so {owner} has nothing to train" in str(raised.value)
 
 
 def test_plain_gd_without_init_is_refused_too() -> None:
     """GD() needs no model: the refusal comes from run_step itself (it crashed in torch)."""
-    with pytest.raises(dp.DiffprogError, match="has no Parameters"):
+    with pytest.raises(NothingToTrainError, match="has no Parameters"):
         run_step(Untyped(LinearSpec(3, 4), 1), GD(), torch.tensor(1.0, requires_grad=True) * 2, 0.1)
 
 
@@ -287,3 +302,22 @@ def test_a_torch_optimizer_given_a_model_without_parameters_is_refused() -> None
     with pytest.raises(dp.DiffprogError):
         run_step({"w": torch.ones(2)}, opt, torch.tensor(1.0, requires_grad=True) * 2, None)
     assert opt.count == 0
+
+
+def test_a_layer_with_a_sample_method_is_not_taken_for_a_spec() -> None:
+    class Generative(dp.Parameterized):
+        scale: Any
+
+        def sample(self, **kwargs: Any) -> torch.Tensor:
+            return torch.randn(2) * self.scale
+
+    with pytest.raises(NothingToTrainError) as raised:
+        run_step({"vae": Generative(2.0)}, GD(), torch.tensor(1.0, requires_grad=True) * 2, 0.1)
+    assert "holds" not in str(raised.value)
+    assert "Did you put specs where layers belong?" in str(raised.value)
+
+
+def test_a_spec_is_found_past_a_set() -> None:
+    model = {"tags": frozenset({"a", "b"}), "head": [3, LinearSpec(2, 1)]}
+    with pytest.raises(NothingToTrainError, match=r"model\['head'\]\[1\] holds a LinearSpec"):
+        run_step(model, GD(), torch.tensor(1.0, requires_grad=True) * 2, 0.1)

@@ -8,6 +8,7 @@ from diffprog.optim._gd import GD
 from diffprog.optim._gdm import GDM
 from diffprog.optim._grad import (
     NonFiniteError,
+    NothingToTrainError,
     OnNonFinite,
     apply_updates,
     flatten_like,
@@ -74,6 +75,7 @@ __all__ = [
     # --- the in-place fast path and the pieces of a step ---
     "TorchOptimizer",
     "NonFiniteError",
+    "NothingToTrainError",
     "OnNonFinite",
     "apply_updates",
     "flatten_like",

@@ -17,6 +17,7 @@ import torch
 
 from diffprog import (
     DiffprogError,
+    Parameterized,
     Randomizable,
     flatten_parameters,
     grad,
@@ -29,6 +30,7 @@ from diffprog._errors import render_path
 
 __all__ = [
     "NonFiniteError",
+    "NothingToTrainError",
     "OnNonFinite",
     "apply_updates",
     "flatten_like",
@@ -77,7 +79,18 @@ class NothingToTrainError(DiffprogError, ValueError):
     """A training step was asked for on a model with no parameter to train.
 
     The model has no ``Parameter`` at all (specs where layers belong, plain tensors, a plain
-    object), or the optimizer freezes every one of them.
+    object), or the optimizer freezes every one of them. ``run_step`` raises it for every
+    optimizer, ``TorchOptimizer.init`` already when it is built (torch.optim cannot be built
+    over no parameters). It is also a ``ValueError``.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> from diffprog.optim import GD, run_step
+        >>> loss = torch.tensor(1.0, requires_grad=True) * 2
+        >>> run_step({"layer": LinearSpec(2, 1)}, GD(), loss, 0.1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        diffprog.optim._grad.NothingToTrainError: ... model['layer'] holds a LinearSpec, a spec ...
     """
 
 
@@ -123,21 +136,30 @@ def check_trains_something(
 def _find_spec(model: Any) -> tuple[str, Any] | None:
     """The first spec (an object with a ``sample`` method) inside ``model``, with its path.
 
-    Only for an error message: follows the paths of ``walk`` from the root and gives up
-    quietly where a path cannot be followed.
+    Only for an error message: follows the paths of ``walk`` from the root, skipping a path
+    that cannot be followed (a set's members have no index to look up).
     """
-    if isinstance(model, Randomizable):
+    if _is_spec(model):
         return "model", model
     try:
-        for keys, _ in walk(model):
-            node = model
-            for depth, (kind, key) in enumerate(keys):
+        leaves = list(walk(model))
+    except DiffprogError:
+        return None
+    for keys, _ in leaves:
+        node = model
+        for depth, (kind, key) in enumerate(keys):
+            try:
                 node = getattr(node, key) if kind in ("attr", "inline") else node[key]
-                if isinstance(node, Randomizable):
-                    return render_path(keys[: depth + 1], "model"), node
-    except (DiffprogError, LookupError, AttributeError, TypeError):
-        pass
+            except (LookupError, AttributeError, TypeError):
+                break
+            if _is_spec(node):
+                return render_path(keys[: depth + 1], "model"), node
     return None
+
+
+def _is_spec(value: Any) -> bool:
+    # A layer may have a sample method of its own (a VAE's): only a non-model is a spec.
+    return isinstance(value, Randomizable) and not isinstance(value, Parameterized)
 
 
 def check_loss_reaches_parameters(connected: int) -> None:

@@ -67,10 +67,10 @@ def run_step(
         NonFiniteError: the loss or a gradient is NaN or infinite (with ``"raise"``).
         DiffprogError: the loss depends on none of the parameters the step trains (it was
             computed from another model, e.g. the one before the last step, or under
-            ``torch.no_grad()``); or the model has no parameter to train (no ``Parameter``
-            at all, e.g. specs where layers belong, or every one frozen): a
-            ``NothingToTrainError``, also a ``ValueError``. Both are raised, for every
-            optimizer, before anything is written.
+            ``torch.no_grad()``); or, as a :class:`~diffprog.optim.NothingToTrainError`, the
+            model has no parameter to train (no ``Parameter`` at all, e.g. specs where
+            layers belong, or every one frozen). Both are raised, for every optimizer,
+            before anything is written.
         ValueError: ``on_nonfinite`` is not one of the three, or ``lr`` is ``None`` for a
             pure optimizer.
 
