@@ -321,3 +321,23 @@ def test_a_spec_is_found_past_a_set() -> None:
     model = {"tags": frozenset({"a", "b"}), "head": [3, LinearSpec(2, 1)]}
     with pytest.raises(NothingToTrainError, match=r"model\['head'\]\[1\] holds a LinearSpec"):
         run_step(model, GD(), torch.tensor(1.0, requires_grad=True) * 2, 0.1)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip", "ignore"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: Adam.init(m, freeze="head.*"),
+        lambda m: TorchOptimizer.init(m, torch.optim.Adam, lr=0.1, freeze="head.*"),
+    ],
+    ids=["Adam", "TorchOptimizer(Adam)"],
+)
+def test_a_loss_reaching_only_frozen_parameters_is_refused_whatever_on_nonfinite_says(
+    make: Callable[[Model], Any], on_nonfinite: Any
+) -> None:
+    model = make_model()
+    opt = make(model)
+    loss = model["head"].weight.sum()  # only the frozen head
+    with pytest.raises(dp.DiffprogError, match=DISCONNECTED):
+        run_step(model, opt, loss, 0.1, on_nonfinite=on_nonfinite)
+    assert opt.count == 0
