@@ -11,8 +11,10 @@ import torch
 from diffprog._errors import (
     CycleError,
     ModelError,
+    NameClashError,
     ParameterCountError,
     PathKey,
+    render_path,
     state_dict_path,
 )
 from diffprog._nodes import _CACHE, HandWrittenNode, node_for, replace_value, unique
@@ -172,8 +174,13 @@ def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters with their paths, in ``state_dict`` style (``layers.0.weight``).
 
     Same order as ``flatten_parameters``; a tied parameter is named by its first path. Dict keys
-    are path parts as they are; a hand-written instance's parameters are named by the field that
-    holds them, or by their position in its list.
+    are path parts as they are (``str(key)``); a hand-written instance's parameters are named by
+    the field that holds them, or by their position in its list.
+
+    Raises:
+        NameClashError: two different parameters would get the same name (dict keys ``1`` and
+            ``"1"``, or a key ``"a.b"`` beside a key ``"a"`` holding ``{"b": ...}``); names must
+            be unique for selecting by path and for state dicts.
 
     Example:
         >>> from diffprog.nn import LinearSpec
@@ -182,11 +189,32 @@ def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """
     result: list[tuple[str, torch.nn.Parameter]] = []
     seen: set[int] = set()
+    # name -> the path keys of the parameter it was given to, to report a clash
+    named: dict[str, tuple[PathKey, ...]] = {}
     for keys, leaf in walk(value):
         if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
             seen.add(id(leaf))
-            result.append((state_dict_path(keys), leaf))
+            name = state_dict_path(keys)
+            first = named.setdefault(name, keys)
+            if first is not keys:
+                raise _clash_error(value, name, first, keys)
+            result.append((name, leaf))
     return result
+
+
+def _clash_error(
+    value: Any, name: str, first: tuple[PathKey, ...], second: tuple[PathKey, ...]
+) -> NameClashError:
+    err = NameClashError(
+        f"two different parameters are both named {name!r}: the one at {render_path(first)} "
+        f"and the one here",
+        "Names join fields and dict keys with '.', so keys 1 and '1', or a key 'a.b' and a "
+        "key 'a' holding a key 'b', collide: rename a dict key so that the names differ.",
+    )
+    for key in reversed(second):
+        err.push(*key)
+    err.root = type(value).__name__
+    return err
 
 
 def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
