@@ -868,7 +868,11 @@ def register_parameterized(
     The counterpart of a hand-written ``instance Parameterized T`` in Hasktorch. ``flatten``
     lists the value's parameters; ``replace`` rebuilds the value reading the new ones, in the
     same order, from the stream with ``stream.next_parameter()`` (or ``stream.replace(sub)``
-    for a sub-value). Subclasses of ``cls`` use the same instance unless they have their own.
+    for a sub-value). Subclasses of ``cls`` use the same instance unless they have their own:
+    the most specific instance in a class's MRO wins, so a subclass's hand-written methods, or
+    the derived instance of a ``Parameterized`` (or dataclass) subclass, are used for it. A
+    registration for the class itself wins over its own methods. ``replace`` must return a
+    value of the type it was given (``InstanceError`` otherwise).
 
     Args:
         cls: the type to declare the instance for.

@@ -239,7 +239,13 @@ def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
             else:
                 children = node.children(v)
                 if not children:
-                    node.flatten(v, [])  # raises for hidden parameters
+                    try:
+                        node.flatten(v, [])  # raises for hidden parameters
+                    except ModelError as e:
+                        for key in reversed(path):
+                            e.push(*key)
+                        e.root = e.root or type(value).__name__
+                        raise
                     yield path, v
                 for key, child in children:
                     yield from visit(child, (*path, key), active)
