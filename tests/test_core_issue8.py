@@ -139,6 +139,35 @@ def test_an_inherited_hand_written_replace_that_rebuilds_the_base_is_an_error() 
     assert "type(value)(...)" in str(info.value) and "['cell']" in str(info.value)
 
 
+def test_a_subclass_field_that_an_inherited_hand_written_instance_does_not_list_is_an_error() -> (
+    None
+):
+    class Cell(dp.Parameterized):
+        w: dp.Parameter
+
+        def flatten_parameters(self) -> list[Any]:
+            return [self.w]
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> Cell:
+            return dataclasses.replace(self, w=stream.next_parameter())
+
+    class Static(Cell):
+        hidden: int = 2
+
+    class Extra(Cell):
+        extra: Any = None
+
+    # a new static field, or a new field without a parameter, is fine
+    assert len(dp.flatten_parameters(Static(param(1)))) == 1
+    assert type(dp.replace_parameters(Static(param(1)), [param(1)])) is Static
+    assert len(dp.flatten_parameters(Extra(param(1)))) == 1
+    value = {"m": Extra(param(1), param(2))}
+    for fn in (dp.flatten_parameters, dp.named_parameters, lambda v: dp.replace_parameters(v, [])):
+        with pytest.raises(dp.InstanceError, match="Define flatten_parameters") as info:
+            fn(value)
+        assert info.value.path == "['m'].extra"
+
+
 def test_a_registered_plain_dataclass_base_does_not_override_a_dataclass_subclass() -> None:
     @dataclasses.dataclass
     class Base:
@@ -230,6 +259,15 @@ def test_a_hidden_parameter_is_reported_wherever_it_hides(kind: str) -> None:
             fn(value)
         if path:
             assert info.value.path == path
+
+
+def test_a_parameter_in_an_unregistered_attribute_of_a_torch_module_is_reported() -> None:
+    module = torch.nn.Sequential(torch.nn.ReLU())
+    module.extra = [param(1)]  # a plain attribute: torch does not register it either
+    with pytest.raises(dp.HiddenParameterError, match=r"torch.nn.Module \(Sequential\)") as info:
+        dp.flatten_parameters({"m": module})
+    assert info.value.path == "['m'].extra[0]"
+    assert dp.flatten_parameters({"m": torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh())}) == []
 
 
 def test_a_bound_method_field_says_to_store_the_layer() -> None:

@@ -361,17 +361,20 @@ class HandWrittenNode(Node):
     earlier in the model reused), and the instance reads the results from a stream of its own.
     """
 
-    __slots__ = ("cls", "flatten_fn", "replace_fn")
+    __slots__ = ("cls", "flatten_fn", "replace_fn", "unknown_fields")
 
     def __init__(
         self,
         cls: type,
         flatten_fn: Callable[[Any], list[torch.Tensor]],
         replace_fn: Callable[[Any, ParamStream], Any],
+        unknown_fields: tuple[str, ...] = (),
     ) -> None:
         self.cls = cls
         self.flatten_fn = flatten_fn
         self.replace_fn = replace_fn
+        # Fields a subclass added below the class whose hand-written methods it inherits.
+        self.unknown_fields = unknown_fields
 
     def own(self, value: Any) -> list[torch.Tensor]:
         """The parameter list the instance declares, checked to hold only tensors."""
@@ -383,7 +386,26 @@ class HandWrittenNode(Node):
                     f"{type(p).__name__} at position {index}",
                     "A hand-written flatten_parameters must return a list of Parameters.",
                 )
+        if self.unknown_fields:
+            self._check_unknown_fields(value, params)
         return params
+
+    def _check_unknown_fields(self, value: Any, params: list[torch.Tensor]) -> None:
+        """A subclass's new field holding a parameter that the inherited instance does not
+        list would silently not be trained: refuse it."""
+        listed = {id(p) for p in params}
+        for name in self.unknown_fields:
+            found: list[Parameter] = []
+            flatten_into(getattr(value, name), found)
+            if any(id(p) not in listed for p in found):
+                err = InstanceError(
+                    f"{type(value).__qualname__} adds this field, which holds a parameter that "
+                    f"the hand-written instance it inherits does not list",
+                    f"Define flatten_parameters and replace_own_parameters in "
+                    f"{type(value).__qualname__} too (they may call the base's through super()).",
+                )
+                err.push("attr", name)
+                raise err
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         # A plain tensor the instance lists (put there by a replace with plain tensors) is a
@@ -462,6 +484,15 @@ class _ModuleNode(Node):
                 f"a torch.nn.Module ({type(value).__name__}) holding parameter {name!r}",
                 self._FIX,
             )
+        found = _scan_hidden(value)  # attributes torch does not register (a list of them)
+        if found is not None:
+            path, what = found
+            err = HiddenParameterError(
+                f"{what} hidden in a torch.nn.Module ({type(value).__name__})", self._FIX
+            )
+            for key in reversed(path):
+                err.push(*key)
+            raise err
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         self._check(value)
@@ -520,7 +551,11 @@ def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
     if isinstance(v, torch.nn.Module):
         for name, _ in v.named_parameters():
             return f"a torch.nn.Module with parameter {name!r}"
-        return None
+        # what torch does not register: public attributes (a list of tensors), and those of
+        # the sub-modules
+        return [(("attr", k), c) for k, c in vars(v).items() if not k.startswith("_")] + [
+            (("attr", k), m) for k, m in v._modules.items() if m is not None
+        ]
     if isinstance(v, (list, tuple, set, frozenset, deque)):
         return [(("index", i), c) for i, c in enumerate(v)]
     if isinstance(v, dict):
@@ -744,6 +779,18 @@ def _own_level(t: type, hand_written: bool) -> int:
     return len(mro)
 
 
+def _fields_added_below(t: type, definer: type) -> tuple[str, ...]:
+    """The dataclass fields of ``t`` that ``definer`` (a base of ``t``) does not have."""
+    if t is definer or not dataclasses.is_dataclass(t):
+        return ()
+    known = (
+        {f.name for f in dataclasses.fields(definer)}
+        if dataclasses.is_dataclass(definer)
+        else set()
+    )
+    return tuple(f.name for f in dataclasses.fields(t) if f.name not in known)
+
+
 def _registered(t: type) -> tuple[int, Node] | None:
     """The instance registered for the closest class in ``t``'s MRO, with its position."""
     for level, base in enumerate(t.__mro__):
@@ -773,7 +820,10 @@ def _resolve(t: type) -> Node:
         return STATIC
     if hand_flatten and hand_replace:
         return HandWrittenNode(
-            t, lambda v: v.flatten_parameters(), lambda v, s: v.replace_own_parameters(s)
+            t,
+            lambda v: v.flatten_parameters(),
+            lambda v, s: v.replace_own_parameters(s),
+            _fields_added_below(t, t.__mro__[_own_level(t, True)]),
         )
     if hand_flatten or hand_replace:
         have, lack = (

@@ -235,17 +235,18 @@ def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
         active.add(id(v))
         try:
             if isinstance(node, HandWrittenNode):
-                yield from _hand_written_leaves(node, v, path)
+                try:
+                    own = node.own(v)  # raises for an inconsistent instance
+                except ModelError as e:
+                    raise _located(e, path, value) from None
+                yield from _hand_written_leaves(own, v, path)
             else:
                 children = node.children(v)
                 if not children:
                     try:
                         node.flatten(v, [])  # raises for hidden parameters
                     except ModelError as e:
-                        for key in reversed(path):
-                            e.push(*key)
-                        e.root = e.root or type(value).__name__
-                        raise
+                        raise _located(e, path, value) from None
                     yield path, v
                 for key, child in children:
                     yield from visit(child, (*path, key), active)
@@ -297,8 +298,16 @@ def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None
 _MISSING = object()
 
 
+def _located(error: ModelError, path: tuple[PathKey, ...], root: Any) -> ModelError:
+    """``error`` (raised at ``path`` in ``root``) with the path and the root's name added."""
+    for key in reversed(path):
+        error.push(*key)
+    error.root = error.root or type(root).__name__
+    return error
+
+
 def _hand_written_leaves(
-    node: HandWrittenNode, v: Any, path: tuple[PathKey, ...]
+    own: list[torch.Tensor], v: Any, path: tuple[PathKey, ...]
 ) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     where: dict[int, tuple[PathKey, ...]] = {}
     if dataclasses.is_dataclass(v):
@@ -309,7 +318,7 @@ def _hand_written_leaves(
                         where.setdefault(id(leaf), (("attr", f.name), *keys))
             except ModelError:
                 continue
-    for index, p in enumerate(node.own(v)):
+    for index, p in enumerate(own):
         yield (*path, *where.get(id(p), (("index", index),))), p
 
 
