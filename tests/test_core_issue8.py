@@ -492,9 +492,9 @@ def test_annotations_are_resolved_once_per_class_and_replace_does_not_construct(
     calls: list[type] = []
     original = _layer_fields.field_checks
 
-    def counting(cls: type) -> Any:
+    def counting(cls: type, *, complete: bool) -> Any:
         calls.append(cls)
-        return original(cls)
+        return original(cls, complete=complete)
 
     monkeypatch.setattr(_layer_fields, "field_checks", counting)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from diffprog._errors import PathKey, UnsampledSpecError, render_path
 
-__all__ = ["checked_init"]
+__all__ = ["field_checks", "install_check"]
 
 # A field checker: the place (path keys below the field), the spec and what was expected there,
 # or None when the value is fine.
@@ -49,29 +49,57 @@ _MAPPINGS: dict[Any, type] = {
 }
 
 
-def checked_init(cls: type, init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` followed by the spec check of ``cls``'s layer-typed fields."""
-    checks: list[tuple[str, Checker]] | None = None
+def install_check(cls: type) -> None:
+    """Make ``cls``'s ``__init__`` refuse a spec in a layer-typed field (see the module doc).
+
+    The annotations are resolved now if they can be: a class without layer-typed fields (most
+    layers) keeps its ``__init__`` as it is and pays nothing. A class whose annotations name a
+    class not defined yet (a forward reference) resolves them at its first construction.
+    """
+    init = vars(cls).get("__init__")
+    if init is None:  # init=False: no constructor of its own
+        return
+    checks = field_checks(cls, complete=True)
+    if checks == []:
+        return
+    type.__setattr__(cls, "__init__", _checked_init(cls, init, checks))
+
+
+def _checked_init(
+    cls: type, init: Callable[..., None], checks: list[tuple[str, Checker]] | None
+) -> Callable[..., None]:
+    """``init`` followed by the check of ``cls``'s layer-typed fields (``checks``; None:
+    resolved at the first construction)."""
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         nonlocal checks
         init(self, *args, **kwargs)
         if checks is None:  # resolved at the first construction, once
-            checks = field_checks(cls)
+            checks = field_checks(cls, complete=False) or []
+        fields = self.__dict__
         for name, check in checks:
-            found = check(self.__dict__.get(name))
+            found = check(fields.get(name))
             if found is not None:
                 raise _spec_error(cls, name, *found)
 
     return __init__
 
 
-def field_checks(cls: type) -> list[tuple[str, Checker]]:
-    """One checker per field of ``cls`` whose annotation names a layer type."""
+def field_checks(cls: type, *, complete: bool) -> list[tuple[str, Checker]] | None:
+    """One checker per field of ``cls`` whose annotation names a layer type.
+
+    With ``complete``, None if some annotation does not resolve (yet); otherwise a field whose
+    annotation does not resolve is not checked.
+    """
     from diffprog._parameterized import Parameterized
 
-    hints = _hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an unresolvable annotation
+        if complete:
+            return None
+        hints = _some_hints(cls)
     checks = []
     for f in dataclasses.fields(cls):
         if f.name in hints:
@@ -81,14 +109,9 @@ def field_checks(cls: type) -> list[tuple[str, Checker]]:
     return checks
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """The resolved annotations of ``cls``'s fields; a field whose annotation does not
-    resolve (a name defined inside a function, under ``from __future__ import annotations``)
-    is left out."""
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # one unresolvable annotation: resolve the others one by one
-        pass
+def _some_hints(cls: type) -> dict[str, Any]:
+    """The annotations of ``cls`` that resolve, one by one; one that does not (a name defined
+    inside a function, under ``from __future__ import annotations``) is left out."""
     hints: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         module = sys.modules.get(klass.__module__)
