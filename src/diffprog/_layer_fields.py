@@ -7,10 +7,11 @@ names a layer type (a ``Parameterized`` class, or a container of them: ``list[Li
 with a ``sample`` method, see ``diffprog.Randomizable``) at construction. A field annotated with
 a spec type, ``Any``, or not understood here, accepts anything, as before.
 
-The annotations are resolved once per class, at its first construction (so forward
-references to classes defined later resolve), into one checker per field that names a layer
-type; a class without such fields pays one cached lookup per construction.
-``replace_parameters`` does not construct (it copies the fields), so it pays nothing.
+The annotations are resolved once per class, into one checker per field that names a layer
+type: when the class is created, or at its first construction if an annotation names a class
+not defined yet (a forward reference). A class without such fields keeps its ``__init__`` and
+pays nothing; ``replace_parameters`` does not construct (it copies the fields), so it pays
+nothing either.
 """
 
 from __future__ import annotations

@@ -641,7 +641,8 @@ def _scan_path(records: list[tuple[int, PathKey | None]], index: int) -> list[Pa
 class _OpaqueNode(Node):
     """A value diffprog does not traverse: a plain object, a set, a ``functools.partial``.
 
-    It is kept as it is, after checking (within a budget) that no Parameter hides inside.
+    It is kept as it is, after checking (completely, see ``_scan_hidden``) that no Parameter
+    hides inside.
     """
 
     __slots__ = ("advice",)
