@@ -601,7 +601,9 @@ def _cell_contents(cell: Any) -> Any:
 def _slot_names(cls: type) -> tuple[str, ...]:
     slots = vars(cls).get("__slots__", ())
     names = (slots,) if isinstance(slots, str) else tuple(slots)
-    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
+    # __diffprog_signature__: a Parameterized value's memory of its slots (see _signature.py),
+    # not part of the value
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__", "__diffprog_signature__"))
 
 
 def _scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
