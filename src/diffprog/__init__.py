@@ -12,9 +12,11 @@ from diffprog._errors import (
     HiddenParameterError,
     InstanceError,
     ModelError,
+    NameClashError,
     ParameterCountError,
     ParameterShapeError,
     ParameterTypeError,
+    UnsampledSpecError,
 )
 from diffprog._nodes import register_parameterized
 from diffprog._parameterized import Parameterized, field
@@ -33,6 +35,7 @@ __all__ = [
     "IndependentTensor",
     "InstanceError",
     "ModelError",
+    "NameClashError",
     "ParamStream",
     "Parameter",
     "ParameterCountError",
@@ -40,6 +43,7 @@ __all__ = [
     "ParameterTypeError",
     "Parameterized",
     "Randomizable",
+    "UnsampledSpecError",
     "field",
     "flatten_parameters",
     "grad",

@@ -4,8 +4,9 @@ Why generate code: a model is traversed at every training step, and a generic lo
 class's fields pays for the loop, a dict of changes and a method call per parameter. A
 function unrolled over the class's fields (what ``dataclasses`` itself does for ``__init__``)
 halves the cost of a round trip. The generated code only reads fields from the instance
-``__dict__`` and handles the two common cases inline (a Parameter, a static value); anything
-else goes through the node of its type, exactly as in the generic loop.
+``__dict__`` and handles the common cases inline (a Parameter, a static value, a function
+already found to hold nothing); anything else goes through the node of its type, exactly as
+in the generic loop.
 
 An error from a field must name that field in its path. Rather than record the current field
 at every step, the handler looks up the line the error came from (each field has its own
@@ -33,7 +34,8 @@ def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., N
         lambda k, name: [
             f"        c = d[{name!r}]; t = type(c)",
             "        if t is Parameter: out.append(c)",
-            "        elif t not in STATIC: (CACHE.get(t) or node_for(t)).flatten(c, out)",
+            "        elif t in STATIC or (t is FUNCTION and c in PLAIN): pass",
+            "        else: (CACHE.get(t) or node_for(t)).flatten(c, out)",
         ],
     )
     return _compile("flatten", lines, {**env, "FIELDS": fields})
@@ -72,7 +74,7 @@ def make_replace(
             "        if t is Parameter:",
             f"            if take is None: n{k} = pull(); olds.append(c{k})",
             f"            else: n{k} = take(c{k})",
-            f"        elif t in STATIC: n{k} = c{k}",
+            f"        elif t in STATIC or (t is FUNCTION and c{k} in PLAIN): n{k} = c{k}",
             f"        else: n{k} = (CACHE.get(t) or node_for(t)).replace(c{k}, stream)",
         ],
     )

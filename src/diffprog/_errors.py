@@ -96,3 +96,11 @@ class HiddenParameterError(ModelError, TypeError):
 
 class InstanceError(ModelError, TypeError):
     """A hand-written or registered Parameterized instance is inconsistent."""
+
+
+class NameClashError(ModelError, ValueError):
+    """Two different parameters would get the same ``named_parameters``/``state_dict`` name."""
+
+
+class UnsampledSpecError(ModelError, TypeError):
+    """A spec (something to ``sample``) was given where a model field expects a sampled layer."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import gc
 import types
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 Parameter = torch.nn.Parameter
+_FUNCTION = types.FunctionType
 
 
 class Node:
@@ -159,7 +161,13 @@ class FieldsNode(Node):
             vars(c).get("__slots__") for c in cls.__mro__[:-1] if c is not Signed
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
-            env = {"STATIC": _STATIC_SEEN, "CACHE": _CACHE, "node_for": node_for}
+            env = {
+                "STATIC": _STATIC_SEEN,
+                "CACHE": _CACHE,
+                "node_for": node_for,
+                "FUNCTION": _FUNCTION,
+                "PLAIN": PLAIN_FUNCTIONS,
+            }
             self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
             self.replace = make_replace(cls, names, env, self.cached)  # type: ignore[method-assign]
         else:
@@ -235,7 +243,7 @@ class _SequenceNode(Node):
                     out.append(child)
                 elif t is last:
                     flatten(child, out)
-                elif t not in _STATIC_SEEN:
+                elif t not in _STATIC_SEEN and not (t is _FUNCTION and child in PLAIN_FUNCTIONS):
                     last = t
                     flatten = (_CACHE.get(t) or node_for(t)).flatten
                     flatten(child, out)
@@ -258,7 +266,7 @@ class _SequenceNode(Node):
                     replaced = stream.take(child)
                 elif t is last:
                     replaced = replace(child, stream)
-                elif t in _STATIC_SEEN:
+                elif t in _STATIC_SEEN or (t is _FUNCTION and child in PLAIN_FUNCTIONS):
                     continue
                 else:
                     last = t
@@ -353,17 +361,20 @@ class HandWrittenNode(Node):
     earlier in the model reused), and the instance reads the results from a stream of its own.
     """
 
-    __slots__ = ("cls", "flatten_fn", "replace_fn")
+    __slots__ = ("cls", "flatten_fn", "replace_fn", "unknown_fields")
 
     def __init__(
         self,
         cls: type,
         flatten_fn: Callable[[Any], list[torch.Tensor]],
         replace_fn: Callable[[Any, ParamStream], Any],
+        unknown_fields: tuple[str, ...] = (),
     ) -> None:
         self.cls = cls
         self.flatten_fn = flatten_fn
         self.replace_fn = replace_fn
+        # Fields a subclass added below the class whose hand-written methods it inherits.
+        self.unknown_fields = unknown_fields
 
     def own(self, value: Any) -> list[torch.Tensor]:
         """The parameter list the instance declares, checked to hold only tensors."""
@@ -375,16 +386,37 @@ class HandWrittenNode(Node):
                     f"{type(p).__name__} at position {index}",
                     "A hand-written flatten_parameters must return a list of Parameters.",
                 )
+        if self.unknown_fields:
+            self._check_unknown_fields(value, params)
         return params
 
+    def _check_unknown_fields(self, value: Any, params: list[torch.Tensor]) -> None:
+        """A subclass's new field holding a parameter that the inherited instance does not
+        list would silently not be trained: refuse it."""
+        listed = {id(p) for p in params}
+        for name in self.unknown_fields:
+            found: list[Parameter] = []
+            flatten_into(getattr(value, name), found)
+            if any(id(p) not in listed for p in found):
+                err = InstanceError(
+                    f"{type(value).__qualname__} adds this field, which holds a parameter that "
+                    f"the hand-written instance it inherits does not list",
+                    f"Define flatten_parameters and replace_own_parameters in "
+                    f"{type(value).__qualname__} too (they may call the base's through super()).",
+                )
+                err.push("attr", name)
+                raise err
+
     def flatten(self, value: Any, out: list[Parameter]) -> None:
-        out.extend(self.own(value))  # type: ignore[arg-type]
+        # A plain tensor the instance lists (put there by a replace with plain tensors) is a
+        # constant, as in a derived instance: only Parameters are flattened.
+        out.extend(p for p in self.own(value) if isinstance(p, Parameter))
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
         from diffprog._stream import ParamStream
 
         old = self.own(value)
-        if not old:  # nothing to replace: the value stays as it is
+        if not any(isinstance(p, Parameter) for p in old):  # nothing to replace
             return value
         built = stream._rebuilt(value)  # shared at several paths: built already
         if built is not None:
@@ -392,6 +424,9 @@ class HandWrittenNode(Node):
         stream._foreign = True  # its replace may keep other tensors than those given
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):
+            if not isinstance(p, Parameter):  # a constant: the instance reads it back as is
+                new.append(p)
+                continue
             try:
                 new.append(stream.take(p))
             except ModelError as e:
@@ -418,6 +453,15 @@ class HandWrittenNode(Node):
                 "Make both methods walk the same parameters in the same order.",
             )
         own.verify()
+        if type(result) is not type(value):
+            # Hasktorch's replaceOwnParameters keeps the type. Typically an instance of a base
+            # class rebuilt a subclass as the base, losing what the subclass adds.
+            raise InstanceError(
+                f"the replace of {name} turned a {type(value).__qualname__} into a "
+                f"{type(result).__qualname__}",
+                f"Rebuild the value's own type (type(value)(...) or dataclasses.replace), or "
+                f"give {type(value).__qualname__} an instance of its own.",
+            )
         return stream._keep(value, result)
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
@@ -440,6 +484,15 @@ class _ModuleNode(Node):
                 f"a torch.nn.Module ({type(value).__name__}) holding parameter {name!r}",
                 self._FIX,
             )
+        found = _scan_hidden(value)  # attributes torch does not register (a list of them)
+        if found is not None:
+            path, what = found
+            err = HiddenParameterError(
+                f"{what} hidden in a torch.nn.Module ({type(value).__name__})", self._FIX
+            )
+            for key in reversed(path):
+                err.push(*key)
+            raise err
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         self._check(value)
@@ -449,55 +502,149 @@ class _ModuleNode(Node):
         return value
 
 
-# How far into a plain object (or set, partial) diffprog looks for a Parameter that would
-# otherwise be skipped. Bounded so that a large opaque attribute (a vocabulary, a dataset)
-# cannot slow every traversal down.
-_SCAN_BUDGET = 256
+# What an opaque value holds is looked at completely (no budget, no depth limit), each time the
+# value is flattened or replaced: a Parameter that a fixed budget missed would silently not be
+# trained. A value met twice (sharing, cycles) is looked at once.
+#
+# Not looked into, by design: classes (their attributes are shared, not part of the value),
+# modules and a function's globals (the same), non-Parameter tensors (constants), and objects of
+# C types that report no references to Python's garbage collector. Builtin functions and
+# methods (``torch.tanh``, ``p.add``) are static at the top of a model (they are its most common
+# field, checked at every step), and looked into (``__self__``) inside an opaque value.
+_SCAN_LEAVES: frozenset[type] = frozenset(
+    {
+        int,
+        float,
+        complex,
+        bool,
+        str,
+        bytes,
+        type(None),
+        type(Ellipsis),
+        type(NotImplemented),
+        slice,
+        range,
+        torch.dtype,
+        torch.device,
+        torch.Size,
+        torch.layout,
+        torch.memory_format,
+        torch.Generator,
+        types.ModuleType,
+        types.CodeType,
+        types.FrameType,
+        types.WrapperDescriptorType,
+        types.MethodDescriptorType,
+        types.GetSetDescriptorType,
+        types.MemberDescriptorType,
+    }
+)
+
+
+def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
+    """What the scan looks at inside ``v``: its children with their path keys, or a text
+    saying that ``v`` is itself a parameter holder (found), or None for a leaf."""
+    if isinstance(v, Parameter):
+        return "a Parameter"
+    if isinstance(v, (torch.Tensor, enum.Enum, type)):
+        return None
+    if isinstance(v, torch.nn.Module):
+        for name, _ in v.named_parameters():
+            return f"a torch.nn.Module with parameter {name!r}"
+        # what torch does not register: public attributes (a list of tensors), and those of
+        # the sub-modules
+        return [(("attr", k), c) for k, c in vars(v).items() if not k.startswith("_")] + [
+            (("attr", k), m) for k, m in v._modules.items() if m is not None
+        ]
+    if isinstance(v, (list, tuple, set, frozenset, deque)):
+        return [(("index", i), c) for i, c in enumerate(v)]
+    if isinstance(v, dict):
+        return [(("key", k), c) for k, c in v.items()]
+    if isinstance(v, functools.partial):
+        return [
+            (("attr", "func"), v.func),
+            *((("attr", f"args[{i}]"), a) for i, a in enumerate(v.args)),
+            *((("attr", f"keywords[{k!r}]"), a) for k, a in v.keywords.items()),
+        ]
+    if isinstance(v, types.MethodType):
+        return [(("attr", "__self__"), v.__self__), (("attr", "__func__"), v.__func__)]
+    if isinstance(v, types.FunctionType):
+        cells = v.__closure__ or ()
+        return [
+            *((("attr", f"__defaults__[{i}]"), d) for i, d in enumerate(v.__defaults__ or ())),
+            *((("attr", f"__kwdefaults__[{k!r}]"), d) for k, d in (v.__kwdefaults__ or {}).items()),
+            *(
+                (("attr", f"<closure {name}>"), _cell_contents(cell))
+                for name, cell in zip(v.__code__.co_freevars, cells)
+            ),
+            *((("attr", k), c) for k, c in vars(v).items()),
+        ]
+    if isinstance(v, (types.BuiltinMethodType, types.MethodWrapperType)):
+        owner = getattr(v, "__self__", None)
+        return [(("attr", "__self__"), owner)]
+    children = [(("attr", k), c) for k, c in getattr(v, "__dict__", {}).items()]
+    slots = [s for c in type(v).__mro__ for s in _slot_names(c)]
+    children += [(("attr", s), getattr(v, s)) for s in slots if hasattr(v, s)]
+    if not children and not hasattr(v, "__dict__") and not slots:
+        # A C object: what it refers to, as the garbage collector sees it.
+        children = [(("attr", f"<referent {i}>"), c) for i, c in enumerate(gc.get_referents(v))]
+    return children
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (a name not bound yet)
+        return None
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    slots = vars(cls).get("__slots__", ())
+    names = (slots,) if isinstance(slots, str) else tuple(slots)
+    # __diffprog_signature__: a Parameterized value's memory of its slots (see _signature.py),
+    # not part of the value
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__", "__diffprog_signature__"))
 
 
 def _scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
-    """Look for a Parameter inside an opaque value; return its path and what holds it."""
-    budget = [_SCAN_BUDGET]
+    """Look for a Parameter inside an opaque value; return its path and what holds it.
 
-    def visit(v: Any, path: list[PathKey], depth: int) -> tuple[list[PathKey], str] | None:
-        budget[0] -= 1
-        if budget[0] < 0 or depth > 6:
-            return None
-        if isinstance(v, Parameter):
-            return path, "a Parameter"
-        if isinstance(v, torch.nn.Module):
-            for name, _ in v.named_parameters():
-                return path, f"a torch.nn.Module with parameter {name!r}"
-            return None
-        t = type(v)
-        if t in _STATIC_TYPES or isinstance(v, (torch.Tensor, enum.Enum, type)):
-            return None
-        if isinstance(v, (list, tuple, set, frozenset)):
-            items: Iterator[tuple[PathKey, Any]] = ((("index", i), c) for i, c in enumerate(v))
-        elif isinstance(v, dict):
-            items = ((("key", k), c) for k, c in v.items())
-        elif isinstance(v, functools.partial):
-            items = iter(
-                [(("attr", f"args[{i}]"), a) for i, a in enumerate(v.args)]
-                + [(("attr", f"keywords[{k!r}]"), a) for k, a in v.keywords.items()]
-            )
-        elif hasattr(v, "__dict__"):
-            items = ((("attr", k), c) for k, c in vars(v).items())
-        else:
-            return None
-        for key, child in items:
-            found = visit(child, [*path, key], depth + 1)
-            if found is not None:
-                return found
-        return None
+    Depth first with an explicit stack (no recursion limit), each object once.
+    """
+    # id -> the object, kept alive so that its id cannot be reused by another during the scan
+    seen: dict[int, Any] = {}
+    # the parent record and key of each object looked into, to rebuild the path of a find
+    records: list[tuple[int, PathKey | None]] = []
+    stack: list[tuple[Any, int, PathKey | None]] = [(value, -1, None)]
+    while stack:
+        v, parent, key = stack.pop()
+        if id(v) in seen:
+            continue
+        seen[id(v)] = v
+        records.append((parent, key))
+        found = _scan_children(v)
+        if found is None:
+            continue
+        if isinstance(found, str):
+            return _scan_path(records, len(records) - 1), found
+        here = len(records) - 1
+        stack.extend((c, here, k) for k, c in reversed(found) if type(c) not in _SCAN_LEAVES)
+    return None
 
-    return visit(value, [], 0)
+
+def _scan_path(records: list[tuple[int, PathKey | None]], index: int) -> list[PathKey]:
+    keys: list[PathKey] = []
+    while index > 0:
+        index, key = records[index]
+        keys.append(key)  # type: ignore[arg-type]
+    return keys[::-1]
 
 
 class _OpaqueNode(Node):
     """A value diffprog does not traverse: a plain object, a set, a ``functools.partial``.
 
-    It is kept as it is, after checking (within a budget) that no Parameter hides inside.
+    It is kept as it is, after checking (completely, see ``_scan_hidden``) that no Parameter
+    hides inside.
     """
 
     __slots__ = ("advice",)
@@ -526,12 +673,53 @@ class _OpaqueNode(Node):
         return value
 
 
+class _FunctionNode(_OpaqueNode):
+    """A Python function (an activation, a lambda): a static value unless its defaults or
+    closure hold a parameter."""
+
+    __slots__ = ()
+
+    def _check(self, value: Any) -> None:
+        # The usual function (no closure, immutable static defaults) is settled once and
+        # remembered (see PLAIN_FUNCTIONS); the hot loops then skip it as a static value.
+        if value in PLAIN_FUNCTIONS:
+            return
+        if (
+            value.__closure__ is None
+            and value.__kwdefaults__ is None
+            and not value.__dict__
+            and all(type(d) in _SCAN_LEAVES for d in value.__defaults__ or ())
+        ):
+            if len(PLAIN_FUNCTIONS) >= _PLAIN_FUNCTIONS_MAX:  # bounded: lambdas come and go
+                PLAIN_FUNCTIONS.clear()
+            PLAIN_FUNCTIONS.add(value)
+            return
+        super()._check(value)
+
+
+# Python functions found to hold nothing (no closure, no keyword defaults, no attributes,
+# defaults of immutable static types): functions are common fields (activations), and
+# looking into one at every flatten and replace would cost as much as the rest of a small
+# layer. What could change such a function afterwards is assigning its __defaults__,
+# __kwdefaults__ or an attribute, which the docs ask not to do to a function inside a model.
+PLAIN_FUNCTIONS: set[types.FunctionType] = set()
+_PLAIN_FUNCTIONS_MAX = 4096
+
+
 _OBJECT_ADVICE = (
     "Make its class a diffprog.Parameterized (or a dataclass), register an instance for it "
     "with diffprog.register_parameterized, or give it flatten_parameters and "
     "replace_own_parameters methods."
 )
 _SET_ADVICE = "Sets are unordered, so their parameters have no stable order: use a tuple or list."
+_FUNCTION_ADVICE = (
+    "diffprog does not traverse a function's defaults and closure: make the parameter a field "
+    "of a Parameterized model (or store the layer itself, which is callable)."
+)
+_METHOD_ADVICE = (
+    "diffprog does not traverse a bound method: store the object itself (a layer is callable) "
+    "rather than its method."
+)
 
 _STATIC_TYPES: set[type] = {
     int,
@@ -551,9 +739,9 @@ _STATIC_TYPES: set[type] = {
     torch.layout,
     torch.memory_format,
     torch.Generator,
-    types.FunctionType,
+    # torch.tanh and the like: the most common field of all, static on the hot path (see
+    # _SCAN_LEAVES). Python functions and bound methods are not static: they are looked into.
     types.BuiltinFunctionType,
-    types.MethodType,
     types.BuiltinMethodType,
     types.MethodWrapperType,
     types.WrapperDescriptorType,
@@ -571,23 +759,74 @@ def _is_default(method: Any) -> bool:
     return bool(getattr(method, "__diffprog_default__", False))
 
 
+def _defining_level(mro: tuple[type, ...], name: str) -> int:
+    """The position in ``mro`` of the class whose own ``__dict__`` defines ``name``."""
+    return next((i for i, c in enumerate(mro) if name in vars(c)), len(mro))
+
+
+def _own_level(t: type, hand_written: bool) -> int:
+    """How specific the instance that ``t`` declares itself is: the position in its MRO of
+    the class that declares it (0: ``t`` itself), or ``len(mro)`` for none.
+
+    A hand-written instance is declared by the class that defines its methods (Python's own
+    method lookup); a derived one by the class whose dataclass declaration lists the fields,
+    which for a ``Parameterized`` subclass is always the subclass itself.
+    """
+    mro = t.__mro__
+    if hand_written:
+        return min(
+            _defining_level(mro, m) for m in ("flatten_parameters", "replace_own_parameters")
+        )
+    if dataclasses.is_dataclass(t):
+        return _defining_level(mro, "__dataclass_fields__")
+    return len(mro)
+
+
+def _fields_added_below(t: type, definer: type) -> tuple[str, ...]:
+    """The dataclass fields of ``t`` that ``definer`` (a base of ``t``) does not have."""
+    if t is definer or not dataclasses.is_dataclass(t):
+        return ()
+    known = (
+        {f.name for f in dataclasses.fields(definer)}
+        if dataclasses.is_dataclass(definer)
+        else set()
+    )
+    return tuple(f.name for f in dataclasses.fields(t) if f.name not in known)
+
+
+def _registered(t: type) -> tuple[int, Node] | None:
+    """The instance registered for the closest class in ``t``'s MRO, with its position."""
+    for level, base in enumerate(t.__mro__):
+        node = _REGISTERED.get(base)
+        if node is not None:
+            return level, node
+    return None
+
+
 def _resolve(t: type) -> Node:
-    for base in t.__mro__:
-        if base in _REGISTERED:
-            return _REGISTERED[base]
     if issubclass(t, Parameter):
         return PARAMETER
     if issubclass(t, torch.Tensor):
         return STATIC  # a constant (buffer): never a parameter, as in Hasktorch
-    if t in _STATIC_TYPES or issubclass(t, (enum.Enum, type)):
-        return STATIC
     flatten_m = getattr(t, "flatten_parameters", None)
     replace_m = getattr(t, "replace_own_parameters", None)
     hand_flatten = callable(flatten_m) and not _is_default(flatten_m)
     hand_replace = callable(replace_m) and not _is_default(replace_m)
+    # The most specific instance wins: one registered for a base class does not override a
+    # subclass's own (hand-written, or derived from its own fields), which would silently drop
+    # the subclass's parameters and rebuild it as the base. At the same class, a registration
+    # (made from outside, on purpose) wins over the class's methods.
+    registered = _registered(t)
+    if registered is not None and registered[0] <= _own_level(t, hand_flatten and hand_replace):
+        return registered[1]
+    if t in _STATIC_TYPES or issubclass(t, (enum.Enum, type)):
+        return STATIC
     if hand_flatten and hand_replace:
         return HandWrittenNode(
-            t, lambda v: v.flatten_parameters(), lambda v, s: v.replace_own_parameters(s)
+            t,
+            lambda v: v.flatten_parameters(),
+            lambda v, s: v.replace_own_parameters(s),
+            _fields_added_below(t, t.__mro__[_own_level(t, True)]),
         )
     if hand_flatten or hand_replace:
         have, lack = (
@@ -614,7 +853,11 @@ def _resolve(t: type) -> Node:
         return _ModuleNode()
     if issubclass(t, (set, frozenset)):
         return _OpaqueNode(_SET_ADVICE)
-    if issubclass(t, (types.FunctionType, types.BuiltinFunctionType)):
+    if t is types.FunctionType:
+        return _FunctionNode(_FUNCTION_ADVICE)
+    if t is types.MethodType:
+        return _OpaqueNode(_METHOD_ADVICE)
+    if issubclass(t, types.BuiltinFunctionType):
         return STATIC
     return _OpaqueNode(_OBJECT_ADVICE)
 
@@ -678,7 +921,11 @@ def register_parameterized(
     The counterpart of a hand-written ``instance Parameterized T`` in Hasktorch. ``flatten``
     lists the value's parameters; ``replace`` rebuilds the value reading the new ones, in the
     same order, from the stream with ``stream.next_parameter()`` (or ``stream.replace(sub)``
-    for a sub-value). Subclasses of ``cls`` use the same instance unless they have their own.
+    for a sub-value). Subclasses of ``cls`` use the same instance unless they have their own:
+    the most specific instance in a class's MRO wins, so a subclass's hand-written methods, or
+    the derived instance of a ``Parameterized`` (or dataclass) subclass, are used for it. A
+    registration for the class itself wins over its own methods. ``replace`` must return a
+    value of the type it was given (``InstanceError`` otherwise).
 
     Args:
         cls: the type to declare the instance for.

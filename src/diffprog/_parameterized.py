@@ -9,6 +9,7 @@ from typing import Any
 from typing_extensions import Self, dataclass_transform
 
 from diffprog._errors import InstanceError
+from diffprog._layer_fields import install_check
 from diffprog._nodes import INLINE, FieldsNode, fields_node, node_for, unique
 from diffprog._repr import tree_repr
 from diffprog._signature import Signed
@@ -96,6 +97,7 @@ class Parameterized(Signed):
                 "A hand-written instance needs both methods; delete both to derive them.",
             )
         dataclasses.dataclass(cls, frozen=True, eq=False, repr=False, **options)
+        install_check(cls)  # a spec where a layer belongs is refused at construction
 
     def flatten_parameters(self) -> list[Any]:
         """This value's parameters, depth first in field order (the derived default).

@@ -53,8 +53,20 @@ def tensor_summary(t: torch.Tensor) -> str:
     return text
 
 
+# Deeper sub-values are folded to ``Name(...)``: a long chain of nested models would otherwise
+# recurse past Python's limit, and print a text quadratic in its depth (each level indented).
+_MAX_DEPTH = 32
+
+
 def tree_repr(value: Any) -> str:
-    """Render ``value`` on one line if it fits in 88 columns, else indented over several."""
+    """Render ``value`` on one line if it fits in 88 columns, else indented over several.
+
+    Sub-values nested deeper than 32 levels are folded to ``Name(...)``, ``[...]``, ``{...}``.
+
+    Example:
+        >>> tree_repr({"w": make_independent(torch.zeros(2)), "n": 3})
+        "{'w': f32[2], 'n': 3}"
+    """
     return _render(value, 0, set())
 
 
@@ -88,6 +100,8 @@ def _render(value: Any, indent: int, active: set[int]) -> str:
         return _leaf(value)
     if id(value) in active:
         return "<cycle>"
+    if indent >= 2 * _MAX_DEPTH and items:
+        return f"{opening}...{closing.lstrip(',')}"
     active.add(id(value))
     try:
         parts = [(label, _render(v, indent + 2, active)) for label, v in items]

@@ -11,8 +11,10 @@ import torch
 from diffprog._errors import (
     CycleError,
     ModelError,
+    NameClashError,
     ParameterCountError,
     PathKey,
+    render_path,
     state_dict_path,
 )
 from diffprog._nodes import _CACHE, HandWrittenNode, node_for, replace_value, unique
@@ -172,8 +174,13 @@ def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters with their paths, in ``state_dict`` style (``layers.0.weight``).
 
     Same order as ``flatten_parameters``; a tied parameter is named by its first path. Dict keys
-    are path parts as they are; a hand-written instance's parameters are named by the field that
-    holds them, or by their position in its list.
+    are path parts as they are (``str(key)``); a hand-written instance's parameters are named by
+    the field that holds them, or by their position in its list.
+
+    Raises:
+        NameClashError: two different parameters would get the same name (dict keys ``1`` and
+            ``"1"``, or a key ``"a.b"`` beside a key ``"a"`` holding ``{"b": ...}``); names must
+            be unique for selecting by path and for state dicts.
 
     Example:
         >>> from diffprog.nn import LinearSpec
@@ -182,11 +189,32 @@ def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
     """
     result: list[tuple[str, torch.nn.Parameter]] = []
     seen: set[int] = set()
+    # name -> the path keys of the parameter it was given to, to report a clash
+    named: dict[str, tuple[PathKey, ...]] = {}
     for keys, leaf in walk(value):
         if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
             seen.add(id(leaf))
-            result.append((state_dict_path(keys), leaf))
+            name = state_dict_path(keys)
+            first = named.setdefault(name, keys)
+            if first is not keys:
+                raise _clash_error(value, name, first, keys)
+            result.append((name, leaf))
     return result
+
+
+def _clash_error(
+    value: Any, name: str, first: tuple[PathKey, ...], second: tuple[PathKey, ...]
+) -> NameClashError:
+    err = NameClashError(
+        f"two different parameters are both named {name!r}: the one at {render_path(first)} "
+        f"and the one here",
+        "Names join fields and dict keys with '.', so keys 1 and '1', or a key 'a.b' and a "
+        "key 'a' holding a key 'b', collide: rename a dict key so that the names differ.",
+    )
+    for key in reversed(second):
+        err.push(*key)
+    err.root = type(value).__name__
+    return err
 
 
 def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
@@ -207,11 +235,18 @@ def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
         active.add(id(v))
         try:
             if isinstance(node, HandWrittenNode):
-                yield from _hand_written_leaves(node, v, path)
+                try:
+                    own = node.own(v)  # raises for an inconsistent instance
+                except ModelError as e:
+                    raise _located(e, path, value) from None
+                yield from _hand_written_leaves(own, v, path)
             else:
                 children = node.children(v)
                 if not children:
-                    node.flatten(v, [])  # raises for hidden parameters
+                    try:
+                        node.flatten(v, [])  # raises for hidden parameters
+                    except ModelError as e:
+                        raise _located(e, path, value) from None
                     yield path, v
                 for key, child in children:
                     yield from visit(child, (*path, key), active)
@@ -263,8 +298,16 @@ def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None
 _MISSING = object()
 
 
+def _located(error: ModelError, path: tuple[PathKey, ...], root: Any) -> ModelError:
+    """``error`` (raised at ``path`` in ``root``) with the path and the root's name added."""
+    for key in reversed(path):
+        error.push(*key)
+    error.root = error.root or type(root).__name__
+    return error
+
+
 def _hand_written_leaves(
-    node: HandWrittenNode, v: Any, path: tuple[PathKey, ...]
+    own: list[torch.Tensor], v: Any, path: tuple[PathKey, ...]
 ) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     where: dict[int, tuple[PathKey, ...]] = {}
     if dataclasses.is_dataclass(v):
@@ -275,7 +318,7 @@ def _hand_written_leaves(
                         where.setdefault(id(leaf), (("attr", f.name), *keys))
             except ModelError:
                 continue
-    for index, p in enumerate(node.own(v)):
+    for index, p in enumerate(own):
         yield (*path, *where.get(id(p), (("index", index),))), p
 
 
