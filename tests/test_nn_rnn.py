@@ -26,6 +26,7 @@ from diffprog.nn import (
     LSTMSpec,
     RNNCell,
     RNNSpec,
+    evaluating,
     training,
 )
 from diffprog.optim import GD, run_step
@@ -387,10 +388,11 @@ def test_dropout_is_off_in_eval_mode_and_packed_training_matches_torch() -> None
     ref = _reference(lstm, torch.nn.LSTM, {})
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     ref.eval()
-    for a, b in zip(_flat(lstm(x)), _flat(ref(x)), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    a1 = _flat(lstm(x, training=True))[0]
-    assert not torch.equal(a1, _flat(lstm(x))[0])  # dropout changed something
+    with evaluating():
+        for a, b in zip(_flat(lstm(x)), _flat(ref(x)), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        a1 = _flat(lstm(x, training=True))[0]
+        assert not torch.equal(a1, _flat(lstm(x))[0])  # dropout changed something
     ref.train()
     packed = pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
     torch.manual_seed(4)
@@ -590,7 +592,8 @@ def test_cuda_gradients_in_eval_and_in_a_training_pass_with_dropout() -> None:
     # in eval mode by default yet differentiated at every step.
     model = dp.sample(LSTMSpec(3, 8, num_layers=2, dropout=0.3), device="cuda")
     x = torch.randn(5, 2, 3, device="cuda", requires_grad=True)
-    (gx,) = torch.autograd.grad(model(x)[0].sum(), x)
+    with evaluating():
+        (gx,) = torch.autograd.grad(model(x)[0].sum(), x)
     reference = _reference(model, torch.nn.LSTM, {}).cuda().eval()
     torch.testing.assert_close(gx, torch.autograd.grad(reference(x)[0].sum(), x)[0])
     loss, _ = training(

@@ -223,7 +223,9 @@ def test_encoder_layer_matches_torch(config: dict[str, Any], mask: str, dtype: t
     batch_first = config.get("batch_first", False)
     src = seq(5, 3, batch_first, dtype, 2)
     kw = encoder_masks(mask, 5, 3, dtype)
-    check_grads(ours, reference, ours(src, **kw), reference(src, **kw), [src], dtype)
+    with nn.evaluating():  # torch's eval(), chosen explicitly: no ModeWarning
+        out = ours(src, **kw)
+    check_grads(ours, reference, out, reference(src, **kw), [src], dtype)
 
 
 def test_encoder_layer_unbatched_matches_torch() -> None:
@@ -233,7 +235,9 @@ def test_encoder_layer_unbatched_matches_torch() -> None:
     load_into(reference, ours)
     src = torch.randn(5, D, dtype=dtype, requires_grad=True)
     mask = generate_square_subsequent_mask(5, dtype=dtype)
-    check_grads(ours, reference, ours(src, mask), reference(src, mask), [src], dtype)
+    with nn.evaluating():
+        out = ours(src, mask)
+    check_grads(ours, reference, out, reference(src, mask), [src], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -265,7 +269,9 @@ def test_decoder_layer_matches_torch(config: dict[str, Any], dtype: torch.dtype)
         },
     ]
     for kw in cases:
-        out, ref_out = ours(tgt, memory, **kw), reference(tgt, memory, **kw)
+        with nn.evaluating():
+            out = ours(tgt, memory, **kw)
+        ref_out = reference(tgt, memory, **kw)
         check_grads(ours, reference, out, ref_out, [tgt, memory], dtype)
 
 
@@ -296,7 +302,9 @@ def test_stacks_match_torch(norm_first: bool, dtype: torch.dtype) -> None:
         {"mask": generate_square_subsequent_mask(5, dtype=torch.bool), "is_causal": True},
         {"src_key_padding_mask": padding(2, 5)},
     ):
-        check_grads(encoder, ref_encoder, encoder(src, **kw), ref_encoder(src, **kw), [src], dtype)
+        with nn.evaluating():
+            out = encoder(src, **kw)
+        check_grads(encoder, ref_encoder, out, ref_encoder(src, **kw), [src], dtype)
 
     dec_spec = TransformerDecoderSpec(
         TransformerDecoderLayerSpec(D, HEADS, FF, **layer_kw), 2, norm=LayerNormSpec(D)
@@ -311,7 +319,9 @@ def test_stacks_match_torch(norm_first: bool, dtype: torch.dtype) -> None:
         "tgt_mask": generate_square_subsequent_mask(4, dtype=dtype),
         "memory_key_padding_mask": padding(2, 6).to(dtype) * -1e9,
     }
-    out, ref_out = decoder(tgt, memory, **kw), ref_decoder(tgt, memory, **kw)
+    with nn.evaluating():
+        out = decoder(tgt, memory, **kw)
+    ref_out = ref_decoder(tgt, memory, **kw)
     check_grads(decoder, ref_decoder, out, ref_out, [tgt, memory], dtype)
 
 
@@ -343,7 +353,9 @@ def test_transformer_init_and_forward_match_torch(
         "src_key_padding_mask": padding(2, 6),
         "memory_key_padding_mask": padding(2, 6),
     }
-    out, ref_out = ours(src, tgt, **kw), reference(src, tgt, **kw)
+    with nn.evaluating():
+        out = ours(src, tgt, **kw)
+    ref_out = reference(src, tgt, **kw)
     check_grads(ours, reference, out, ref_out, [src, tgt], dtype)
 
 
@@ -385,7 +397,8 @@ def test_training_mode_dropout_equals_torch_for_the_same_global_seed() -> None:
     got, same = nn.training(lambda m: m(src, src_key_padding_mask=pad), ours)
     assert_close(got, expected)
     assert same is ours  # no state to update
-    assert not torch.allclose(got, ours(src, src_key_padding_mask=pad))  # eval: no dropout
+    with nn.evaluating():
+        assert not torch.allclose(got, ours(src, src_key_padding_mask=pad))  # eval: no dropout
 
     dec = dp.sample(
         TransformerDecoderLayerSpec(D, HEADS, FF, dropout=0.2), generator=gen(0), dtype=dtype
@@ -411,7 +424,8 @@ def test_training_with_a_generator_is_reproducible() -> None:
 
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
-    assert not torch.allclose(run(3), encoder(src))
+    with nn.evaluating():
+        assert not torch.allclose(run(3), encoder(src))
 
 
 def test_a_transformer_layer_trains() -> None:
@@ -426,12 +440,14 @@ def test_a_transformer_layer_trains() -> None:
     def loss_fn(m: TransformerEncoderLayer) -> torch.Tensor:
         return F.mse_loss(m(src), target)
 
-    first = loss_fn(model).item()
+    with nn.evaluating():
+        first = loss_fn(model).item()
     optimizer = Adam()
     for _ in range(25):
         loss, model = nn.training(loss_fn, model, generator=g)
         model, optimizer = run_step(model, optimizer, loss, 1e-2)
-    assert loss_fn(model).item() < 0.5 * first
+    with nn.evaluating():
+        assert loss_fn(model).item() < 0.5 * first
 
 
 # --- errors and values -----------------------------------------------------------------------

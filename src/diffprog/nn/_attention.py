@@ -8,10 +8,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffprog import DeviceLike, Parameter, Parameterized, init_parameter, sample
+from diffprog import (
+    DeviceLike,
+    Parameter,
+    Parameterized,
+    flatten_parameters,
+    init_parameter,
+    sample,
+)
 from diffprog.nn._dropout import Dropout
 from diffprog.nn._linear import Linear, LinearSpec
-from diffprog.nn._state import is_training, training_generator
+from diffprog.nn._state import is_training, training_generator, warn_unless_mode_chosen
 
 __all__ = ["MultiheadAttention", "MultiheadAttentionSpec", "generate_square_subsequent_mask"]
 
@@ -275,6 +282,12 @@ class MultiheadAttention(Parameterized, kw_only=True):
         """
         if training is None:
             training = is_training()
+            if not training and self.dropout > 0:
+                warn_unless_mode_chosen(
+                    self,
+                    "no dropout on the attention weights",
+                    (query, key, value, *flatten_parameters(self)),
+                )
         if generator is None:
             generator = training_generator()
         dropout_p = self.dropout if training else 0.0

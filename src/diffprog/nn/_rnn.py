@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from diffprog import DeviceLike, Parameter, Parameterized, field, init_parameter
 from diffprog.nn._rnn_cell import Nonlinearity
-from diffprog.nn._state import is_training, training_generator
+from diffprog.nn._state import is_training, training_generator, warn_unless_mode_chosen
 
 __all__ = ["GRU", "LSTM", "RNN", "GRUSpec", "LSTMSpec", "RNNSpec"]
 
@@ -297,6 +297,8 @@ class _RNNBase(Parameterized):
                 )
 
         train = is_training() if training is None else training
+        if training is None and not train and self.dropout > 0 and num_layers > 1:
+            warn_unless_mode_chosen(self, "no dropout between layers", (data, *hx, *weights))
         if generator is None:
             generator = training_generator()
         layered = train and self.dropout > 0 and num_layers > 1 and generator is not None

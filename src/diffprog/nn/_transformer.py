@@ -133,7 +133,8 @@ class TransformerEncoderLayer(Parameterized, kw_only=True):
         >>> spec = TransformerEncoderLayerSpec(d_model=8, nhead=2, dim_feedforward=16,
         ...                                    batch_first=True)
         >>> layer = sample(spec, generator=torch.Generator().manual_seed(0))
-        >>> layer(torch.randn(3, 5, 8)).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     layer(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])
         >>> [name for name, _ in named_parameters(layer)][:3]
         ['self_attn.in_proj_weight', 'self_attn.in_proj_bias', 'self_attn.out_proj.weight']
@@ -183,7 +184,8 @@ class TransformerEncoderLayer(Parameterized, kw_only=True):
         Example:
             >>> layer = sample(TransformerEncoderLayerSpec(8, 2, dim_feedforward=16))
             >>> causal = generate_square_subsequent_mask(5)
-            >>> layer(torch.randn(5, 2, 8), src_mask=causal, is_causal=True).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     layer(torch.randn(5, 2, 8), src_mask=causal, is_causal=True).shape
             torch.Size([5, 2, 8])
         """
         x = src
@@ -341,7 +343,8 @@ class TransformerDecoderLayer(Parameterized, kw_only=True):
     Example:
         >>> layer = sample(TransformerDecoderLayerSpec(8, 2, dim_feedforward=16))
         >>> tgt, memory = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
-        >>> layer(tgt, memory).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     layer(tgt, memory).shape
         torch.Size([4, 2, 8])
     """
 
@@ -399,7 +402,8 @@ class TransformerDecoderLayer(Parameterized, kw_only=True):
             >>> layer = sample(TransformerDecoderLayerSpec(8, 2, dim_feedforward=16))
             >>> tgt, memory = torch.randn(4, 8), torch.randn(6, 8)  # unbatched
             >>> mask = generate_square_subsequent_mask(4)
-            >>> layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True).shape
             torch.Size([4, 8])
         """
         x = tgt
@@ -584,7 +588,8 @@ class TransformerEncoder(Parameterized, kw_only=True):
     Example:
         >>> layer = TransformerEncoderLayerSpec(8, 2, dim_feedforward=16, batch_first=True)
         >>> encoder = sample(TransformerEncoderSpec(layer, num_layers=2))
-        >>> encoder(torch.randn(3, 5, 8)).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     encoder(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])
         >>> encoder.num_layers
         2
@@ -629,7 +634,8 @@ class TransformerEncoder(Parameterized, kw_only=True):
             >>> spec = TransformerEncoderSpec(TransformerEncoderLayerSpec(8, 2, 16), 2)
             >>> encoder = sample(spec)
             >>> padding = torch.tensor([[False, False, True]])  # [batch, seq]
-            >>> encoder(torch.randn(3, 1, 8), src_key_padding_mask=padding).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     encoder(torch.randn(3, 1, 8), src_key_padding_mask=padding).shape
             torch.Size([3, 1, 8])
         """
         causal = _is_causal_mask(
@@ -728,7 +734,8 @@ class TransformerDecoder(Parameterized, kw_only=True):
         >>> decoder = sample(TransformerDecoderSpec(layer, num_layers=2))
         >>> tgt, memory = torch.randn(4, 3, 8), torch.randn(6, 3, 8)
         >>> causal = generate_square_subsequent_mask(4)
-        >>> decoder(tgt, memory, tgt_mask=causal).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     decoder(tgt, memory, tgt_mask=causal).shape
         torch.Size([4, 3, 8])
     """
 
@@ -778,7 +785,8 @@ class TransformerDecoder(Parameterized, kw_only=True):
             >>> spec = TransformerDecoderSpec(TransformerDecoderLayerSpec(8, 2, 16), 2)
             >>> decoder = sample(spec)
             >>> tgt, memory = torch.randn(4, 1, 8), torch.randn(3, 1, 8)
-            >>> decoder(tgt, memory, tgt_mask=generate_square_subsequent_mask(4)).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     decoder(tgt, memory, tgt_mask=generate_square_subsequent_mask(4)).shape
             torch.Size([4, 1, 8])
         """
         causal = _is_causal_mask(
@@ -876,7 +884,8 @@ class Transformer(Parameterized, kw_only=True):
         >>> model = sample(spec, generator=torch.Generator().manual_seed(0))
         >>> src, tgt = torch.randn(6, 2, 8), torch.randn(4, 2, 8)
         >>> mask = Transformer.generate_square_subsequent_mask(4)
-        >>> model(src, tgt, tgt_mask=mask).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     model(src, tgt, tgt_mask=mask).shape
         torch.Size([4, 2, 8])
     """
 
@@ -932,7 +941,8 @@ class Transformer(Parameterized, kw_only=True):
         Example:
             >>> spec = TransformerSpec(8, 2, 1, 1, 16, batch_first=True)
             >>> model = sample(spec)
-            >>> model(torch.randn(2, 5, 8), torch.randn(2, 3, 8)).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     model(torch.randn(2, 5, 8), torch.randn(2, 3, 8)).shape
             torch.Size([2, 3, 8])
         """
         if src.dim() == 3:
