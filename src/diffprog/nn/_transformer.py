@@ -27,6 +27,7 @@ from diffprog.nn._attention import (
 from diffprog.nn._dropout import Dropout
 from diffprog.nn._linear import Linear, LinearSpec
 from diffprog.nn._norm import LayerNorm, LayerNormSpec
+from diffprog.nn._state import is_training
 
 __all__ = [
     "Transformer",
@@ -575,6 +576,91 @@ class TransformerDecoderLayerSpec:
         )
 
 
+def _nested_fast_path_keep(
+    encoder: TransformerEncoder,
+    src: torch.Tensor,
+    mask: torch.Tensor | None,
+    src_key_padding_mask: torch.Tensor | None,
+    training: bool,
+) -> torch.Tensor | None:
+    """Where torch.nn.TransformerEncoder's nested-tensor path keeps tokens, if it takes it.
+
+    In eval mode with nothing to differentiate, torch.nn's encoder packs a batch_first input
+    with a key padding mask into a nested tensor (only the tokens kept), runs the layers on it
+    and pads the result back with zeros: its output is 0 at padded positions, where the
+    regular computation gives values. This returns the ``[N, S]`` bool mask of kept tokens
+    when torch would take that path (its conditions in ``TransformerEncoder.__init__`` and
+    ``forward``, in torch's order), else ``None``. A mask that is not left-aligned (padding only
+    at the end of each row) is never converted: torch checks that (``mask_check``) or, with
+    ``mask_check=False``, mis-converts it, which is not something to reproduce.
+    """
+    if (
+        src_key_padding_mask is None
+        or mask is not None
+        or training
+        or not encoder.enable_nested_tensor
+        or src.dim() != 3
+        or src.is_nested
+        or not torch.backends.mha.get_fastpath_enabled()
+    ):
+        return None
+    first = encoder.layers[0]
+    attn = first.self_attn
+    # torch.nn.TransformerEncoder.__init__'s conditions on the layer (use_nested_tensor).
+    if (
+        not isinstance(first, TransformerEncoderLayer)
+        or first.norm_first
+        or not attn.batch_first
+        or attn.in_proj_weight is None  # kdim/vdim differ from embed_dim
+        or attn.in_proj_bias is None
+        or not (
+            first.activation in (F.relu, F.gelu)
+            or isinstance(first.activation, (torch.nn.ReLU, torch.nn.GELU))
+        )
+        or first.norm1.eps != first.norm2.eps
+        or attn.num_heads % 2 == 1
+    ):
+        return None
+    if encoder.mask_check and torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled():
+        return None
+    batch, length = src.shape[:2]
+    if src_key_padding_mask.shape != (batch, length):
+        return None  # the layers report the wrong shape
+    tensors = [
+        t
+        for t in (
+            src,
+            attn.in_proj_weight,
+            attn.in_proj_bias,
+            attn.out_proj.weight,
+            attn.out_proj.bias,
+            first.norm1.weight,
+            first.norm1.bias,
+            first.norm2.weight,
+            first.norm2.bias,
+            first.linear1.weight,
+            first.linear1.bias,
+            first.linear2.weight,
+            first.linear2.bias,
+        )
+        if t is not None
+    ]
+    if torch.overrides.has_torch_function(tensors):
+        return None
+    if src.device.type not in ("cpu", "cuda", "xpu", torch._C._get_privateuse1_backend_name()):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    # As torch: a bool mask is True at padding; a float one keeps exactly its zeros.
+    keep = src_key_padding_mask.logical_not()
+    # Left-aligned: no kept token after a padded one in any row.
+    if bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+        return None
+    return keep
+
+
 class TransformerEncoder(Parameterized, kw_only=True):
     """A stack of encoder layers and an optional final norm, as ``torch.nn.TransformerEncoder``.
 
@@ -584,6 +670,12 @@ class TransformerEncoder(Parameterized, kw_only=True):
     Attributes:
         layers: the encoder layers, applied in order.
         norm: applied to the last layer's output, or ``None``.
+        enable_nested_tensor: as torch.nn's: where torch.nn's encoder would take its
+            nested-tensor path (eval mode, no gradient recorded, a batch_first input with a
+            left-aligned ``src_key_padding_mask`` and no ``mask``, a post-norm first layer
+            with biases, relu/gelu and an even number of heads), the outputs at padded
+            positions are zero before ``norm``, as torch.nn's are. ``False``: never.
+        mask_check: as torch.nn's (under ``torch.compile``, ``True`` turns that path off).
 
     Example:
         >>> layer = TransformerEncoderLayerSpec(8, 2, dim_feedforward=16, batch_first=True)
@@ -597,6 +689,8 @@ class TransformerEncoder(Parameterized, kw_only=True):
 
     layers: tuple[TransformerEncoderLayer, ...]
     norm: Activation | None = None
+    enable_nested_tensor: bool = True
+    mask_check: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -641,6 +735,12 @@ class TransformerEncoder(Parameterized, kw_only=True):
         causal = _is_causal_mask(
             mask, is_causal, _seq_len(src, self.layers[0].self_attn.batch_first)
         )
+        train = is_training() if training is None else training
+        keep = _nested_fast_path_keep(self, src, mask, src_key_padding_mask, train)
+        if keep is not None:
+            # torch.nn's layers then see only the kept tokens: the same as a bool padding mask
+            # (a float mask's nonzero entries count as padding, as torch converts it).
+            src_key_padding_mask = keep.logical_not()
         output = src
         for layer in self.layers:
             output = layer(
@@ -651,6 +751,8 @@ class TransformerEncoder(Parameterized, kw_only=True):
                 training=training,
                 generator=generator,
             )
+        if keep is not None:
+            output = output.masked_fill(~keep.unsqueeze(-1), 0.0)  # torch pads back with zeros
         if self.norm is not None:
             output = self.norm(output)
         return output
@@ -669,9 +771,10 @@ class TransformerEncoderSpec:
         encoder_layer: the spec of each layer.
         num_layers: the number of layers.
         norm: the spec of the final norm (usually a ``LayerNormSpec``), or ``None``.
-        enable_nested_tensor: accepted for compatibility; diffprog never converts the input
-            to a nested tensor (PyTorch's inference fast path), so it has no effect.
-        mask_check: accepted for compatibility, no effect (it belongs to that fast path).
+        enable_nested_tensor: kept on the sampled stack: where torch.nn's encoder would take
+            its nested-tensor path, the outputs at padded positions are zero, as torch.nn's
+            (see :class:`TransformerEncoder`).
+        mask_check: kept on the sampled stack, as torch.nn's.
 
     Raises:
         ValueError: ``num_layers`` below 1.
@@ -717,7 +820,12 @@ class TransformerEncoderSpec:
         kw: dict[str, Any] = {"generator": generator, "device": device, "dtype": dtype}
         layer = sample(self.encoder_layer, **kw)
         norm = None if self.norm is None else sample(self.norm, **kw)
-        return TransformerEncoder(layers=_clones(layer, self.num_layers), norm=norm)
+        return TransformerEncoder(
+            layers=_clones(layer, self.num_layers),
+            norm=norm,
+            enable_nested_tensor=self.enable_nested_tensor,
+            mask_check=self.mask_check,
+        )
 
 
 class TransformerDecoder(Parameterized, kw_only=True):
