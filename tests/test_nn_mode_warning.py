@@ -144,6 +144,10 @@ def test_only_the_layers_parameters_requiring_grad_also_warn() -> None:
     bn = dp.sample(nn.BatchNorm1dSpec(3))
     with pytest.warns(nn.ModeWarning, match="BatchNorm1d"):
         bn(torch.randn(4, 3))
+    mha = dp.sample(nn.MultiheadAttentionSpec(4, 2, dropout=0.1))
+    x = torch.randn(3, 4)
+    with pytest.warns(nn.ModeWarning, match="MultiheadAttention"):
+        mha(x, x, x)
     lstm = dp.sample(nn.LSTMSpec(3, 4, num_layers=2, dropout=0.2))
     with pytest.warns(nn.ModeWarning, match="LSTM"):
         lstm(torch.randn(5, 3))

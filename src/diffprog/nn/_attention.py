@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,14 @@ def _check_shapes(
         f"query must be 2-D (unbatched) or 3-D (batched); got a {query.dim()}-D tensor of shape "
         f"{tuple(query.shape)}."
     )
+
+
+def _inputs_then_parameters(
+    layer: MultiheadAttention, *inputs: torch.Tensor
+) -> Iterator[torch.Tensor]:
+    """The inputs, then the layer's parameters (flattened lazily: only if no input needs grad)."""
+    yield from inputs
+    yield from flatten_parameters(layer)
 
 
 class MultiheadAttention(Parameterized, kw_only=True):
@@ -286,7 +295,7 @@ class MultiheadAttention(Parameterized, kw_only=True):
                 warn_unless_mode_chosen(
                     self,
                     "no dropout on the attention weights",
-                    (query, key, value, *flatten_parameters(self)),
+                    _inputs_then_parameters(self, query, key, value),
                 )
         if generator is None:
             generator = training_generator()

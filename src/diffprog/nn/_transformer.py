@@ -614,7 +614,8 @@ def _nested_fast_path_keep(
         or attn.in_proj_weight is None  # kdim/vdim differ from embed_dim
         or attn.in_proj_bias is None
         or not (
-            first.activation in (F.relu, F.gelu)
+            first.activation is F.relu
+            or first.activation is F.gelu
             or isinstance(first.activation, (torch.nn.ReLU, torch.nn.GELU))
         )
         or first.norm1.eps != first.norm2.eps
