@@ -105,8 +105,9 @@ def test_char_lm_model_is_causal() -> None:
     changed = tokens.clone()
     changed[:, 5:] = (changed[:, 5:] + 1) % 10
     # positions before 5 cannot see the change
-    torch.testing.assert_close(model(tokens)[:, :5], model(changed)[:, :5])
-    assert not torch.allclose(model(tokens)[:, 5:], model(changed)[:, 5:])
+    with dp.nn.evaluating():
+        torch.testing.assert_close(model(tokens)[:, :5], model(changed)[:, :5])
+        assert not torch.allclose(model(tokens)[:, 5:], model(changed)[:, 5:])
 
 
 def test_char_lm_train_keeps_the_best_model() -> None:

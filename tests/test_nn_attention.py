@@ -258,7 +258,9 @@ def test_training_dropout_equals_torch_for_the_same_global_seed(need_weights: bo
         lambda m: m(x, x, x, key_padding_mask=padding, need_weights=need_weights), ours
     )
     assert_close(got_in_pass[0], expected[0])
-    assert not torch.allclose(got[0], ours(x, x, x, key_padding_mask=padding)[0])  # it dropped
+    with nn.evaluating():
+        evaluated = ours(x, x, x, key_padding_mask=padding)[0]
+    assert not torch.allclose(got[0], evaluated)  # it dropped
 
 
 def test_training_dropout_with_a_generator_draws_torchs_mask() -> None:
@@ -284,7 +286,8 @@ def test_eval_mode_ignores_dropout_and_never_draws() -> None:
     x = torch.randn(4, 2, 8, dtype=torch.float64)
     g = gen(0)
     before = g.get_state()
-    a = ours(x, x, x, generator=g)[0]
+    with nn.evaluating():
+        a = ours(x, x, x, generator=g)[0]
     b = ours(x, x, x, training=False, generator=g)[0]
     assert torch.equal(a, b)
     assert torch.equal(g.get_state(), before)

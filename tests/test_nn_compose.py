@@ -212,7 +212,8 @@ def test_mlp_spec_final_activation_dropout_and_dtype() -> None:
     load_into(ref, mlp)
     ref.eval()
     x = torch.randn(5, 2, dtype=torch.float64, generator=gen(4))
-    assert_close(mlp(x), ref(x))
+    with nn.evaluating():
+        assert_close(mlp(x), ref(x))
     assert all(p.dtype == torch.float64 for p in dp.flatten_parameters(mlp))
     assert isinstance(mlp[2], nn.Dropout) and mlp[2].p == 0.25
     assert mlp[-1] is torch.sigmoid
@@ -472,7 +473,8 @@ def test_batch_norm_inside_sequential_matches_torch_train_and_eval() -> None:
     assert bn.num_batches_tracked.item() == 3
     ref.eval()
     x = torch.randn(5, 3, generator=gen(200))
-    assert_close(model(x), ref(x))  # eval mode: the running statistics
+    with nn.evaluating():
+        assert_close(model(x), ref(x))  # eval mode: the running statistics
 
 
 def load_into_with_buffers(module: torch.nn.Module, model: Any) -> None:

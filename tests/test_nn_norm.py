@@ -188,7 +188,8 @@ def _parity(spec: Any, make: Any, shape: tuple[int, ...], dtype: torch.dtype, tr
     if train:
         (y, loss), updated = nn.training(loss_fn, layer, x_ours)
     else:
-        (y, loss), updated = loss_fn(layer, x_ours), layer
+        with nn.evaluating():  # torch's eval(), chosen explicitly: no ModeWarning
+            (y, loss), updated = loss_fn(layer, x_ours), layer
     y_ref = module(x_theirs)
     (y_ref * weights).sum().backward()
     assert_close(y, y_ref)
@@ -272,14 +273,16 @@ def test_running_statistics_follow_torch_over_steps(
         layer, original = new, state_of(new)
     module.eval()
     x = torch.randn(shape, generator=g)
-    assert_close(layer(x), module(x))
+    with nn.evaluating():
+        assert_close(layer(x), module(x))
 
 
 def test_forward_never_changes_the_layer() -> None:
     bn = randomised(dp.sample(nn.BatchNorm2dSpec(3)))
     before = state_of(bn)
     x = torch.randn(4, 3, 2, 2)
-    bn(x)
+    with nn.evaluating():
+        bn(x)
     _, new = nn.training(lambda m: m(x), bn)
     for name, value in state_of(bn).items():
         assert torch.equal(value, before[name])
@@ -426,7 +429,8 @@ def test_training_with_run_step_equals_torch_sgd() -> None:
         assert_close(net_state(model)[name], value, msg=name)
     reference.eval()
     x = torch.randn(4, 3, generator=g)
-    assert_close(model(x), reference(x))
+    with nn.evaluating():
+        assert_close(model(x), reference(x))
 
 
 def test_containers_of_layers_are_updated() -> None:
@@ -496,7 +500,8 @@ def test_nested_user_models() -> None:
     for i, block in enumerate(tower.blocks):
         assert_close(block.norm.running_mean, reference[i][1].running_mean)
         assert_close(block.norm.running_var, reference[i][1].running_var)
-    assert_close(tower(x), reference.eval()(x))
+    with nn.evaluating():
+        assert_close(tower(x), reference.eval()(x))
 
 
 def test_sequential_threads_state() -> None:
@@ -531,7 +536,8 @@ def test_state_works_under_torch_func_grad() -> None:
 def test_eval_mode_works_under_vmap() -> None:
     bn = randomised(dp.sample(nn.BatchNorm1dSpec(3)))
     xs = torch.randn(4, 5, 3)
-    assert_close(torch.func.vmap(bn)(xs), torch.stack([bn(x) for x in xs]))
+    with nn.evaluating():
+        assert_close(torch.func.vmap(bn)(xs), torch.stack([bn(x) for x in xs]))
 
 
 def test_training_inside_vmap_gives_per_member_statistics() -> None:

@@ -26,6 +26,7 @@ from diffprog.nn import (
     LSTMSpec,
     RNNCell,
     RNNSpec,
+    evaluating,
     training,
 )
 from diffprog.optim import GD, run_step
@@ -326,6 +327,60 @@ def test_training_dropout_matches_torch(
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(("spec_cls", "torch_cls", "extra"), KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_training_dropout_masks_and_gradients_match_torch_in_every_layout(
+    spec_cls: Any,
+    torch_cls: type[torch.nn.Module],
+    extra: dict[str, Any],
+    bidirectional: bool,
+    batch_first: bool,
+    batched: bool,
+) -> None:
+    """Issue 8 item 3: the masks between layers are torch.nn's for one seed in every layout.
+
+    ATen draws them on [seq, batch, H] even for a batch_first input; diffprog drew them on
+    [batch, seq, H] when given a generator, so outputs and gradients differed with batch_first.
+    """
+    spec = spec_cls(
+        3,
+        6,
+        num_layers=3,
+        dropout=0.4,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+        **extra,
+    )
+    ours = dp.sample(spec, dtype=torch.float64)
+    ref = _reference(ours, torch_cls, extra).train()
+    shape = ((4, 5, 3) if batch_first else (5, 4, 3)) if batched else (5, 3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    seed = 23
+    torch.manual_seed(seed)
+    expected = _flat(ref(x))
+    cotangents = [torch.randn_like(o) for o in expected]
+    grads_ref = torch.autograd.grad(
+        sum((o * c).sum() for o, c in zip(expected, cotangents)), [x, *ref.parameters()]
+    )
+
+    def run_with(generator: torch.Generator | None) -> tuple[Any, ...]:
+        if generator is None:
+            torch.manual_seed(seed)  # torch's global generator, as torch.nn
+        got, _ = training(lambda m, x: m(x), ours, x, generator=generator)
+        outs = _flat(got)
+        loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
+        return tuple(outs), torch.autograd.grad(loss, [x, *dp.flatten_parameters(ours)])
+
+    for generator in (None, torch.Generator().manual_seed(seed)):
+        outs, grads = run_with(generator)
+        for a, b in zip(outs, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_dropout_is_off_in_eval_mode_and_packed_training_matches_torch() -> None:
     lstm = dp.sample(
         LSTMSpec(3, 4, num_layers=2, dropout=0.5, batch_first=True), dtype=torch.float64
@@ -333,10 +388,11 @@ def test_dropout_is_off_in_eval_mode_and_packed_training_matches_torch() -> None
     ref = _reference(lstm, torch.nn.LSTM, {})
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     ref.eval()
-    for a, b in zip(_flat(lstm(x)), _flat(ref(x)), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    a1 = _flat(lstm(x, training=True))[0]
-    assert not torch.equal(a1, _flat(lstm(x))[0])  # dropout changed something
+    with evaluating():
+        for a, b in zip(_flat(lstm(x)), _flat(ref(x)), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        a1 = _flat(lstm(x, training=True))[0]
+        assert not torch.equal(a1, _flat(lstm(x))[0])  # dropout changed something
     ref.train()
     packed = pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
     torch.manual_seed(4)
@@ -536,7 +592,8 @@ def test_cuda_gradients_in_eval_and_in_a_training_pass_with_dropout() -> None:
     # in eval mode by default yet differentiated at every step.
     model = dp.sample(LSTMSpec(3, 8, num_layers=2, dropout=0.3), device="cuda")
     x = torch.randn(5, 2, 3, device="cuda", requires_grad=True)
-    (gx,) = torch.autograd.grad(model(x)[0].sum(), x)
+    with evaluating():
+        (gx,) = torch.autograd.grad(model(x)[0].sum(), x)
     reference = _reference(model, torch.nn.LSTM, {}).cuda().eval()
     torch.testing.assert_close(gx, torch.autograd.grad(reference(x)[0].sum(), x)[0])
     loss, _ = training(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -223,7 +224,9 @@ def test_encoder_layer_matches_torch(config: dict[str, Any], mask: str, dtype: t
     batch_first = config.get("batch_first", False)
     src = seq(5, 3, batch_first, dtype, 2)
     kw = encoder_masks(mask, 5, 3, dtype)
-    check_grads(ours, reference, ours(src, **kw), reference(src, **kw), [src], dtype)
+    with nn.evaluating():  # torch's eval(), chosen explicitly: no ModeWarning
+        out = ours(src, **kw)
+    check_grads(ours, reference, out, reference(src, **kw), [src], dtype)
 
 
 def test_encoder_layer_unbatched_matches_torch() -> None:
@@ -233,7 +236,9 @@ def test_encoder_layer_unbatched_matches_torch() -> None:
     load_into(reference, ours)
     src = torch.randn(5, D, dtype=dtype, requires_grad=True)
     mask = generate_square_subsequent_mask(5, dtype=dtype)
-    check_grads(ours, reference, ours(src, mask), reference(src, mask), [src], dtype)
+    with nn.evaluating():
+        out = ours(src, mask)
+    check_grads(ours, reference, out, reference(src, mask), [src], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -265,7 +270,9 @@ def test_decoder_layer_matches_torch(config: dict[str, Any], dtype: torch.dtype)
         },
     ]
     for kw in cases:
-        out, ref_out = ours(tgt, memory, **kw), reference(tgt, memory, **kw)
+        with nn.evaluating():
+            out = ours(tgt, memory, **kw)
+        ref_out = reference(tgt, memory, **kw)
         check_grads(ours, reference, out, ref_out, [tgt, memory], dtype)
 
 
@@ -296,7 +303,9 @@ def test_stacks_match_torch(norm_first: bool, dtype: torch.dtype) -> None:
         {"mask": generate_square_subsequent_mask(5, dtype=torch.bool), "is_causal": True},
         {"src_key_padding_mask": padding(2, 5)},
     ):
-        check_grads(encoder, ref_encoder, encoder(src, **kw), ref_encoder(src, **kw), [src], dtype)
+        with nn.evaluating():
+            out = encoder(src, **kw)
+        check_grads(encoder, ref_encoder, out, ref_encoder(src, **kw), [src], dtype)
 
     dec_spec = TransformerDecoderSpec(
         TransformerDecoderLayerSpec(D, HEADS, FF, **layer_kw), 2, norm=LayerNormSpec(D)
@@ -311,7 +320,9 @@ def test_stacks_match_torch(norm_first: bool, dtype: torch.dtype) -> None:
         "tgt_mask": generate_square_subsequent_mask(4, dtype=dtype),
         "memory_key_padding_mask": padding(2, 6).to(dtype) * -1e9,
     }
-    out, ref_out = decoder(tgt, memory, **kw), ref_decoder(tgt, memory, **kw)
+    with nn.evaluating():
+        out = decoder(tgt, memory, **kw)
+    ref_out = ref_decoder(tgt, memory, **kw)
     check_grads(decoder, ref_decoder, out, ref_out, [tgt, memory], dtype)
 
 
@@ -343,7 +354,9 @@ def test_transformer_init_and_forward_match_torch(
         "src_key_padding_mask": padding(2, 6),
         "memory_key_padding_mask": padding(2, 6),
     }
-    out, ref_out = ours(src, tgt, **kw), reference(src, tgt, **kw)
+    with nn.evaluating():
+        out = ours(src, tgt, **kw)
+    ref_out = reference(src, tgt, **kw)
     check_grads(ours, reference, out, ref_out, [src, tgt], dtype)
 
 
@@ -385,7 +398,8 @@ def test_training_mode_dropout_equals_torch_for_the_same_global_seed() -> None:
     got, same = nn.training(lambda m: m(src, src_key_padding_mask=pad), ours)
     assert_close(got, expected)
     assert same is ours  # no state to update
-    assert not torch.allclose(got, ours(src, src_key_padding_mask=pad))  # eval: no dropout
+    with nn.evaluating():
+        assert not torch.allclose(got, ours(src, src_key_padding_mask=pad))  # eval: no dropout
 
     dec = dp.sample(
         TransformerDecoderLayerSpec(D, HEADS, FF, dropout=0.2), generator=gen(0), dtype=dtype
@@ -411,7 +425,8 @@ def test_training_with_a_generator_is_reproducible() -> None:
 
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
-    assert not torch.allclose(run(3), encoder(src))
+    with nn.evaluating():
+        assert not torch.allclose(run(3), encoder(src))
 
 
 def test_a_transformer_layer_trains() -> None:
@@ -426,12 +441,14 @@ def test_a_transformer_layer_trains() -> None:
     def loss_fn(m: TransformerEncoderLayer) -> torch.Tensor:
         return F.mse_loss(m(src), target)
 
-    first = loss_fn(model).item()
+    with nn.evaluating():
+        first = loss_fn(model).item()
     optimizer = Adam()
     for _ in range(25):
         loss, model = nn.training(loss_fn, model, generator=g)
         model, optimizer = run_step(model, optimizer, loss, 1e-2)
-    assert loss_fn(model).item() < 0.5 * first
+    with nn.evaluating():
+        assert loss_fn(model).item() < 0.5 * first
 
 
 # --- errors and values -----------------------------------------------------------------------
@@ -472,3 +489,189 @@ def test_layers_are_values() -> None:
     assert isinstance(encoder, TransformerEncoder) and encoder.norm is None
     decoder = dp.sample(TransformerDecoderSpec(TransformerDecoderLayerSpec(8, 2, 8), 1))
     assert isinstance(decoder, TransformerDecoder)
+
+
+# --- torch.nn's nested-tensor path (issue 8 item 8) ------------------------------------------
+
+# The encoder-layer configurations: the default post-norm batch_first layer (torch converts to
+# nested tensors), and each way torch.nn's TransformerEncoder.__init__ turns that path off.
+NESTED_LAYERS: list[tuple[str, dict[str, Any], int]] = [
+    ("nested", {"batch_first": True}, HEADS),
+    ("gelu", {"batch_first": True, "activation": "gelu"}, HEADS),
+    ("seq_first", {}, HEADS),
+    ("norm_first", {"batch_first": True, "norm_first": True}, HEADS),
+    ("silu", {"batch_first": True, "activation": F.silu}, HEADS),
+    ("no_bias", {"batch_first": True, "bias": False}, HEADS),
+    ("odd_heads", {"batch_first": True}, 1),
+]
+
+
+def _padding_masks(n: int, length: int) -> dict[str, torch.Tensor]:
+    left = torch.zeros(n, length, dtype=torch.bool)
+    left[0, 3:] = True
+    left[1, 1:] = True
+    all_padded = left.clone()
+    all_padded[2] = True
+    not_left = left.clone()
+    not_left[2, 0] = True  # padding before a kept token
+    soft = torch.zeros(n, length).masked_fill(left, float("-inf"))
+    soft[2, -1] = -0.5  # a float mask's nonzero entries are padding to torch's nested path
+    return {
+        "left_aligned": left,
+        "float_left_aligned": torch.zeros(n, length).masked_fill(left, float("-inf")),
+        "all_padded_row": all_padded,
+        "not_left_aligned": not_left,
+        "float_soft": soft,
+        "none_padded": torch.zeros(n, length, dtype=torch.bool),
+    }
+
+
+# Masks on which torch.nn's per-layer inference fast path (torch._transformer_encoder_layer_fwd,
+# taken in eval mode without gradients) gives other values than its regular path: a fully padded
+# sequence gives NaN, and a float padding mask's nonzero entries count as padding.
+TORCH_FAST_PATH_QUIRKS = ("all_padded_row", "float_soft")
+
+
+def _encoder_pair(
+    config: dict[str, Any], heads: int, enable_nested_tensor: bool, with_norm: bool
+) -> tuple[Any, torch.nn.TransformerEncoder]:
+    layer_spec = TransformerEncoderLayerSpec(D, heads, FF, dropout=0.0, **config)
+    norm = LayerNormSpec(D, bias=config.get("bias", True)) if with_norm else None
+    spec = TransformerEncoderSpec(
+        layer_spec, 2, norm=norm, enable_nested_tensor=enable_nested_tensor
+    )
+    ours = dp.sample(spec, generator=gen(0))
+    # Distinct weights per layer and a norm bias that is not zero: norm(0) shows at padding.
+    ours = dp.replace_parameters(
+        ours, [dp.make_independent(torch.randn_like(p) * 0.5) for p in dp.flatten_parameters(ours)]
+    )
+    with warnings.catch_warnings():  # torch's notice that its nested path is off
+        warnings.simplefilter("ignore", UserWarning)
+        reference = torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(D, heads, FF, dropout=0.0, **config),
+            2,
+            norm=torch.nn.LayerNorm(D, bias=config.get("bias", True)) if with_norm else None,
+            enable_nested_tensor=enable_nested_tensor,
+        )
+    load_into(reference, ours)
+    return ours, reference
+
+
+# torch warns once per process when it first builds a nested tensor.
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize(
+    ("name", "config", "heads"), NESTED_LAYERS, ids=[c[0] for c in NESTED_LAYERS]
+)
+@pytest.mark.parametrize("enable_nested_tensor", [True, False], ids=["nested_on", "nested_off"])
+@pytest.mark.parametrize("with_norm", [False, True], ids=["no_norm", "norm"])
+def test_encoder_outputs_equal_torchs_nested_path_at_padded_positions(
+    name: str, config: dict[str, Any], heads: int, enable_nested_tensor: bool, with_norm: bool
+) -> None:
+    """In eval mode without gradients torch.nn zeroes padded outputs (nested tensors): so do we.
+
+    Every position is compared with torch.nn itself, for every padding mask, with and without
+    gradients recorded (torch's path needs none), in training and eval mode.
+    """
+    ours, reference = _encoder_pair(config, heads, enable_nested_tensor, with_norm)
+    frozen_ours = dp.replace_parameters(ours, [p.detach() for p in dp.flatten_parameters(ours)])
+    frozen_ref = copy.deepcopy(reference).requires_grad_(False)
+    batch_first = config.get("batch_first", False)
+    src = torch.randn((3, 5, D) if batch_first else (5, 3, D), generator=gen(1))
+    nested = name in ("nested", "gelu") and enable_nested_tensor
+    for mask_name, pad in _padding_masks(3, 5).items():
+        kw = {"src_key_padding_mask": pad}
+        # Gradients recorded: torch's regular path, values at padded positions too.
+        regular = reference.eval()(src, **kw)
+        with nn.evaluating():
+            got = ours(src, **kw)
+        assert_close(got, regular, **tol(torch.float32), msg=mask_name)
+        # torch.nn's per-layer inference fast path differs from its regular path on these
+        # masks; diffprog follows the regular one (documented), unless the nested path (which
+        # zeroes a fully padded sequence) is taken.
+        quirk = mask_name in TORCH_FAST_PATH_QUIRKS and not nested
+        with torch.no_grad(), nn.evaluating():
+            got, expected = ours(src, **kw), reference.eval()(src, **kw)
+        assert_close(got, regular if quirk else expected, **tol(torch.float32), msg=mask_name)
+        # Nothing requires grad (frozen parameters, plain input): torch's path again.
+        with nn.evaluating():
+            got, expected = frozen_ours(src, **kw), frozen_ref.eval()(src, **kw)
+        assert_close(got, regular if quirk else expected, **tol(torch.float32), msg=mask_name)
+        # Training mode: the regular path (dropout=0, so the outputs are deterministic).
+        with torch.no_grad():
+            got, _ = nn.training(lambda m, kw: m(src, **kw), ours, kw)
+        assert_close(got, reference.train()(src, **kw), **tol(torch.float32), msg=mask_name)
+
+
+# torch warns once per process when it first builds a nested tensor.
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_the_nested_path_needs_no_src_mask_and_a_batched_input() -> None:
+    ours, reference = _encoder_pair({"batch_first": True}, HEADS, True, False)
+    reference.eval()
+    pad = _padding_masks(3, 5)["left_aligned"]
+    src = torch.randn(3, 5, D, generator=gen(2))
+    causal = generate_square_subsequent_mask(5, dtype=torch.bool)
+    with torch.no_grad(), nn.evaluating():
+        got = ours(src, mask=causal, src_key_padding_mask=pad)  # a src mask: regular path
+        assert_close(got, reference(src, mask=causal, src_key_padding_mask=pad))
+        assert got[pad].abs().amax() > 0
+        got = ours(src, src_key_padding_mask=pad)  # nested path: zero at padding
+        assert_close(got, reference(src, src_key_padding_mask=pad))
+        assert torch.equal(got[pad], torch.zeros_like(got[pad]))
+        unbatched = ours(src[0], src_key_padding_mask=pad[0])  # unbatched: regular path
+        assert_close(unbatched, reference(src[0], src_key_padding_mask=pad[0]))
+        assert unbatched[pad[0]].abs().amax() > 0
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), nn.evaluating():
+            got = ours(src, src_key_padding_mask=pad)
+            assert_close(got, reference(src, src_key_padding_mask=pad))
+            assert got[pad].abs().amax() > 0  # torch's path turned off: values at padding
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+# torch warns once per process when it first builds a nested tensor.
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_transformer_memory_at_padding_equals_torchs_without_a_memory_mask() -> None:
+    """torch.nn.Transformer's encoder takes the nested path too: its decoder sees that memory."""
+    config = {"batch_first": True, "dropout": 0.0}
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reference = torch.nn.Transformer(D, HEADS, 2, 1, FF, **config).eval()
+    ours = dp.sample(TransformerSpec(D, HEADS, 2, 1, FF, **config), generator=gen(3))
+    load_into(reference, ours)
+    src, tgt = torch.randn(3, 5, D, generator=gen(4)), torch.randn(3, 4, D, generator=gen(5))
+    pad = _padding_masks(3, 5)["left_aligned"]
+    with torch.no_grad(), nn.evaluating():
+        got = ours(src, tgt, src_key_padding_mask=pad)
+        assert_close(got, reference(src, tgt, src_key_padding_mask=pad))
+        with_grad_path = ours(src, tgt, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        assert_close(
+            with_grad_path,
+            reference(src, tgt, src_key_padding_mask=pad, memory_key_padding_mask=pad),
+        )
+
+
+def test_torchs_layer_fast_path_quirks_are_not_reproduced() -> None:
+    """Pins the documented difference: diffprog computes torch.nn's regular path there.
+
+    torch.nn's eval-mode layer fast path gives NaN for a fully padded sequence and treats a
+    float padding mask's nonzero entries as padding; diffprog gives, in every mode, what
+    torch.nn gives with gradients recorded or in training mode.
+    """
+    ours, reference = _encoder_pair({"batch_first": True}, HEADS, False, False)
+    layer, ref_layer = ours.layers[0], reference.layers[0].eval()
+    src = torch.randn(3, 5, D, generator=gen(6))
+    masks = _padding_masks(3, 5)
+    for mask_name in TORCH_FAST_PATH_QUIRKS:
+        pad = masks[mask_name]
+        regular = ref_layer(src, src_key_padding_mask=pad)  # gradients recorded
+        with torch.no_grad():
+            fast = ref_layer(src, src_key_padding_mask=pad)
+            with nn.evaluating():
+                got = layer(src, src_key_padding_mask=pad)
+        assert_close(got, regular, **tol(torch.float32), msg=mask_name)
+        assert not torch.allclose(fast[2], regular[2], equal_nan=False), mask_name
+    assert torch.isfinite(got).all()

@@ -9,6 +9,7 @@ from diffprog._autograd import IndependentTensor, Parameter, grad, make_independ
 from diffprog._errors import (
     CycleError,
     DiffprogError,
+    DiffprogWarning,
     HiddenParameterError,
     InstanceError,
     ModelError,
@@ -31,6 +32,7 @@ __all__ = [
     "CycleError",
     "DeviceLike",
     "DiffprogError",
+    "DiffprogWarning",
     "HiddenParameterError",
     "IndependentTensor",
     "InstanceError",

@@ -32,6 +32,14 @@ class DiffprogError(Exception):
     """Base class of every error diffprog raises."""
 
 
+class DiffprogWarning(UserWarning):
+    """Base class of every warning diffprog gives.
+
+    Filter them all with ``warnings.filterwarnings("ignore", category=dp.DiffprogWarning)``,
+    or a single kind by its subclass (e.g. ``diffprog.nn.ModeWarning``).
+    """
+
+
 class ModelError(DiffprogError):
     """An error at a place inside a model; the message names that place.
 

@@ -98,6 +98,59 @@ def table(results: dict[str, tuple[float, Coord, Path]], steps: int) -> str:
     return "\n".join(lines)
 
 
+def draw(results: dict[str, tuple[float, Coord, Path]], ax: Any) -> None:
+    """Draw the contours, every path and its end point, the start and the minimum on ``ax``."""
+    xs = torch.linspace(-2.0, 2.0, 400, dtype=torch.float64)
+    ys = torch.linspace(-1.0, 3.0, 400, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    z = (1 - gx) ** 2 + 100 * (gy - gx**2) ** 2
+    ax.contour(gx.numpy(), gy.numpy(), torch.log10(z + 1e-3).numpy(), levels=30, colors="0.75")
+    # Thick, faint lines below, thin ones on top (zorder), so that GD's path stays visible
+    # where it runs along Adam's; each end point has its own colour, marker and legend entry.
+    styles = {  # first word of the run's name -> (colour, line width, zorder, end marker)
+        "Adam": ("tab:blue", 6.0, 2, "o"),
+        "GDM": ("tab:green", 1.2, 3, "s"),
+        "GD": ("tab:red", 1.2, 4, "X"),
+    }
+    for name, (lr, _, path) in results.items():
+        if "in place" in name:
+            continue  # the same path as the pure Adam's
+        color, width, order, marker = styles.get(name.split()[0], ("black", 1.0, 5, "D"))
+        px, py = zip(*path)
+        alpha = 0.45 if width > 2 else 1.0
+        ax.plot(
+            px,
+            py,
+            "-",
+            color=color,
+            linewidth=width,
+            alpha=alpha,
+            zorder=order,
+            label=f"{name}, lr {lr:g}",
+        )
+        ax.plot(
+            [px[-1]],
+            [py[-1]],
+            marker,
+            color=color,
+            markeredgecolor="black",
+            markersize=7,
+            zorder=10,
+            label=f"{name.split()[0]} end ({px[-1]:.2f}, {py[-1]:.2f})",
+        )
+    ax.plot(
+        [1.0],
+        [1.0],
+        "*",
+        color="gold",
+        markeredgecolor="black",
+        markersize=24,
+        zorder=9,  # below the end markers, large enough to show around one that reached it
+        label="minimum (1, 1)",
+    )
+    ax.plot([START[0]], [START[1]], "ko", zorder=11, label=f"start {START}")
+
+
 def plot(results: dict[str, tuple[float, Coord, Path]], file: pathlib.Path) -> bool:
     """Plot the paths over the contours into ``file``; ``False`` without matplotlib."""
     try:
@@ -107,22 +160,8 @@ def plot(results: dict[str, tuple[float, Coord, Path]], file: pathlib.Path) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    xs = torch.linspace(-2.0, 2.0, 400, dtype=torch.float64)
-    ys = torch.linspace(-1.0, 3.0, 400, dtype=torch.float64)
-    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
-    z = (1 - gx) ** 2 + 100 * (gy - gx**2) ** 2
     fig, ax = plt.subplots(figsize=(7, 6))
-    ax.contour(gx.numpy(), gy.numpy(), torch.log10(z + 1e-3).numpy(), levels=30, colors="0.75")
-    styles = {"GD": ("tab:red", 1.5), "GDM": ("tab:orange", 1.0), "Adam": ("tab:blue", 4.0)}
-    for name, (lr, _, path) in sorted(results.items(), key=lambda item: -len(item[0])):
-        if "in place" in name:
-            continue  # the same path as the pure Adam's
-        color, width = styles.get(name.split()[0], ("black", 1.0))
-        px, py = zip(*path)
-        ax.plot(px, py, "-", color=color, linewidth=width, alpha=0.8, label=f"{name}, lr {lr:g}")
-        ax.plot([px[-1]], [py[-1]], "X", color=color, markersize=9)
-    ax.plot([1.0], [1.0], "r*", markersize=14, label="minimum (1, 1)")
-    ax.plot([START[0]], [START[1]], "ko", label=f"start {START}")
+    draw(results, ax)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title("Rosenbrock: paths of the optimizers (contours of log10 f)")

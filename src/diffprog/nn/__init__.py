@@ -80,8 +80,10 @@ from diffprog.nn._rnn_cell import (
     RNNCellSpec,
 )
 from diffprog.nn._state import (
+    ModeWarning,
     StateUpdateError,
     current,
+    evaluating,
     is_training,
     record,
     training,
@@ -103,8 +105,10 @@ from diffprog.nn._upsample import InterpolationMode, UpSample, Upsample, UpSampl
 
 __all__ = [
     # --- training mode and stateful layers ---
+    "ModeWarning",
     "StateUpdateError",
     "current",
+    "evaluating",
     "is_training",
     "record",
     "training",

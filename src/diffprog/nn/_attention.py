@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from diffprog import DeviceLike, Parameter, Parameterized, init_parameter, sample
+from diffprog import (
+    DeviceLike,
+    Parameter,
+    Parameterized,
+    flatten_parameters,
+    init_parameter,
+    sample,
+)
 from diffprog.nn._dropout import Dropout
 from diffprog.nn._linear import Linear, LinearSpec
-from diffprog.nn._state import is_training, training_generator
+from diffprog.nn._state import is_training, training_generator, warn_unless_mode_chosen
 
 __all__ = ["MultiheadAttention", "MultiheadAttentionSpec", "generate_square_subsequent_mask"]
 
@@ -115,6 +123,14 @@ def _check_shapes(
         f"query must be 2-D (unbatched) or 3-D (batched); got a {query.dim()}-D tensor of shape "
         f"{tuple(query.shape)}."
     )
+
+
+def _inputs_then_parameters(
+    layer: MultiheadAttention, *inputs: torch.Tensor
+) -> Iterator[torch.Tensor]:
+    """The inputs, then the layer's parameters (flattened lazily: only if no input needs grad)."""
+    yield from inputs
+    yield from flatten_parameters(layer)
 
 
 class MultiheadAttention(Parameterized, kw_only=True):
@@ -275,6 +291,12 @@ class MultiheadAttention(Parameterized, kw_only=True):
         """
         if training is None:
             training = is_training()
+            if not training and self.dropout > 0:
+                warn_unless_mode_chosen(
+                    self,
+                    "no dropout on the attention weights",
+                    _inputs_then_parameters(self, query, key, value),
+                )
         if generator is None:
             generator = training_generator()
         dropout_p = self.dropout if training else 0.0

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprog import DeviceLike, Parameterized
-from diffprog.nn._state import is_training, training_generator
+from diffprog.nn._state import is_training, training_generator, warn_unless_mode_chosen
 
 __all__ = [
     "AlphaDropout",
@@ -121,6 +121,8 @@ class _DropoutBase(Parameterized):
         self._check_input(input)
         if training is None:
             training = is_training()
+            if not training and self.p > 0.0:
+                warn_unless_mode_chosen(self, "no dropout", (input,))
         if not training or self.p == 0.0:
             return input
         if generator is None:

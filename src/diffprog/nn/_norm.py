@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprog import DeviceLike, Parameter, Parameterized, init_parameter
-from diffprog.nn._state import current, is_training, record
+from diffprog.nn._state import current, is_training, record, warn_unless_mode_chosen
 
 __all__ = [
     "BatchNorm1d",
@@ -47,6 +47,8 @@ N = TypeVar("N", bound="_NormBase")
 # writing them into the tensors passed in (as F.batch_norm does). Same kernel, so the same
 # numbers as torch.nn's layers bit for bit; it also works under torch.func.vmap.
 _batch_norm_functional = torch.ops.aten._native_batch_norm_legit_functional.default
+# What evaluation mode does in a norm with running statistics (for the ModeWarning).
+_RUNNING = "normalised with the running statistics, which are not updated"
 
 
 def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -185,6 +187,8 @@ class _BatchNorm(_NormBase):
             )
         if training is None:
             training = is_training()
+            if not training and self.running_mean is not None:
+                warn_unless_mode_chosen(self, _RUNNING, (input, self.weight, self.bias))
         if not training:
             # Eval: the running statistics, or the batch's when there are none.
             return F.batch_norm(
@@ -265,7 +269,8 @@ class BatchNorm2d(_BatchNorm):
 
     Example:
         >>> bn = sample(BatchNorm2dSpec(4))
-        >>> bn(torch.randn(2, 4, 5, 5)).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: the running statistics
+        ...     bn(torch.randn(2, 4, 5, 5)).shape
         torch.Size([2, 4, 5, 5])
     """
 
@@ -279,7 +284,8 @@ class BatchNorm3d(_BatchNorm):
 
     Example:
         >>> bn = sample(BatchNorm3dSpec(2))
-        >>> bn(torch.randn(2, 2, 3, 3, 3)).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: the running statistics
+        ...     bn(torch.randn(2, 2, 3, 3, 3)).shape
         torch.Size([2, 2, 3, 3, 3])
     """
 
@@ -322,7 +328,11 @@ class _InstanceNorm(_NormBase):
             )
         if unbatched:
             input = input.unsqueeze(0)
-        output = self._normalise(input, is_training() if training is None else training)
+        if training is None:
+            training = is_training()
+            if not training and self.running_mean is not None:
+                warn_unless_mode_chosen(self, _RUNNING, (input, self.weight, self.bias))
+        output = self._normalise(input, training)
         return output.squeeze(0) if unbatched else output
 
     def _normalise(self, input: torch.Tensor, training: bool) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from diffprog import DeviceLike, Parameter, Parameterized, field, init_parameter
 from diffprog.nn._rnn_cell import Nonlinearity
-from diffprog.nn._state import is_training, training_generator
+from diffprog.nn._state import is_training, training_generator, warn_unless_mode_chosen
 
 __all__ = ["GRU", "LSTM", "RNN", "GRUSpec", "LSTMSpec", "RNNSpec"]
 
@@ -70,14 +70,32 @@ def _weight_shapes(
     return shapes
 
 
-def _dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The dropout between layers, drawn as ATen's RNN kernels draw it on the CPU."""
+def _dropout(
+    x: torch.Tensor, p: float, generator: torch.Generator | None, batch_first: bool
+) -> torch.Tensor:
+    """The dropout between layers, drawn as ATen's RNN kernels draw it on the CPU.
+
+    Args:
+        x: a layer's output: ``[seq, batch, H]``, ``[batch, seq, H]`` if ``batch_first``, or
+            the ``[total, H]`` data of a packed sequence (then ``batch_first`` is ``False``).
+        p: the dropout probability.
+        generator: the random source (``None``: torch's global generator).
+        batch_first: whether ``x`` is ``[batch, seq, H]``.
+
+    Returns:
+        ``x`` with the mask applied, scaled by ``1 / (1 - p)``.
+    """
     if p == 1.0:
         return x * torch.zeros((), dtype=x.dtype, device=x.device)
+    # ATen transposes a batch_first input to [seq, batch, H] before the first layer and draws
+    # each mask on that contiguous layout; drawing on [batch, seq, H] would give the same
+    # numbers in a different order, i.e. other masks than torch.nn's for the same seed.
+    seq_first = x.transpose(0, 1) if batch_first else x
     draw_on = generator.device if generator is not None else x.device
-    noise = torch.empty(x.shape, dtype=x.dtype, device=draw_on)
+    noise = torch.empty(seq_first.shape, dtype=x.dtype, device=draw_on)
     noise.bernoulli_(1.0 - p, generator=generator)
-    return x * noise.div_(1.0 - p).to(x.device)
+    noise = noise.div_(1.0 - p).to(x.device)
+    return x * (noise.transpose(0, 1) if batch_first else noise)
 
 
 class _RNNBase(Parameterized):
@@ -279,6 +297,8 @@ class _RNNBase(Parameterized):
                 )
 
         train = is_training() if training is None else training
+        if training is None and not train and self.dropout > 0 and num_layers > 1:
+            warn_unless_mode_chosen(self, "no dropout between layers", (data, *hx, *weights))
         if generator is None:
             generator = training_generator()
         layered = train and self.dropout > 0 and num_layers > 1 and generator is not None
@@ -312,7 +332,9 @@ class _RNNBase(Parameterized):
             output = data
             for layer in range(num_layers):
                 if layer > 0:
-                    output = _dropout(output, self.dropout, generator)
+                    output = _dropout(
+                        output, self.dropout, generator, self.batch_first and batch_sizes is None
+                    )
                 own = slice(layer * directions, (layer + 1) * directions)
                 output, states = self._kernel(
                     output,

@@ -20,20 +20,38 @@ How a layer takes part (what ``BatchNorm`` does)::
 Layers are matched by identity: ``training`` swaps each recorded layer for its latest version
 wherever that same object sits in the model (fields of Parameterized values, lists, tuples,
 named tuples, dicts). A layer used twice in one pass updates twice, as in PyTorch.
+
+Evaluation is the default, as the absence of a pass. Because a torch.nn user expects
+``model.train()`` behaviour instead, a layer whose behaviour depends on the mode warns
+(:class:`ModeWarning`) when it runs with gradients recorded while no mode was chosen; the
+:func:`evaluating` context chooses evaluation explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Callable
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 import torch
 
-from diffprog import DiffprogError
+from diffprog import DiffprogError, DiffprogWarning
 from diffprog._traverse import substitute
 
-__all__ = ["StateUpdateError", "current", "is_training", "record", "training", "training_generator"]
+__all__ = [
+    "ModeWarning",
+    "StateUpdateError",
+    "current",
+    "evaluating",
+    "is_training",
+    "record",
+    "training",
+    "training_generator",
+]
 
 M = TypeVar("M")
 R = TypeVar("R")
@@ -45,6 +63,24 @@ class StateUpdateError(DiffprogError, ValueError):
     """A stateful layer updated its state in a training pass but is not part of the model.
 
     Its update would be lost, so :func:`training` refuses to return a stale model.
+    """
+
+
+class ModeWarning(DiffprogWarning):
+    """A layer whose behaviour depends on the mode ran in evaluation mode by default.
+
+    Given when Dropout (any of the family, ``p > 0``), a norm with running statistics
+    (BatchNorm, InstanceNorm with ``track_running_stats``), an RNN/LSTM/GRU with dropout
+    between layers, or a MultiheadAttention with ``dropout > 0`` runs
+
+    - outside :func:`training` and outside :func:`evaluating`, without a ``training=`` keyword,
+    - while gradients are recorded: ``torch.is_grad_enabled()`` and one of the tensors the layer
+      computes from (its inputs, its parameters and, for RNNs, the initial state) requires grad.
+
+    Such a call is most likely a forgotten :func:`training` (a torch.nn module starts in
+    ``train()`` mode, a diffprog layer evaluates unless told otherwise). It is given through
+    the ``warnings`` module, attributed to the first line outside ``diffprog.nn`` (your code), so
+    Python's default rule shows it once per layer type and place in your code.
     """
 
 
@@ -65,6 +101,10 @@ class _Pass:
 
 _ACTIVE: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar(
     "diffprog_training_pass", default=None
+)
+# Whether an evaluating() block runs (and no training pass inside it): evaluation was chosen.
+_EVALUATING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "diffprog_evaluating", default=False
 )
 
 
@@ -135,9 +175,11 @@ def training(
         generator = outer.generator
     active = _Pass(generator, outer)
     token = _ACTIVE.set(active)
+    eval_token = _EVALUATING.set(False)  # a pass inside evaluating() trains
     try:
         result = fn(model, *args, **kwargs)
     finally:
+        _EVALUATING.reset(eval_token)
         _ACTIVE.reset(token)
     if not active.own:
         return result, model
@@ -160,18 +202,100 @@ def training(
     return result, updated
 
 
+@contextlib.contextmanager
+def evaluating() -> Iterator[None]:
+    """Run the block in evaluation mode, chosen explicitly: torch.nn's ``model.eval()``.
+
+    Layers evaluate outside :func:`training` anyway; inside this block they do so without a
+    :class:`ModeWarning` when gradients are recorded (e.g. gradients with respect to the
+    input of a trained model, or a validation loss computed without ``torch.no_grad``).
+    Inside a training pass, the block evaluates too (BatchNorm uses and keeps its running
+    statistics, Dropout is the identity); a :func:`training` pass inside the block trains.
+
+    Example:
+        >>> from diffprog.nn import DropoutSpec, training
+        >>> drop = sample(DropoutSpec(p=0.5))
+        >>> x = torch.ones(4, requires_grad=True)
+        >>> with evaluating():
+        ...     y = drop(x)  # the identity, no warning
+        >>> torch.equal(y, x), is_training()
+        (True, False)
+        >>> def fn(model):
+        ...     with evaluating():
+        ...         return is_training()
+        >>> training(fn, None)[0]  # evaluating inside a training pass
+        False
+    """
+    token = _EVALUATING.set(True)
+    try:
+        yield
+    finally:
+        _EVALUATING.reset(token)
+
+
 def is_training() -> bool:
     """Whether a :func:`training` pass is running (layers then use training behaviour).
 
     Returns:
-        ``True`` inside :func:`training`, else ``False`` (eval mode).
+        ``True`` inside :func:`training` (but not in an :func:`evaluating` block within it),
+        else ``False`` (eval mode).
 
     Example:
         >>> from diffprog.nn import training
         >>> is_training(), training(lambda m: is_training(), None)[0]
         (False, True)
     """
-    return _ACTIVE.get() is not None
+    return _ACTIVE.get() is not None and not _EVALUATING.get()
+
+
+_NN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside ``diffprog.nn`` (the user's call)."""
+    level, frame = 2, sys._getframe(2)  # the caller of warn_unless_mode_chosen's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_NN_DIR):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    return level
+
+
+def warn_unless_mode_chosen(
+    layer: object, effect: str, tensors: Iterable[torch.Tensor | None]
+) -> None:
+    """Give a :class:`ModeWarning` if ``layer`` evaluates by default while gradients are recorded.
+
+    A layer whose behaviour depends on the mode calls this when it was given no ``training=``
+    keyword and :func:`is_training` is ``False``. Nothing happens inside :func:`training` or
+    :func:`evaluating`, under ``torch.no_grad()``, or when none of ``tensors`` requires grad.
+
+    Args:
+        layer: the layer (its class names it in the message).
+        effect: what evaluation mode does in that layer, e.g. ``"no dropout"``.
+        tensors: what the layer computes from: inputs, parameters (``None`` entries skipped).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_unless_mode_chosen(object(), "no dropout", [torch.ones(1)])
+        ...     warn_unless_mode_chosen(object(), "no dropout", [torch.ones(1).requires_grad_()])
+        >>> [w.category.__name__ for w in caught]
+        ['ModeWarning']
+    """
+    if _ACTIVE.get() is not None or _EVALUATING.get() or not torch.is_grad_enabled():
+        return
+    if not any(t is not None and t.requires_grad for t in tensors):
+        return
+    name = type(layer).__name__
+    warnings.warn(
+        f"{name} ran in evaluation mode ({effect}) while gradients are being recorded, because "
+        "no mode was chosen: diffprog layers evaluate unless told otherwise (a torch.nn module "
+        "starts in train() mode). To train, compute the loss inside "
+        "diffprog.nn.training(loss_fn, model, ...); to evaluate, run the layer inside "
+        "`with diffprog.nn.evaluating():` (or pass training=False), which silences this.",
+        ModeWarning,
+        stacklevel=_caller_stacklevel(),
+    )
 
 
 def training_generator() -> torch.Generator | None:

@@ -27,6 +27,7 @@ from diffprog.nn._attention import (
 from diffprog.nn._dropout import Dropout
 from diffprog.nn._linear import Linear, LinearSpec
 from diffprog.nn._norm import LayerNorm, LayerNormSpec
+from diffprog.nn._state import is_training
 
 __all__ = [
     "Transformer",
@@ -133,7 +134,8 @@ class TransformerEncoderLayer(Parameterized, kw_only=True):
         >>> spec = TransformerEncoderLayerSpec(d_model=8, nhead=2, dim_feedforward=16,
         ...                                    batch_first=True)
         >>> layer = sample(spec, generator=torch.Generator().manual_seed(0))
-        >>> layer(torch.randn(3, 5, 8)).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     layer(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])
         >>> [name for name, _ in named_parameters(layer)][:3]
         ['self_attn.in_proj_weight', 'self_attn.in_proj_bias', 'self_attn.out_proj.weight']
@@ -183,7 +185,8 @@ class TransformerEncoderLayer(Parameterized, kw_only=True):
         Example:
             >>> layer = sample(TransformerEncoderLayerSpec(8, 2, dim_feedforward=16))
             >>> causal = generate_square_subsequent_mask(5)
-            >>> layer(torch.randn(5, 2, 8), src_mask=causal, is_causal=True).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     layer(torch.randn(5, 2, 8), src_mask=causal, is_causal=True).shape
             torch.Size([5, 2, 8])
         """
         x = src
@@ -341,7 +344,8 @@ class TransformerDecoderLayer(Parameterized, kw_only=True):
     Example:
         >>> layer = sample(TransformerDecoderLayerSpec(8, 2, dim_feedforward=16))
         >>> tgt, memory = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
-        >>> layer(tgt, memory).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     layer(tgt, memory).shape
         torch.Size([4, 2, 8])
     """
 
@@ -399,7 +403,8 @@ class TransformerDecoderLayer(Parameterized, kw_only=True):
             >>> layer = sample(TransformerDecoderLayerSpec(8, 2, dim_feedforward=16))
             >>> tgt, memory = torch.randn(4, 8), torch.randn(6, 8)  # unbatched
             >>> mask = generate_square_subsequent_mask(4)
-            >>> layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     layer(tgt, memory, tgt_mask=mask, tgt_is_causal=True).shape
             torch.Size([4, 8])
         """
         x = tgt
@@ -571,6 +576,92 @@ class TransformerDecoderLayerSpec:
         )
 
 
+def _nested_fast_path_keep(
+    encoder: TransformerEncoder,
+    src: torch.Tensor,
+    mask: torch.Tensor | None,
+    src_key_padding_mask: torch.Tensor | None,
+    training: bool,
+) -> torch.Tensor | None:
+    """Where torch.nn.TransformerEncoder's nested-tensor path keeps tokens, if it takes it.
+
+    In eval mode with nothing to differentiate, torch.nn's encoder packs a batch_first input
+    with a key padding mask into a nested tensor (only the tokens kept), runs the layers on it
+    and pads the result back with zeros: its output is 0 at padded positions, where the
+    regular computation gives values. This returns the ``[N, S]`` bool mask of kept tokens
+    when torch would take that path (its conditions in ``TransformerEncoder.__init__`` and
+    ``forward``, in torch's order), else ``None``. A mask that is not left-aligned (padding only
+    at the end of each row) is never converted: torch checks that (``mask_check``) or, with
+    ``mask_check=False``, mis-converts it, which is not something to reproduce.
+    """
+    if (
+        src_key_padding_mask is None
+        or mask is not None
+        or training
+        or not encoder.enable_nested_tensor
+        or src.dim() != 3
+        or src.is_nested
+        or not torch.backends.mha.get_fastpath_enabled()
+    ):
+        return None
+    first = encoder.layers[0]
+    attn = first.self_attn
+    # torch.nn.TransformerEncoder.__init__'s conditions on the layer (use_nested_tensor).
+    if (
+        not isinstance(first, TransformerEncoderLayer)
+        or first.norm_first
+        or not attn.batch_first
+        or attn.in_proj_weight is None  # kdim/vdim differ from embed_dim
+        or attn.in_proj_bias is None
+        or not (
+            first.activation is F.relu
+            or first.activation is F.gelu
+            or isinstance(first.activation, (torch.nn.ReLU, torch.nn.GELU))
+        )
+        or first.norm1.eps != first.norm2.eps
+        or attn.num_heads % 2 == 1
+    ):
+        return None
+    if encoder.mask_check and torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled():
+        return None
+    batch, length = src.shape[:2]
+    if src_key_padding_mask.shape != (batch, length):
+        return None  # the layers report the wrong shape
+    tensors = [
+        t
+        for t in (
+            src,
+            attn.in_proj_weight,
+            attn.in_proj_bias,
+            attn.out_proj.weight,
+            attn.out_proj.bias,
+            first.norm1.weight,
+            first.norm1.bias,
+            first.norm2.weight,
+            first.norm2.bias,
+            first.linear1.weight,
+            first.linear1.bias,
+            first.linear2.weight,
+            first.linear2.bias,
+        )
+        if t is not None
+    ]
+    if torch.overrides.has_torch_function(tensors):
+        return None
+    if src.device.type not in ("cpu", "cuda", "xpu", torch._C._get_privateuse1_backend_name()):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    # As torch: a bool mask is True at padding; a float one keeps exactly its zeros.
+    keep = src_key_padding_mask.logical_not()
+    # Left-aligned: no kept token after a padded one in any row.
+    if bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+        return None
+    return keep
+
+
 class TransformerEncoder(Parameterized, kw_only=True):
     """A stack of encoder layers and an optional final norm, as ``torch.nn.TransformerEncoder``.
 
@@ -580,11 +671,18 @@ class TransformerEncoder(Parameterized, kw_only=True):
     Attributes:
         layers: the encoder layers, applied in order.
         norm: applied to the last layer's output, or ``None``.
+        enable_nested_tensor: as torch.nn's: where torch.nn's encoder would take its
+            nested-tensor path (eval mode, no gradient recorded, a batch_first input with a
+            left-aligned ``src_key_padding_mask`` and no ``mask``, a post-norm first layer
+            with biases, relu/gelu and an even number of heads), the outputs at padded
+            positions are zero before ``norm``, as torch.nn's are. ``False``: never.
+        mask_check: as torch.nn's (under ``torch.compile``, ``True`` turns that path off).
 
     Example:
         >>> layer = TransformerEncoderLayerSpec(8, 2, dim_feedforward=16, batch_first=True)
         >>> encoder = sample(TransformerEncoderSpec(layer, num_layers=2))
-        >>> encoder(torch.randn(3, 5, 8)).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     encoder(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])
         >>> encoder.num_layers
         2
@@ -592,6 +690,8 @@ class TransformerEncoder(Parameterized, kw_only=True):
 
     layers: tuple[TransformerEncoderLayer, ...]
     norm: Activation | None = None
+    enable_nested_tensor: bool = True
+    mask_check: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -629,12 +729,19 @@ class TransformerEncoder(Parameterized, kw_only=True):
             >>> spec = TransformerEncoderSpec(TransformerEncoderLayerSpec(8, 2, 16), 2)
             >>> encoder = sample(spec)
             >>> padding = torch.tensor([[False, False, True]])  # [batch, seq]
-            >>> encoder(torch.randn(3, 1, 8), src_key_padding_mask=padding).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     encoder(torch.randn(3, 1, 8), src_key_padding_mask=padding).shape
             torch.Size([3, 1, 8])
         """
         causal = _is_causal_mask(
             mask, is_causal, _seq_len(src, self.layers[0].self_attn.batch_first)
         )
+        train = is_training() if training is None else training
+        keep = _nested_fast_path_keep(self, src, mask, src_key_padding_mask, train)
+        if keep is not None:
+            # torch.nn's layers then see only the kept tokens: the same as a bool padding mask
+            # (a float mask's nonzero entries count as padding, as torch converts it).
+            src_key_padding_mask = keep.logical_not()
         output = src
         for layer in self.layers:
             output = layer(
@@ -645,6 +752,8 @@ class TransformerEncoder(Parameterized, kw_only=True):
                 training=training,
                 generator=generator,
             )
+        if keep is not None:
+            output = output.masked_fill(~keep.unsqueeze(-1), 0.0)  # torch pads back with zeros
         if self.norm is not None:
             output = self.norm(output)
         return output
@@ -663,9 +772,10 @@ class TransformerEncoderSpec:
         encoder_layer: the spec of each layer.
         num_layers: the number of layers.
         norm: the spec of the final norm (usually a ``LayerNormSpec``), or ``None``.
-        enable_nested_tensor: accepted for compatibility; diffprog never converts the input
-            to a nested tensor (PyTorch's inference fast path), so it has no effect.
-        mask_check: accepted for compatibility, no effect (it belongs to that fast path).
+        enable_nested_tensor: kept on the sampled stack: where torch.nn's encoder would take
+            its nested-tensor path, the outputs at padded positions are zero, as torch.nn's
+            (see :class:`TransformerEncoder`).
+        mask_check: kept on the sampled stack, as torch.nn's.
 
     Raises:
         ValueError: ``num_layers`` below 1.
@@ -711,7 +821,12 @@ class TransformerEncoderSpec:
         kw: dict[str, Any] = {"generator": generator, "device": device, "dtype": dtype}
         layer = sample(self.encoder_layer, **kw)
         norm = None if self.norm is None else sample(self.norm, **kw)
-        return TransformerEncoder(layers=_clones(layer, self.num_layers), norm=norm)
+        return TransformerEncoder(
+            layers=_clones(layer, self.num_layers),
+            norm=norm,
+            enable_nested_tensor=self.enable_nested_tensor,
+            mask_check=self.mask_check,
+        )
 
 
 class TransformerDecoder(Parameterized, kw_only=True):
@@ -728,7 +843,8 @@ class TransformerDecoder(Parameterized, kw_only=True):
         >>> decoder = sample(TransformerDecoderSpec(layer, num_layers=2))
         >>> tgt, memory = torch.randn(4, 3, 8), torch.randn(6, 3, 8)
         >>> causal = generate_square_subsequent_mask(4)
-        >>> decoder(tgt, memory, tgt_mask=causal).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     decoder(tgt, memory, tgt_mask=causal).shape
         torch.Size([4, 3, 8])
     """
 
@@ -778,7 +894,8 @@ class TransformerDecoder(Parameterized, kw_only=True):
             >>> spec = TransformerDecoderSpec(TransformerDecoderLayerSpec(8, 2, 16), 2)
             >>> decoder = sample(spec)
             >>> tgt, memory = torch.randn(4, 1, 8), torch.randn(3, 1, 8)
-            >>> decoder(tgt, memory, tgt_mask=generate_square_subsequent_mask(4)).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     decoder(tgt, memory, tgt_mask=generate_square_subsequent_mask(4)).shape
             torch.Size([4, 1, 8])
         """
         causal = _is_causal_mask(
@@ -876,7 +993,8 @@ class Transformer(Parameterized, kw_only=True):
         >>> model = sample(spec, generator=torch.Generator().manual_seed(0))
         >>> src, tgt = torch.randn(6, 2, 8), torch.randn(4, 2, 8)
         >>> mask = Transformer.generate_square_subsequent_mask(4)
-        >>> model(src, tgt, tgt_mask=mask).shape
+        >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+        ...     model(src, tgt, tgt_mask=mask).shape
         torch.Size([4, 2, 8])
     """
 
@@ -932,7 +1050,8 @@ class Transformer(Parameterized, kw_only=True):
         Example:
             >>> spec = TransformerSpec(8, 2, 1, 1, 16, batch_first=True)
             >>> model = sample(spec)
-            >>> model(torch.randn(2, 5, 8), torch.randn(2, 3, 8)).shape
+            >>> with dp.nn.evaluating():  # explicit eval mode: no dropout, no warning
+            ...     model(torch.randn(2, 5, 8), torch.randn(2, 3, 8)).shape
             torch.Size([2, 3, 8])
         """
         if src.dim() == 3:
