@@ -110,6 +110,8 @@ def learning_rate_at(lr: LearningRate, count: int) -> float | torch.Tensor:
         ...
         ValueError: Invalid learning rate: -0.05... (the value the schedule gave for step count 3)
     """
+    if type(lr) is float and lr >= 0.0:  # the usual case, first
+        return lr
     if callable(lr) and not isinstance(lr, torch.Tensor):
         value = lr(count)
         try:

@@ -10,8 +10,10 @@ base does the rest.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from typing_extensions import Self
@@ -218,7 +220,7 @@ class PureOptimizer(Parameterized):
         written, so a pure step holds 6 copies of the parameters besides the gradients. On a
         large model the step runs piece by piece (:data:`PIECE_BYTES` at most, a larger tensor
         alone) and drops each piece's gradients after its update, so that the peak is near 6
-        copies rather than 7. A small model is one piece: no cost.
+        copies rather than 7. A small model is one piece: no cost. ``used`` is :meth:`step`'s.
         """
         owner = type(self).__name__
         if self.__dict__.get("_donated", False):
@@ -244,12 +246,10 @@ class PureOptimizer(Parameterized):
         mask = None if used is None else used_mask(used, n, owner)
         if not consume:
             self._check_gradients(gradients, params, settings, mask)
-        elif not self._sparse_ok:
+        elif not self._sparse_ok and any(map(_is_sparse, gradients)):
             # run_step (consume) has its gradients from autograd for these very parameters,
             # so their shapes, dtypes and devices fit; but an Embedding may give sparse ones.
-            sparse = [i for i, g in enumerate(gradients) if g.is_sparse]  # (no name left set)
-            if sparse:
-                raise self._sparse_error(sparse[0])
+            raise self._sparse_error(next(i for i, g in enumerate(gradients) if g.is_sparse))
         count = self.count
         lr_now = learning_rate_at(lr, count)
         # Per-parameter step counts, in an optimizer that keeps them (torch.optim's
@@ -361,7 +361,7 @@ class PureOptimizer(Parameterized):
                 work[name] = [self._init_state(name, p, hyper) for p in params]
                 continue
             # Every trained parameter has state of each kind its group needs: no None here.
-            current = cast(list[torch.Tensor], list(held) if whole else [held[i] for i in idx])
+            current: list[torch.Tensor] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
             work[name] = current if self.donate else clone_all(current)
         return work
 
@@ -393,13 +393,20 @@ class PureOptimizer(Parameterized):
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
         """``_update`` on real views of complex tensors (as torch.optim does)."""
-        if not any(p.is_complex() for p in params):
+        if not any(map(torch.Tensor.is_complex, params)):
             return self._update(hyper, lr, count, params, grads, state)
         real = torch.view_as_real
         r_params = [real(p) if p.is_complex() else p for p in params]
         r_grads = [real(g) if g.is_complex() else g for g in grads]
         r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
         outs = self._update(hyper, lr, count, r_params, r_grads, r_state)
+        for name, values in r_state.items():
+            # _update may have replaced a state tensor (by a copy in its parameter's layout,
+            # see fused_layouts): hand the replacement on.
+            held = state[name]
+            held[:] = [
+                torch.view_as_complex(r) if t.is_complex() else r for r, t in zip(values, held)
+            ]
         return [torch.view_as_complex(o) if p.is_complex() else o for o, p in zip(outs, params)]
 
 
@@ -446,6 +453,9 @@ def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int
             start = k
     out.append(indices[start:])
     return out
+
+
+_is_sparse = operator.attrgetter("is_sparse")
 
 
 def _batches(
@@ -578,12 +588,7 @@ def fused_layouts(
     ``params`` are the fresh copies the kernel writes (dense, in the old parameters' layout);
     the state normally has that layout already (it was created like the parameters).
     """
-    contiguous = torch.Tensor.is_contiguous
-    if (
-        all(map(contiguous, params))
-        and all(map(contiguous, grads))
-        and all(all(map(contiguous, state)) for state in states)
-    ):
+    if all(map(torch.Tensor.is_contiguous, itertools.chain(params, grads, *states))):
         return grads  # the usual case: one is_contiguous() per tensor, nothing to copy
     out = list(grads)
     for i, p in enumerate(params):
