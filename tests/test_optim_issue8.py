@@ -31,6 +31,7 @@ from diffprog.optim import (
     RMSprop,
     TorchOptimizer,
     run_step,
+    step,
 )
 
 LR = 0.05
@@ -533,3 +534,9 @@ def test_a_nan_learning_rate_is_refused_where_torch_accepts_it(make: Any) -> Non
     torch.optim.SGD(params, lr=float("nan"))
     with pytest.raises(ValueError, match="Invalid learning rate: nan"):
         _opt(make, params).step(float("nan"), [torch.ones(2, 3), torch.ones(100_000)], params)
+
+
+def test_the_free_step_passes_used_on() -> None:
+    a, b = make_independent(torch.ones(2)), make_independent(torch.ones(3))
+    (_, new_b), opt = step(LR, [torch.ones(2), None], [a, b], Adam.init([a, b]), used=[True, False])
+    assert new_b is b and opt.param_counts == (1, 0)

@@ -64,7 +64,12 @@ class Optimizer(Protocol):
 
 
 def step(
-    lr: LearningRate, gradients: Gradients, params: Sequence[torch.Tensor], state: OptT
+    lr: LearningRate,
+    gradients: Gradients,
+    params: Sequence[torch.Tensor],
+    state: OptT,
+    *,
+    used: Sequence[bool] | None = None,
 ) -> tuple[list[torch.Tensor], OptT]:
     """Apply one optimizer step, in Hasktorch's argument order.
 
@@ -73,6 +78,8 @@ def step(
         gradients: one gradient per parameter.
         params: the current parameters.
         state: the optimizer (its state).
+        used: for each parameter whether the loss reaches it (``None``: every one); see
+            :class:`Optimizer`.
 
     Returns:
         ``(new_params, new_state)``; the inputs are unchanged.
@@ -83,7 +90,8 @@ def step(
         >>> new
         [tensor([-0.5000, -0.5000])]
     """
-    return state.step(lr, gradients, params)
+    new_params, new_state = step_with_used(state, lr, gradients, params, used)
+    return new_params, new_state
 
 
 def learning_rate_at(lr: LearningRate, count: int) -> float | torch.Tensor:
