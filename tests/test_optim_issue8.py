@@ -114,6 +114,18 @@ OPTIMIZERS: list[tuple[str, Callable[..., Any], Callable[..., torch.optim.Optimi
         torch.optim.Adam,
         {},
     ),
+    (
+        "Clip-GDM",
+        lambda m, **kw: ClipGradNorm(GDM.init(m, momentum=0.9, dampening=0.2, **kw), 0.5),
+        torch.optim.SGD,
+        {"momentum": 0.9, "dampening": 0.2},
+    ),
+    (
+        "Clip-Adagrad",
+        lambda m, **kw: ClipGradNorm(Adagrad.init(m, lr_decay=0.05, **kw), max_norm=0.5),
+        torch.optim.Adagrad,
+        {"lr_decay": 0.05},
+    ),
 ]
 OPTIMIZER_IDS = [o[0] for o in OPTIMIZERS]
 
