@@ -127,11 +127,12 @@ def gradients(
     *,
     create_graph: bool = False,
     retain_graph: bool | None = None,
-) -> tuple[list[torch.Tensor], int]:
-    """:func:`grad`, and how many of ``params`` the loss actually depends on.
+) -> tuple[list[torch.Tensor], list[bool]]:
+    """:func:`grad`, and for each of ``params`` whether the loss depends on it.
 
-    A training step uses the count to refuse a loss that depends on none of the parameters it
-    trains (computed from a stale model, or under ``torch.no_grad()``).
+    A training step uses the flags to refuse a loss that depends on none of the parameters it
+    trains (computed from a stale model, or under ``torch.no_grad()``), and to leave alone the
+    parameters the loss does not reach, as torch.optim skips a ``.grad`` that is ``None``.
     """
     params = list(params)
     if loss.numel() != 1:
@@ -151,5 +152,5 @@ def gradients(
         )
         for i, g in zip(wanted, computed):
             out[i] = g
-    connected = sum(g is not None for g in out)
-    return [g if g is not None else torch.zeros_like(p) for g, p in zip(out, params)], connected
+    used = [g is not None for g in out]
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(out, params)], used

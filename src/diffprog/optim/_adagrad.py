@@ -12,6 +12,7 @@ from diffprog.optim._pure import (
     PureOptimizer,
     clone_all,
     device_groups,
+    fused_layouts,
     has_fused,
     lr_on,
     require_non_negative,
@@ -31,6 +32,9 @@ class Adagrad(PureOptimizer):
     Attributes:
         lr_decay, weight_decay, initial_accumulator_value, eps, maximize: as torch's.
         count: the number of steps taken.
+        param_counts: the number of steps that updated each parameter (torch's per-parameter
+            ``state["step"]``, which sets the learning-rate decay); empty while each trained
+            parameter has been updated by all ``count`` steps.
         sum: the accumulated squared gradients, one tensor per trained parameter (torch's
             ``state["sum"]``; ``None`` for a frozen parameter).
         settings: which parameters are trained and how (``None``: all, alike).
@@ -58,6 +62,7 @@ class Adagrad(PureOptimizer):
     eps: float = 1e-10
     maximize: bool = False
     count: int = 0
+    param_counts: tuple[int, ...] = ()
     sum: tuple[torch.Tensor | None, ...] = ()
     settings: ParamSettings | None = None
     donate: bool = False
@@ -125,6 +130,7 @@ class Adagrad(PureOptimizer):
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
         new = clone_all(params)
+        grads = fused_layouts(new, grads, state["sum"])
         for device, (ps, gs, ss) in device_groups(new, grads, state["sum"]):
             if has_fused("_fused_adagrad_", device):
                 torch._fused_adagrad_(

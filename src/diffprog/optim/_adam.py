@@ -12,6 +12,7 @@ from diffprog.optim._pure import (
     PureOptimizer,
     clone_all,
     device_groups,
+    fused_layouts,
     has_fused,
     lr_on,
     require_non_negative,
@@ -37,7 +38,12 @@ class Adam(PureOptimizer):
 
     Attributes:
         betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.Adam``'s.
-        count: the number of steps taken (torch's ``state["step"]``).
+        count: the number of steps taken (the argument of a learning-rate schedule).
+        param_counts: the number of steps that updated each parameter (torch's per-parameter
+            ``state["step"]``, which sets the bias correction), in ``flatten_parameters``
+            order; empty while each trained parameter has been updated by all ``count`` steps.
+            A step leaves a parameter the loss does not reach (``used``) alone, as torch.optim
+            does when its ``.grad`` is None: its count and moments stay as they were.
         exp_avg, exp_avg_sq: the moments, one plain tensor per trained parameter (``None`` for
             a frozen one), in ``flatten_parameters`` order.
         max_exp_avg_sq: the running maximum of ``exp_avg_sq`` (with ``amsgrad``), else empty.
@@ -65,6 +71,7 @@ class Adam(PureOptimizer):
     amsgrad: bool = False
     maximize: bool = False
     count: int = 0
+    param_counts: tuple[int, ...] = ()
     exp_avg: tuple[torch.Tensor | None, ...] = ()
     exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
     max_exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
@@ -115,6 +122,7 @@ class Adam(PureOptimizer):
               amsgrad=False,
               maximize=False,
               count=0,
+              param_counts=(),
               exp_avg=(const f32[2,3], const f32[2]),
               exp_avg_sq=(const f32[2,3], const f32[2]),
               max_exp_avg_sq=(),
@@ -156,9 +164,10 @@ class Adam(PureOptimizer):
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
         new = clone_all(params)
-        lists = [new, grads, state["exp_avg"], state["exp_avg_sq"]]
+        moments = [state["exp_avg"], state["exp_avg_sq"]]
         if hyper["amsgrad"]:
-            lists.append(state["max_exp_avg_sq"])
+            moments.append(state["max_exp_avg_sq"])
+        lists = [new, fused_layouts(new, grads, *moments), *moments]
         kernel = type(self)._kernel
         for device, (ps, gs, ms, vs, *maxs) in device_groups(*lists):
             if has_fused(kernel.__name__, device):

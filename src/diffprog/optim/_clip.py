@@ -9,7 +9,14 @@ import torch
 from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
-from diffprog.optim._optimizer import Gradients, LearningRate, Optimizer
+from diffprog.optim._optimizer import (
+    Gradients,
+    LearningRate,
+    Optimizer,
+    check_gradient,
+    step_with_used,
+    used_mask,
+)
 from diffprog.optim._pure import consuming_step
 
 __all__ = ["ClipGradNorm", "clip_grad_norm"]
@@ -90,7 +97,12 @@ class ClipGradNorm(Parameterized, Generic[OptT]):
     error_if_nonfinite: bool = False
 
     def step(
-        self, lr: LearningRate, gradients: Gradients, params: Sequence[torch.Tensor]
+        self,
+        lr: LearningRate,
+        gradients: Gradients,
+        params: Sequence[torch.Tensor],
+        *,
+        used: Sequence[bool] | None = None,
     ) -> tuple[list[torch.Tensor], Self]:
         """Clip ``gradients``, then step the inner optimizer; out of place.
 
@@ -98,18 +110,42 @@ class ClipGradNorm(Parameterized, Generic[OptT]):
             lr: the learning rate (or schedule), passed to the inner optimizer.
             gradients: one gradient per parameter.
             params: the current parameters.
+            used: for each parameter whether the loss reaches it (``None``: every one). An
+                unused parameter's gradient does not count towards the norm (as
+                ``clip_grad_norm_`` skips a ``.grad`` that is None) and is not updated.
 
         Returns:
             ``(new_params, new_optimizer)``.
         """
-        return self._diffprog_step(lr, list(gradients), list(params), consume=False)
+        return self._diffprog_step(lr, list(gradients), list(params), False, used)
 
     def _diffprog_step(
-        self, lr: LearningRate, grads: list[Any], params: list[torch.Tensor], consume: bool
+        self,
+        lr: LearningRate,
+        grads: list[Any],
+        params: list[torch.Tensor],
+        consume: bool,
+        used: Sequence[bool] | None = None,
     ) -> tuple[list[torch.Tensor], Self]:
         """:meth:`step`; with ``consume``, the caller hands ``grads`` over: they are dropped
         once clipped, and the clipped ones are handed to the inner optimizer in turn."""
+        owner = type(self).__name__
+        if len(grads) != len(params):
+            raise DiffprogError(
+                f"{owner}.step got {len(params)} parameters but {len(grads)} gradients. "
+                "Pass one gradient per parameter, in flatten_parameters order."
+            )
+        mask = used_mask(used, len(params), owner)
         trainable = self.trainable
+        if mask is not None:
+            trainable = tuple(
+                u and t for u, t in zip(mask, trainable or (True,) * len(mask), strict=True)
+            )
+        if not consume:  # run_step's gradients (consume) come from autograd: they fit
+            # The gradients clipped here are the ones the inner step reads: check them first.
+            for i, (g, p) in enumerate(zip(grads, params)):
+                if trainable is None or trainable[i]:
+                    check_gradient(owner, i, g, p)
         if trainable is None or all(trainable):
             clipped, _ = clip_grad_norm(
                 grads, self.max_norm, self.norm_type, self.error_if_nonfinite
@@ -126,9 +162,9 @@ class ClipGradNorm(Parameterized, Generic[OptT]):
         inner_step = consuming_step(self.inner) if consume else None
         if inner_step is not None:
             grads[:] = [None] * len(grads)  # free the unclipped gradients before the step
-            new_params, new_inner = inner_step(lr, clipped, params, True)
+            new_params, new_inner = inner_step(lr, clipped, params, True, mask)
         else:
-            new_params, new_inner = self.inner.step(lr, clipped, params)
+            new_params, new_inner = step_with_used(self.inner, lr, clipped, params, mask)
         new = object.__new__(type(self))
         object.__setattr__(new, "__dict__", {**self.__dict__, "inner": new_inner})
         return new_params, new

@@ -12,6 +12,7 @@ from diffprog.optim._pure import (
     PureOptimizer,
     clone_all,
     device_groups,
+    fused_layouts,
     has_fused,
     lr_on,
     require_non_negative,
@@ -32,6 +33,11 @@ class GDM(PureOptimizer):
     Attributes:
         momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``'s.
         count: the number of steps taken.
+        param_counts: the number of steps that updated each parameter (empty while each
+            trained parameter has been updated by all ``count`` steps). A parameter's first
+            update starts its buffer at its gradient, as torch.optim.SGD does for a parameter
+            without a ``momentum_buffer``; a parameter the loss does not reach (``used``) is
+            left alone.
         momentum_buffer: one buffer per trained parameter (``None`` for frozen ones); empty
             when ``momentum == 0``.
         settings: which parameters are trained and how (``None``: all, alike).
@@ -60,6 +66,7 @@ class GDM(PureOptimizer):
     nesterov: bool = False
     maximize: bool = False
     count: int = 0
+    param_counts: tuple[int, ...] = ()
     momentum_buffer: tuple[torch.Tensor | None, ...] = ()
     settings: ParamSettings | None = None
     donate: bool = False
@@ -127,6 +134,7 @@ class GDM(PureOptimizer):
     ) -> list[torch.Tensor]:
         new = clone_all(params)
         buffers = state.get("momentum_buffer", [])
+        grads = fused_layouts(new, grads, *([buffers] if buffers else []))
         for device, (ps, gs, *bs) in device_groups(new, grads, *([buffers] if buffers else [])):
             if has_fused("_fused_sgd_", device):
                 torch._fused_sgd_(

@@ -162,14 +162,14 @@ def _is_spec(value: Any) -> bool:
     return isinstance(value, Randomizable) and not isinstance(value, Parameterized)
 
 
-def check_loss_reaches_parameters(connected: int) -> None:
-    """Raise unless the loss depends on some parameter the step trains (``connected > 0``).
+def check_loss_reaches_parameters(reached: bool) -> None:
+    """Raise unless the loss depends on some parameter the step trains (``reached``).
 
     One check for both kinds of step (pure and ``TorchOptimizer``): a loss computed from a
     stale model or under ``torch.no_grad()`` has zero gradients everywhere, and a step on
     them would move the weights on momentum and weight decay alone.
     """
-    if not connected:
+    if not reached:
         raise DiffprogError(
             "the loss does not depend on any parameter this step trains: its gradients are all "
             "zero, so a step would only move the weights on momentum and weight decay (and "

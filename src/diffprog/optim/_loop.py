@@ -8,7 +8,7 @@ from typing import TypeVar, cast
 import torch
 
 from diffprog import flatten_parameters, make_independent, replace_parameters
-from diffprog._autograd import gradients as grads_and_count
+from diffprog._autograd import gradients as grads_and_used
 from diffprog.optim._grad import (
     OnNonFinite,
     all_finite,
@@ -17,7 +17,7 @@ from diffprog.optim._grad import (
     check_trains_something,
     nonfinite_error,
 )
-from diffprog.optim._optimizer import LearningRate, Optimizer
+from diffprog.optim._optimizer import LearningRate, Optimizer, step_with_used
 from diffprog.optim._pure import PureOptimizer, consuming_step
 
 __all__ = ["fold_loop", "run_step"]
@@ -44,6 +44,11 @@ def run_step(
     takes the whole step itself: :class:`~diffprog.optim.TorchOptimizer` does, updating
     ``model``'s parameters in place (see its aliasing notes). Parameters an optimizer does not
     train (its ``trainable`` is ``False`` for them, e.g. frozen ones) get no gradient computed.
+    A parameter the loss does not reach is left alone, and its optimizer state does not
+    advance, as torch.optim skips a parameter whose ``.grad`` is ``None``: the optimizer is
+    told with ``step(..., used=...)`` (every optimizer of diffprog takes it; one whose ``step``
+    does not gets zero gradients for those parameters, which is what :func:`~diffprog.grad`
+    gives).
 
     Before anything is written the loss and the gradients are checked, with one fused
     reduction: a NaN or infinite value raises :class:`~diffprog.optim.NonFiniteError`, naming
@@ -98,17 +103,23 @@ def run_step(
     trainable = getattr(optimizer, "trainable", None)
     check_trains_something(model, len(params), trainable, type(optimizer).__name__)
     if trainable is None or all(trainable):
-        gradients, connected = grads_and_count(loss, params)
+        gradients, reached = grads_and_used(loss, params)
         indices: list[int] | range = range(len(params))
         checked = gradients
+        used = reached
     else:
         indices = [i for i, t in enumerate(trainable) if t]
-        checked, connected = grads_and_count(loss, [params[i] for i in indices])
+        checked, reached = grads_and_used(loss, [params[i] for i in indices])
         # Frozen parameters get a zero of their shape that takes no memory (never read).
         gradients = [_zero_like(p) for p in params]
+        used = [True] * len(params)  # a frozen parameter is not trained either way
         for k, i in enumerate(indices):  # no loop variable left holding a gradient
             gradients[i] = checked[k]
-    check_loss_reaches_parameters(connected)
+            used[i] = reached[k]
+    check_loss_reaches_parameters(any(reached))
+    # The parameters the loss does not reach are left alone (torch.optim skips a .grad that
+    # is None), told to the optimizer apart from their zero gradients.
+    mask = None if all(reached) else used
     if on_nonfinite != "ignore" and not all_finite(loss, checked):
         if on_nonfinite == "skip":
             return model, optimizer
@@ -117,11 +128,11 @@ def run_step(
     if consuming is not None:
         # Hand the gradients over: the step frees each one once its update is done.
         del checked
-        new_params, stepped = consuming(lr, gradients, params, True)  # type: ignore[arg-type]
-        new_optimizer = cast(OptT, stepped)
+        new_params, stepped = consuming(lr, gradients, params, True, mask)  # type: ignore[arg-type]
     else:
         # lr may be None for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
-        new_params, new_optimizer = optimizer.step(lr, gradients, params)  # type: ignore[arg-type]
+        new_params, stepped = step_with_used(optimizer, lr, gradients, params, mask)
+    new_optimizer = cast(OptT, stepped)
     new_model = replace_parameters(model, [make_independent(p) for p in new_params])
     return new_model, new_optimizer
 

@@ -10,6 +10,8 @@ base does the rest.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +19,13 @@ import torch
 from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
-from diffprog.optim._optimizer import Gradients, LearningRate, learning_rate_at
+from diffprog.optim._optimizer import (
+    Gradients,
+    LearningRate,
+    check_gradient,
+    learning_rate_at,
+    used_mask,
+)
 from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve_settings
 
 __all__ = ["PureOptimizer"]
@@ -111,16 +119,9 @@ class PureOptimizer(Parameterized):
         settings, params = resolve_settings(
             model, overrides, freeze, (*cls._hyper, "lr_scale"), cls.__name__
         )
-        state: dict[str, list[torch.Tensor | None]] = {
-            name: [None] * settings.num_params for name in cls._state_fields
-        }
-        with torch.no_grad():
-            for group in settings.groups:
-                merged = {**hyper, **dict(group.overrides)}
-                cls._check(merged)
-                for name in cls._state_names(merged):
-                    for i in group.indices:
-                        state[name][i] = cls._init_state(name, params[i], merged)
+        for group in settings.groups:
+            cls._check({**hyper, **dict(group.overrides)})
+        state = cls._zero_state(settings, params, hyper)
         fields = {
             name: tuple(values) if any(v is not None for v in values) else ()
             for name, values in state.items()
@@ -129,20 +130,56 @@ class PureOptimizer(Parameterized):
             fields["donate"] = donate  # type: ignore[assignment]
         return cls(**hyper, count=count, settings=settings, **fields)  # type: ignore[call-arg]
 
+    @classmethod
+    def _zero_state(
+        cls,
+        settings: ParamSettings,
+        params: Sequence[torch.Tensor],
+        hyper: Mapping[str, Any],
+        kinds: Sequence[str] | None = None,
+    ) -> dict[str, list[torch.Tensor | None]]:
+        """The initial state of each kind (``kinds``: every one), ``None`` where a parameter
+        has none (frozen, or its group's settings do not need that kind)."""
+        kinds = cls._state_fields if kinds is None else kinds
+        state: dict[str, list[torch.Tensor | None]] = {
+            name: [None] * settings.num_params for name in kinds
+        }
+        with torch.no_grad():
+            for group in settings.groups:
+                merged = {**hyper, **dict(group.overrides)}
+                for name in cls._state_names(merged):
+                    if name not in state:
+                        continue
+                    for i in group.indices:
+                        state[name][i] = cls._init_state(name, params[i], merged)
+        return state
+
     @property
     def trainable(self) -> tuple[bool, ...] | None:
         """For each parameter whether this optimizer trains it (``None``: all of them)."""
         return None if self.settings is None else self.settings.trainable
 
     def step(
-        self, lr: LearningRate, gradients: Gradients, params: Sequence[torch.Tensor]
+        self,
+        lr: LearningRate,
+        gradients: Gradients,
+        params: Sequence[torch.Tensor],
+        *,
+        used: Sequence[bool] | None = None,
     ) -> tuple[list[torch.Tensor], Self]:
         """One optimizer step, out of place.
 
         Args:
             lr: the learning rate: a float, a 0-dim tensor, or a schedule of :attr:`count`.
-            gradients: one gradient per parameter, in ``flatten_parameters`` order.
+            gradients: one gradient per parameter, in ``flatten_parameters`` order, each with
+                its parameter's shape, dtype and device (any strides: an expanded or
+                transposed gradient is copied into the parameter's layout where a fused kernel
+                needs it). Those of frozen and of unused parameters are not read.
             params: the current parameters.
+            used: for each parameter whether the loss reaches it (``None``: every one). An
+                unused parameter is left as it is and its state does not advance, as
+                torch.optim skips a parameter whose ``.grad`` is ``None``; its gradient may be
+                ``None``. ``run_step`` passes this.
 
         Returns:
             ``(new_params, new_optimizer)``. ``params``, ``gradients`` and this optimizer are
@@ -150,8 +187,12 @@ class PureOptimizer(Parameterized):
             and this value can no longer step).
 
         Raises:
-            DiffprogError: the number of parameters or gradients does not match, or the state
-                was donated already.
+            DiffprogError: the number of parameters or gradients does not match, the state
+                was donated already, or a gradient is sparse and this optimizer takes none.
+            ValueError: a gradient's shape or device differs from its parameter's, ``used``
+                has the wrong length, or the learning rate is negative.
+            TypeError: a gradient read by the step is not a tensor (``None``) or has another
+                dtype than its parameter.
 
         Example:
             >>> from diffprog.optim import Adam
@@ -162,10 +203,15 @@ class PureOptimizer(Parameterized):
             (tensor([-0.1000, -0.1000]), 0, 1, Parameter containing:
             tensor([0., 0.], requires_grad=True))
         """
-        return self._diffprog_step(lr, list(gradients), list(params), consume=False)
+        return self._diffprog_step(lr, list(gradients), list(params), False, used)
 
     def _diffprog_step(
-        self, lr: LearningRate, gradients: list[Any], params: list[torch.Tensor], consume: bool
+        self,
+        lr: LearningRate,
+        gradients: list[Any],
+        params: list[torch.Tensor],
+        consume: bool,
+        used: Sequence[bool] | None = None,
     ) -> tuple[list[torch.Tensor], Self]:
         """:meth:`step`; with ``consume``, the caller hands ``gradients`` over and each entry is
         set to None as soon as its update is done (``run_step`` does this, to free them).
@@ -174,42 +220,54 @@ class PureOptimizer(Parameterized):
         written, so a pure step holds 6 copies of the parameters besides the gradients. On a
         large model the step runs piece by piece (:data:`PIECE_BYTES` at most, a larger tensor
         alone) and drops each piece's gradients after its update, so that the peak is near 6
-        copies rather than 7. A small model is one piece: no cost.
+        copies rather than 7. A small model is one piece: no cost. ``used`` is :meth:`step`'s.
         """
+        owner = type(self).__name__
         if self.__dict__.get("_donated", False):
             raise DiffprogError(
-                f"this {type(self).__name__} was created with donate=True and has already "
+                f"this {owner} was created with donate=True and has already "
                 "stepped, so its state now belongs to the optimizer that step returned. Step "
                 "that one instead, or init with donate=False to keep old optimizers valid."
             )
         n = len(params)
         if len(gradients) != n:
             raise DiffprogError(
-                f"{type(self).__name__}.step got {n} parameters but {len(gradients)} gradients. "
+                f"{owner}.step got {n} parameters but {len(gradients)} gradients. "
                 "Pass one gradient per parameter, in flatten_parameters order."
-            )
-        if not self._sparse_ok and any(g.is_sparse for g in gradients):
-            raise DiffprogError(
-                f"{type(self).__name__} does not take sparse gradients (from an Embedding with "
-                "sparse=True). Use GD, an Embedding with sparse=False, or "
-                "TorchOptimizer.init(model, torch.optim.SparseAdam)."
             )
         settings = self.settings
         if settings is None:
             settings = ParamSettings(n, (ParamGroup(tuple(range(n))),))
         elif settings.num_params != n:
             raise DiffprogError(
-                f"this {type(self).__name__} was built for {settings.num_params} parameters but "
-                f"step got {n}. Build it from the same model: {type(self).__name__}.init(model)."
+                f"this {owner} was built for {settings.num_params} parameters but "
+                f"step got {n}. Build it from the same model: {owner}.init(model)."
             )
-        pieces = self._pieces_of(params) if consume else None
+        mask = None if used is None else used_mask(used, n, owner)
+        if not consume:
+            self._check_gradients(gradients, params, settings, mask)
+        elif not self._sparse_ok and any(map(_is_sparse, gradients)):
+            # run_step (consume) has its gradients from autograd for these very parameters,
+            # so their shapes, dtypes and devices fit; but an Embedding may give sparse ones.
+            raise self._sparse_error(next(i for i, g in enumerate(gradients) if g.is_sparse))
         count = self.count
         lr_now = learning_rate_at(lr, count)
+        # Per-parameter step counts, in an optimizer that keeps them (torch.optim's
+        # state["step"]): () while every trained parameter has taken all `count` steps.
+        counts: tuple[int, ...] | None = getattr(self, "param_counts", None)
+        pieces = self._pieces_of(params) if consume else None
         defaults = self._defaults()
         states = {name: getattr(self, name) for name in self._state_fields}
+        missing = [] if mask is None else [name for name, held in states.items() if not held]
+        if missing:
+            # Built without init: give every trained parameter its zero state now, so that a
+            # parameter unused in this step has one when it is used later.
+            for name, zero in self._zero_state(settings, params, defaults, missing).items():
+                if any(v is not None for v in zero):
+                    states[name] = tuple(zero)
         new_params = list(params)
         new_states: dict[str, list[torch.Tensor | None]] = {}
-        whole = settings.is_plain and pieces is None
+        whole = settings.is_plain and pieces is None and mask is None and not counts
         if self.donate:
             # From here on this value's state is being updated in place: if anything below
             # fails halfway, stepping this value again must be refused, not half-repeated.
@@ -219,23 +277,11 @@ class PureOptimizer(Parameterized):
                 hyper = {**defaults, **dict(group.overrides)} if group.overrides else defaults
                 scale = hyper.get("lr_scale", 1.0)
                 group_lr = lr_now if scale == 1.0 else lr_now * scale
-                for idx in _split(group.indices, pieces):
+                for idx, steps in _batches(group.indices, pieces, mask, counts, count):
                     ps = params if whole else [params[i] for i in idx]
                     gs = gradients if whole else [gradients[i] for i in idx]
-                    work: dict[str, list[torch.Tensor]] = {}
-                    for name in self._state_names(hyper):
-                        held = states[name]
-                        if not held:  # built without init: state starts at zero on the first step
-                            current = [self._init_state(name, p, hyper) for p in ps]
-                        elif whole:
-                            current = list(held)
-                        else:
-                            current = [held[i] for i in idx]
-                        if self.donate or not held:
-                            work[name] = current
-                        else:
-                            work[name] = clone_all(current)
-                    outs = self._run(hyper, group_lr, count, ps, gs, work)
+                    work = self._state_for(hyper, states, idx, ps, whole)
+                    outs = self._run(hyper, group_lr, steps, ps, gs, work)
                     del gs
                     if consume:
                         for i in idx:
@@ -247,13 +293,17 @@ class PureOptimizer(Parameterized):
                     for i, out in zip(idx, outs):
                         new_params[i] = out
                     for name, values in work.items():
-                        target = new_states.setdefault(name, [None] * n)
+                        # A parameter not in this batch keeps its state (unused: not advanced).
+                        before: list[torch.Tensor | None] = list(states[name]) or [None] * n
+                        target = new_states.setdefault(name, before)
                         for i, v in zip(idx, values):
                             target[i] = v
         new = object.__new__(type(self))
         fields = dict(self.__dict__)
         fields.pop("_donated", None)
         fields["count"] = count + 1
+        if counts is not None and (mask is not None or counts):
+            fields["param_counts"] = _advanced(counts, count, settings, mask)
         if consume:
             fields["_pieces"] = pieces
         for name in self._state_fields:
@@ -261,6 +311,59 @@ class PureOptimizer(Parameterized):
                 fields[name] = tuple(new_states[name])
         object.__setattr__(new, "__dict__", fields)
         return new_params, new
+
+    def _check_gradients(
+        self,
+        gradients: list[Any],
+        params: list[torch.Tensor],
+        settings: ParamSettings,
+        mask: list[bool] | None,
+    ) -> None:
+        """Raise for a gradient the step would read that does not fit its parameter."""
+        owner = type(self).__name__
+        for group in settings.groups:
+            for i in group.indices:
+                if mask is not None and not mask[i]:
+                    continue
+                grad, param = gradients[i], params[i]
+                # Inline the usual case (a fitting tensor): this runs for every parameter.
+                if not (
+                    isinstance(grad, torch.Tensor)
+                    and grad.shape == param.shape
+                    and grad.dtype == param.dtype
+                    and grad.device == param.device
+                ):
+                    check_gradient(owner, i, grad, param)
+                if grad.is_sparse and not self._sparse_ok:
+                    raise self._sparse_error(i)
+
+    def _sparse_error(self, index: int) -> DiffprogError:
+        return DiffprogError(
+            f"{type(self).__name__} does not take sparse gradients (parameter {index}'s is "
+            "sparse: from an Embedding with sparse=True). Use GD, an Embedding with "
+            "sparse=False, or TorchOptimizer.init(model, torch.optim.SparseAdam)."
+        )
+
+    def _state_for(
+        self,
+        hyper: Mapping[str, Any],
+        states: Mapping[str, tuple[torch.Tensor | None, ...]],
+        idx: tuple[int, ...],
+        params: list[torch.Tensor],
+        whole: bool,
+    ) -> dict[str, list[torch.Tensor]]:
+        """The state the update of parameters ``idx`` writes: fresh copies of the held state
+        (the held state itself when donated), or zero state where none is held yet."""
+        work: dict[str, list[torch.Tensor]] = {}
+        for name in self._state_names(hyper):
+            held = states[name]
+            if not held:  # built without init: state starts at zero on the first step
+                work[name] = [self._init_state(name, p, hyper) for p in params]
+                continue
+            # Every trained parameter has state of each kind its group needs: no None here.
+            current: list[torch.Tensor] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
+            work[name] = current if self.donate else clone_all(current)
+        return work
 
     def _pieces_of(self, params: list[torch.Tensor]) -> list[int] | None:
         """The piece of each parameter (None: one piece), worked out once per optimizer line
@@ -290,21 +393,30 @@ class PureOptimizer(Parameterized):
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
         """``_update`` on real views of complex tensors (as torch.optim does)."""
-        if not any(p.is_complex() for p in params):
+        if not any(map(torch.Tensor.is_complex, params)):
             return self._update(hyper, lr, count, params, grads, state)
         real = torch.view_as_real
         r_params = [real(p) if p.is_complex() else p for p in params]
         r_grads = [real(g) if g.is_complex() else g for g in grads]
         r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
         outs = self._update(hyper, lr, count, r_params, r_grads, r_state)
+        for name, values in r_state.items():
+            # _update may have replaced a state tensor (by a copy in its parameter's layout,
+            # see fused_layouts): hand the replacement on.
+            held = state[name]
+            held[:] = [
+                torch.view_as_complex(r) if t.is_complex() else r for r, t in zip(values, held)
+            ]
         return [torch.view_as_complex(o) if p.is_complex() else o for o, p in zip(outs, params)]
 
 
-ConsumingStep = Callable[[LearningRate, list[Any], list[torch.Tensor], bool], tuple[Any, Any]]
+ConsumingStep = Callable[
+    [LearningRate, list[Any], list[torch.Tensor], bool, Sequence[bool] | None], tuple[Any, Any]
+]
 
 
 def consuming_step(optimizer: object) -> ConsumingStep | None:
-    """The ``_diffprog_step(lr, grads, params, consume)`` of ``optimizer``, which may free the
+    """The ``_diffprog_step(lr, grads, params, consume, used)`` of ``optimizer``, which may free the
     gradients it is handed (a pure optimizer's, ``ClipGradNorm``'s); else None.
 
     None too where a subclass overrides ``step`` without its own ``_diffprog_step``: the step
@@ -341,6 +453,52 @@ def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int
             start = k
     out.append(indices[start:])
     return out
+
+
+_is_sparse = operator.attrgetter("is_sparse")
+
+
+def _batches(
+    indices: tuple[int, ...],
+    pieces: list[int] | None,
+    mask: list[bool] | None,
+    counts: tuple[int, ...] | None,
+    count: int,
+) -> list[tuple[tuple[int, ...], int]]:
+    """The parameters of one group to update together, each batch with its step count.
+
+    Unused parameters (``mask``) are left out; the rest is cut where the piece changes, and
+    where per-parameter ``counts`` differ, into one batch per count (the kernels take one).
+    """
+    if mask is None and pieces is None and not counts:  # the usual case: one batch
+        return [(indices, count)] if indices else []
+    if mask is not None:
+        indices = tuple(i for i in indices if mask[i])
+    batches: list[tuple[tuple[int, ...], int]] = []
+    for idx in _split(indices, pieces):
+        if not idx:
+            continue
+        if not counts:
+            batches.append((idx, count))
+            continue
+        by_count: dict[int, list[int]] = {}
+        for i in idx:
+            by_count.setdefault(counts[i], []).append(i)
+        batches.extend((tuple(same), c) for c, same in by_count.items())
+    return batches
+
+
+def _advanced(
+    counts: tuple[int, ...], count: int, settings: ParamSettings, mask: list[bool] | None
+) -> tuple[int, ...]:
+    """The per-parameter step counts after a step that updated the trained parameters
+    ``mask`` selects (``counts`` empty: each trained one had taken ``count`` steps)."""
+    after = list(counts) if counts else [count if t else 0 for t in settings.trainable]
+    for group in settings.groups:
+        for i in group.indices:
+            if mask is None or mask[i]:
+                after[i] += 1
+    return tuple(after)
 
 
 def require_non_negative(hyper: Mapping[str, Any], *names: str) -> None:
@@ -390,6 +548,54 @@ def lr_on(lr: float | torch.Tensor, device: torch.device) -> float | torch.Tenso
     if isinstance(lr, torch.Tensor) and lr.device != device:
         return lr.to(device)
     return lr
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) lay their elements out in the same order.
+
+    Example:
+        >>> x = torch.zeros(2, 3)
+        >>> same_layout(x, torch.ones(2, 3)), same_layout(x, torch.ones(3, 2).t())
+        (True, False)
+    """
+    return (a.is_contiguous() and b.is_contiguous()) or a.stride() == b.stride()
+
+
+def in_layout_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values laid out as ``like`` is: ``tensor`` itself when it already is (or is
+    sparse), else a copy.
+
+    torch's fused optimizer kernels walk a parameter, its gradient and its state as flat
+    memory, so they read an expanded (stride 0), transposed or sliced gradient wrongly; the
+    gradients of ``torch.autograd.grad`` are often such views (of a sum, an einsum, a ``.T``).
+
+    Example:
+        >>> g = torch.ones(()).expand(3)
+        >>> in_layout_of(g, torch.zeros(3)).stride(), in_layout_of(torch.ones(3), g) is not None
+        ((1,), True)
+    """
+    if tensor.layout is not torch.strided or same_layout(tensor, like):
+        return tensor
+    return torch.empty_like(like).copy_(tensor)
+
+
+def fused_layouts(
+    params: list[torch.Tensor], grads: list[torch.Tensor], *states: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``grads`` in the layouts of ``params`` (copied only where they differ), for a fused
+    kernel; each state list's entries too, replaced in the list where they differ.
+
+    ``params`` are the fresh copies the kernel writes (dense, in the old parameters' layout);
+    the state normally has that layout already (it was created like the parameters).
+    """
+    if all(map(torch.Tensor.is_contiguous, itertools.chain(params, grads, *states))):
+        return grads  # the usual case: one is_contiguous() per tensor, nothing to copy
+    out = list(grads)
+    for i, p in enumerate(params):
+        out[i] = in_layout_of(grads[i], p)
+        for state in states:
+            state[i] = in_layout_of(state[i], p)
+    return out
 
 
 USE_FUSED = True

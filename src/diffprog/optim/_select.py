@@ -201,7 +201,8 @@ def resolve_settings(
         The settings and the parameters, in ``flatten_parameters`` order.
 
     Raises:
-        ValueError: an unknown setting name, or a selection that matches no parameter.
+        ValueError: an unknown setting name, a negative ``lr_scale``, or a selection that
+            matches no parameter.
     """
     named = _parameters_with_paths(model)
     pairs = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
@@ -213,6 +214,9 @@ def resolve_settings(
                 f"{owner} has no per-parameter setting {', '.join(unknown)}; the settings it "
                 f"takes are: {', '.join(known)}."
             )
+        scale = settings.get("lr_scale", 1.0)
+        if not scale >= 0.0:  # it multiplies the learning rate, which must not be negative
+            raise ValueError(f"Invalid learning rate scale: {scale} (for {selection!r}).")
         selectors.append((as_selector(selection), dict(settings)))
     frozen_sel = None if freeze is None else as_selector(freeze)
     used = [False] * len(selectors)

@@ -26,7 +26,14 @@ from diffprog.optim._grad import (
     check_trains_something,
     nonfinite_error,
 )
-from diffprog.optim._optimizer import Gradients, LearningRate, learning_rate_at
+from diffprog.optim._optimizer import (
+    Gradients,
+    LearningRate,
+    check_gradient,
+    learning_rate_at,
+    used_mask,
+)
+from diffprog.optim._pure import in_layout_of
 from diffprog.optim._select import Selection, resolve_settings
 
 __all__ = ["TorchOptimizer"]
@@ -123,6 +130,8 @@ class TorchOptimizer:
                         "or use TorchOptimizer.init(model, torch.optim.X, ...)."
                     )
                 trained.append(where[id(p)])
+            if group.get("fused"):
+                _require_dense(group["params"], where)
         self._optimizer = optimizer
         self._params = params
         self._trained = sorted(trained)
@@ -253,15 +262,23 @@ class TorchOptimizer:
     # --- the protocol -------------------------------------------------------------------------
 
     def step(
-        self, lr: LearningRate | None, gradients: Gradients, params: Sequence[torch.Tensor]
+        self,
+        lr: LearningRate | None,
+        gradients: Gradients,
+        params: Sequence[torch.Tensor],
+        *,
+        used: Sequence[bool] | None = None,
     ) -> tuple[list[torch.Tensor], Self]:
         """One step of the wrapped optimizer, in place: the protocol's ``step``.
 
         Args:
             lr: the learning rate for this step (``None``: the optimizer's own).
-            gradients: one gradient per parameter of the model (those of frozen parameters
-                are ignored).
+            gradients: one gradient per parameter of the model, each with its parameter's
+                shape, dtype and device (those of frozen parameters are ignored).
             params: the model's parameters, as ``flatten_parameters`` lists them.
+            used: for each parameter whether the loss reaches it (``None``: every one). An
+                unused parameter's ``.grad`` stays ``None``, so torch.optim leaves it alone
+                (its gradient is not read and may be ``None``).
 
         Returns:
             ``(params, self)``: the same tensors, now holding the new values, and this
@@ -269,6 +286,9 @@ class TorchOptimizer:
 
         Raises:
             DiffprogError: the parameters or gradients do not fit this optimizer.
+            ValueError: a gradient's shape or device differs from its parameter's, ``used``
+                has the wrong length, or the learning rate is negative.
+            TypeError: a gradient read by the step is not a tensor, or has another dtype.
         """
         params = list(params)
         gradients = list(gradients)
@@ -277,16 +297,18 @@ class TorchOptimizer:
                 f"TorchOptimizer.step got {len(params)} parameters but {len(gradients)} "
                 "gradients. Pass one gradient per parameter, in flatten_parameters order."
             )
+        mask = used_mask(used, len(params), "TorchOptimizer")
         self._adopt(params)
         trained = [params[i] for i in self._trained]
+        for i in self._trained:
+            if mask is None or mask[i]:
+                check_gradient("TorchOptimizer", i, gradients[i], params[i])
         with torch.no_grad():
             for p, i in zip(trained, self._trained):
-                g = gradients[i]
-                if g.stride() != p.stride():
+                if mask is None or mask[i]:
                     # torch.autograd.grad may return expanded gradients (of a sum, say), which
                     # the fused kernels misread (torch 2.13, CPU): give them p's layout.
-                    g = torch.empty_like(p).copy_(g)
-                p.grad = g
+                    p.grad = in_layout_of(gradients[i], p)
         try:
             self._torch_step(lr, None, None)
         finally:
@@ -328,7 +350,7 @@ class TorchOptimizer:
         if callable(loss) and not isinstance(loss, torch.Tensor):
             return self._closure_step(model, loss, lr, on_nonfinite, trained)
         if not loss.requires_grad:  # no graph at all (torch.no_grad()): nothing reaches them
-            check_loss_reaches_parameters(0)
+            check_loss_reaches_parameters(False)
         saved = _take_grads(trained)
         taken = False
         try:
@@ -507,6 +529,22 @@ def _put_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None] | No
     else:
         for p, g in zip(params, grads):
             p.grad = g
+
+
+def _require_dense(params: Sequence[torch.Tensor], where: Mapping[int, int]) -> None:
+    """Refuse a parameter that is not dense (a strided slice) for a fused torch optimizer.
+
+    torch's fused kernels walk a parameter as one flat block of memory, so they update a
+    slice's gaps instead of its elements: a silent wrong result (torch 2.13, CPU).
+    """
+    for p in params:
+        # empty_like keeps the strides of a dense tensor only; on "meta" it allocates nothing.
+        if torch.empty_like(p, device="meta").stride() != p.stride():
+            raise DiffprogError(
+                f"parameter {where[id(p)]} (shape {tuple(p.shape)}, strides {p.stride()}) is "
+                "not dense (a strided slice of a larger tensor), which torch's fused kernels "
+                "misread. Make it a tensor of its own (p.clone()), or use fused=False."
+            )
 
 
 def _option_names(optimizer: Callable[..., Any]) -> tuple[str, ...]:
