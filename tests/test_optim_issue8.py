@@ -23,11 +23,15 @@ from diffprog import DiffprogError, make_independent
 from diffprog.optim import (
     GD,
     GDM,
+    SGD,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     ClipGradNorm,
     Lion,
+    NAdam,
+    RAdam,
     RMSprop,
     TorchOptimizer,
     run_step,
@@ -107,6 +111,36 @@ OPTIMIZERS: list[tuple[str, Callable[..., Any], Callable[..., torch.optim.Optimi
         lambda m, **kw: Lion.init(m, weight_decay=0.1, **kw),
         _ReferenceLion,
         {"betas": (0.9, 0.99), "weight_decay": 0.1},
+    ),
+    (
+        "SGD",
+        lambda m, **kw: SGD.init(m, momentum=0.9, nesterov=True, weight_decay=0.01, **kw),
+        torch.optim.SGD,
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    ),
+    (
+        "NAdam",
+        lambda m, **kw: NAdam.init(m, weight_decay=0.01, momentum_decay=0.01, **kw),
+        torch.optim.NAdam,
+        {"weight_decay": 0.01, "momentum_decay": 0.01},
+    ),
+    (
+        "NAdam-decoupled",
+        lambda m, **kw: NAdam.init(m, weight_decay=0.1, decoupled_weight_decay=True, **kw),
+        torch.optim.NAdam,
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    ),
+    (
+        "RAdam",
+        lambda m, **kw: RAdam.init(m, betas=(0.9, 0.9), weight_decay=0.01, maximize=True, **kw),
+        torch.optim.RAdam,
+        {"betas": (0.9, 0.9), "weight_decay": 0.01, "maximize": True},
+    ),
+    (
+        "Adamax",
+        lambda m, **kw: Adamax.init(m, weight_decay=0.01, **kw),
+        torch.optim.Adamax,
+        {"weight_decay": 0.01},
     ),
     (
         "Clip-Adam",
@@ -338,13 +372,15 @@ def test_torch_optimizer_refuses_a_sliced_parameter_for_a_fused_kernel() -> None
 def test_the_expanded_gradient_of_a_sum_moves_every_element_alike() -> None:
     # The repro: Adam read the stride-0 gradient of 0.5 * w.sum() as six elements.
     w = make_independent(torch.zeros(6))
-    for cls in (GD, GDM, Adam, AdamW, Adagrad, RMSprop, Lion):
+    for cls in (GD, GDM, Adam, AdamW, Adagrad, RMSprop, Lion, SGD, NAdam, RAdam, Adamax):
         (new,), _ = run_step([w], cls.init([w]), 0.5 * w.sum(), 0.1)
         assert torch.equal(new, torch.full((6,), new[0].item())), cls.__name__
 
 
 @pytest.mark.parametrize("kernels", ["fused", "foreach"])
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "GDM", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize(
+    "name", ["Adam", "AdamW", "GDM", "Adagrad", "RMSprop", "SGD", "NAdam", "RAdam", "Adamax"]
+)
 def test_parameters_given_in_another_layout_than_at_init_still_match_torch(
     name: str, kernels: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,10 +471,28 @@ PURE = [
     Adagrad.init,
     RMSprop.init,
     Lion.init,
+    lambda m: SGD.init(m, momentum=0.9),
+    NAdam.init,
+    RAdam.init,
+    Adamax.init,
     lambda m: ClipGradNorm(Adam.init(m), max_norm=1.0),
     lambda m: TorchOptimizer.init(m, torch.optim.Adam, lr=0.1, fused=True),
 ]
-PURE_IDS = ["GD", "GDM", "Adam", "AdamW", "Adagrad", "RMSprop", "Lion", "Clip", "Torch"]
+PURE_IDS = [
+    "GD",
+    "GDM",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "RMSprop",
+    "Lion",
+    "SGD",
+    "NAdam",
+    "RAdam",
+    "Adamax",
+    "Clip",
+    "Torch",
+]
 
 
 def _two() -> list[torch.Tensor]:

@@ -19,11 +19,15 @@ from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
     GD,
     GDM,
+    SGD,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     ClipGradNorm,
     Lion,
+    NAdam,
+    RAdam,
     RMSprop,
     clip_grad_norm,
     mk_adam,
@@ -101,6 +105,24 @@ CASES = [
         {"momentum_buffer": "momentum_buffer", "square_avg": "square_avg"},
     ),
     (RMSprop, torch.optim.RMSprop, {"maximize": True, "alpha": 0.9}, 0.01, {}),
+    (
+        SGD,
+        torch.optim.SGD,
+        {"momentum": 0.9, "nesterov": True},
+        0.05,
+        {"momentum_buffer": "momentum_buffer"},
+    ),
+    (NAdam, torch.optim.NAdam, {"weight_decay": 0.1}, 0.01, {"mu_product": "mu_product"}),
+    (
+        NAdam,
+        torch.optim.NAdam,
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+        0.01,
+        {"exp_avg": "exp_avg"},
+    ),
+    (RAdam, torch.optim.RAdam, {"weight_decay": 0.1}, 0.01, {"exp_avg_sq": "exp_avg_sq"}),
+    (RAdam, torch.optim.RAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}, 0.01, {}),
+    (Adamax, torch.optim.Adamax, {"weight_decay": 0.1}, 0.01, {"exp_inf": "exp_inf"}),
 ]
 
 
@@ -212,6 +234,10 @@ ALL = [
     (Adagrad, {"weight_decay": 0.1, "maximize": True, "lr_decay": 0.1}),
     (RMSprop, {"weight_decay": 0.1, "momentum": 0.5, "centered": True, "maximize": True}),
     (Lion, {"weight_decay": 0.1, "maximize": True}),
+    (SGD, {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1, "maximize": True}),
+    (NAdam, {"weight_decay": 0.1, "maximize": True}),
+    (RAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+    (Adamax, {"weight_decay": 0.1, "maximize": True}),
 ]
 ALL_IDS = [f"{cls.__name__}{i}" for i, (cls, _) in enumerate(ALL)]
 
@@ -287,6 +313,10 @@ def test_complex_parameters_match_torch(kernels: str, monkeypatch: pytest.Monkey
         (GDM, torch.optim.SGD, {"momentum": 0.9}),
         (RMSprop, torch.optim.RMSprop, {"centered": True}),
         (Adagrad, torch.optim.Adagrad, {}),
+        (SGD, torch.optim.SGD, {"momentum": 0.9}),
+        (NAdam, torch.optim.NAdam, {"weight_decay": 0.1}),
+        (RAdam, torch.optim.RAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+        (Adamax, torch.optim.Adamax, {}),
     ]:
         expected, _ = _torch_run(theirs, options, params, grads, 0.01)
         got, _ = _our_run(ours.init(params, **options), params, grads, 0.01)
@@ -359,6 +389,10 @@ def test_wrong_sizes_are_reported() -> None:
         (RMSprop, {"alpha": -0.1}, "alpha"),
         (Adagrad, {"lr_decay": -0.1}, "lr_decay"),
         (Lion, {"weight_decay": -1.0}, "weight_decay"),
+        (SGD, {"nesterov": True}, "Nesterov momentum requires a momentum and zero dampening"),
+        (NAdam, {"momentum_decay": -0.1}, "Invalid momentum_decay value: -0.1"),
+        (RAdam, {"betas": (0.9, 1.0)}, "beta parameter at index 1"),
+        (Adamax, {"eps": -1.0}, "Invalid epsilon value"),
     ],
 )
 def test_invalid_hyper_parameters_are_refused(
@@ -398,6 +432,10 @@ def _mlp_pair(seed: int = 0) -> tuple[MLP, torch.nn.Sequential]:
         (GDM, torch.optim.SGD, {"momentum": 0.9}),
         (RMSprop, torch.optim.RMSprop, {"centered": True}),
         (Adagrad, torch.optim.Adagrad, {}),
+        (SGD, torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+        (NAdam, torch.optim.NAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+        (RAdam, torch.optim.RAdam, {"weight_decay": 0.01}),
+        (Adamax, torch.optim.Adamax, {"weight_decay": 0.01}),
     ],
 )
 def test_run_step_training_matches_torch(ours: Any, theirs: Any, options: dict[str, Any]) -> None:
@@ -488,6 +526,10 @@ ALL_PURE = [
     (Adagrad, {}),
     (RMSprop, {"centered": True, "momentum": 0.5}),
     (Lion, {}),
+    (SGD, {"momentum": 0.9, "dampening": 0.5}),
+    (NAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (RAdam, {"weight_decay": 0.1}),
+    (Adamax, {}),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from diffprog.optim._adagrad import Adagrad
 from diffprog.optim._adam import Adam, mk_adam
+from diffprog.optim._adamax import Adamax
 from diffprog.optim._adamw import AdamW
 from diffprog.optim._clip import ClipGradNorm, clip_grad_norm
 from diffprog.optim._gd import GD
@@ -16,6 +17,7 @@ from diffprog.optim._grad import (
 )
 from diffprog.optim._lion import Lion
 from diffprog.optim._loop import fold_loop, run_step
+from diffprog.optim._nadam import NAdam
 from diffprog.optim._optimizer import (
     Gradients,
     LearningRate,
@@ -25,6 +27,7 @@ from diffprog.optim._optimizer import (
     step,
 )
 from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._radam import RAdam
 from diffprog.optim._rmsprop import RMSprop
 from diffprog.optim._schedule import (
     constant_schedule,
@@ -36,6 +39,7 @@ from diffprog.optim._schedule import (
     warmup_cosine_decay_schedule,
 )
 from diffprog.optim._select import ParamGroup, ParamSettings, Selection, Selector, select
+from diffprog.optim._sgd import SGD
 from diffprog.optim._torch import TorchOptimizer
 
 __all__ = [
@@ -47,6 +51,10 @@ __all__ = [
     "Adagrad",
     "RMSprop",
     "Lion",
+    "SGD",
+    "NAdam",
+    "RAdam",
+    "Adamax",
     "mk_adam",
     "PureOptimizer",
     "ClipGradNorm",

@@ -1,0 +1,202 @@
+"""``RAdam``: torch.optim.RAdam's algorithm (rectified Adam) as a value."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from diffprog.optim._adam import _betas, _check_adam_like
+from diffprog.optim._pure import Overrides, PureOptimizer, clone_all, device_groups
+from diffprog.optim._select import ParamSettings, Selection
+from diffprog.optim._torch_options import accept_torch_options
+
+__all__ = ["RAdam"]
+
+
+class RAdam(PureOptimizer):
+    """RAdam (Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond"):
+    ``torch.optim.RAdam``'s algorithm, as a value.
+
+    Adam's moments ``m``, ``v``; at a parameter's step ``t``, with ``rho_inf = 2 / (1 - b2) - 1``
+    and ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)``: while ``rho_t <= 5`` the step is SGD with
+    momentum, ``p - lr m / (1 - b1^t)``; after, the adaptive step rectified by
+    ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``,
+    ``p - lr m / (1 - b1^t) * r_t sqrt(1 - b2^t) / (sqrt(v) + eps)``. ``g`` includes the L2
+    term ``weight_decay * p``, or with ``decoupled_weight_decay`` (RAdamW) the parameter is
+    shrunk by ``1 - lr * weight_decay`` instead. Written with ``_foreach_`` operations in
+    torch's multi-tensor order (torch has no fused RAdam kernel): it equals
+    ``torch.optim.RAdam(foreach=True)`` bit for bit, and torch's default for-loop on the CPU
+    to float rounding.
+
+    Attributes:
+        betas, eps, weight_decay, decoupled_weight_decay, maximize: as
+            ``torch.optim.RAdam``'s.
+        count: the number of steps taken (the argument of a learning-rate schedule).
+        param_counts: the number of steps that updated each parameter (torch's per-parameter
+            ``state["step"]``, which sets ``rho_t`` and the bias corrections); empty while
+            each trained parameter has been updated by all ``count`` steps. A parameter the
+            loss does not reach (``used``) is left alone.
+        exp_avg, exp_avg_sq: the moments, one tensor per trained parameter (``None`` for a
+            frozen one), in ``flatten_parameters`` order.
+        settings: which parameters are trained and how (``None``: all, alike).
+        donate: whether a step may reuse this value's state (see :class:`Adam`).
+
+    Example:
+        >>> p = make_independent(torch.tensor([1.0, -1.0]))
+        >>> new, opt = RAdam.init([p]).step(0.1, [torch.tensor([0.5, -0.5])], [p])
+        >>> new  # the first steps are momentum steps: p - lr * g
+        [tensor([ 0.9500, -0.9500])]
+    """
+
+    _hyper: ClassVar[tuple[str, ...]] = (
+        "betas",
+        "eps",
+        "weight_decay",
+        "decoupled_weight_decay",
+        "maximize",
+    )
+    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
+    maximize: bool = False
+    count: int = 0
+    param_counts: tuple[int, ...] = ()
+    exp_avg: tuple[torch.Tensor | None, ...] = ()
+    exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
+    settings: ParamSettings | None = None
+    donate: bool = False
+
+    @classmethod
+    def init(
+        cls,
+        model: Any,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        overrides: Overrides = (),
+        freeze: Selection | None = None,
+        donate: bool = False,
+    ) -> RAdam:
+        """RAdam for ``model``: ``torch.optim.RAdam``'s hyper-parameters and defaults, but ``lr``
+        (given to each step).
+
+        Args:
+            model: the model, or a list of its parameters.
+            betas: the decay rates of the first and second moments.
+            eps: added to the denominator.
+            weight_decay: the weight decay (an L2 term in the gradient, or decoupled).
+            decoupled_weight_decay: shrink the parameters as AdamW does (RAdamW).
+            maximize: ascend instead of descend.
+            foreach, capturable: accepted as torch accepts them; they choose nothing here.
+            differentiable: must be False (a pure step carries no graph).
+            overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the
+                hyper-parameters above, and ``lr_scale``).
+            freeze: the parameters not to train (no update, no state).
+            donate: let each step reuse this optimizer's moments (see :class:`Adam`).
+
+        Returns:
+            The optimizer, its moments at zero.
+
+        Raises:
+            ValueError: a hyper-parameter is out of range (torch.optim's message), a selection
+                matches nothing, or ``differentiable=True``.
+
+        Example:
+            >>> RAdam.init([make_independent(torch.zeros(2))], betas=(0.9, 1.0))
+            Traceback (most recent call last):
+            ...
+            ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
+        """
+        accept_torch_options(
+            "RAdam", foreach=foreach, capturable=capturable, differentiable=differentiable
+        )
+        hyper = {
+            "betas": _betas(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "maximize": maximize,
+        }
+        return cls._build(model, hyper, overrides, freeze, donate)
+
+    @classmethod
+    def _check(cls, hyper: Mapping[str, Any]) -> None:
+        _check_adam_like(hyper)
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        new = clone_all(params)
+        lists = [new, grads, state["exp_avg"], state["exp_avg_sq"]]
+        for _, (ps, gs, ms, vs) in device_groups(*lists):
+            _foreach_radam(hyper, float(lr), count + 1, ps, gs, ms, vs)
+        return new
+
+
+def _step_sizes(beta1: float, beta2: float, lr: float, step: int) -> tuple[float, float]:
+    """torch's two step sizes at ``step`` (not capturable): that of the unrectified (momentum)
+    update, and the rectified one's ``sqrt(1 - b2^t) * lr * r_t / (1 - b1^t)``, both negated;
+    exactly one is zero (the rectified one while ``rho_t <= 5``)."""
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / (1 - beta2**step)
+    rect: float = (
+        ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        if rho_t > 5
+        else 0
+    )
+    unrectified = 0 if rect > 0 else 1.0
+    bias_correction1 = 1 - beta1**step
+    unrect_step_size = (lr * unrectified / bias_correction1) * -1
+    rect_step_size = ((1 - beta2**step) ** 0.5) * (lr * rect / bias_correction1) * -1
+    return unrect_step_size, rect_step_size
+
+
+def _foreach_radam(
+    hyper: Mapping[str, Any],
+    lr: float,
+    step: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+) -> None:
+    """torch's ``_multi_tensor_radam`` (not capturable) for parameters that have all taken
+    ``step - 1`` steps: ``params`` and the moments are updated in place, ``grads`` are not."""
+    beta1, beta2 = hyper["betas"]
+    weight_decay = hyper["weight_decay"]
+    if hyper["maximize"]:
+        grads = list(torch._foreach_neg(grads))
+    if weight_decay != 0:
+        if hyper["decoupled_weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    unrect_step_size, rect_step_size = _step_sizes(beta1, beta2, lr, step)
+    # buffer = rect_step_size / (sqrt(v) + eps) + unrect_step_size, in torch's order: while
+    # the step is unrectified, (sqrt(v) + eps) / -0.0 is -inf and its reciprocal -0.0.
+    buffer = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(buffer, hyper["eps"])
+    torch._foreach_div_(buffer, rect_step_size)
+    torch._foreach_reciprocal_(buffer)
+    torch._foreach_add_(buffer, unrect_step_size)
+    torch._foreach_addcmul_(params, exp_avgs, buffer)
