@@ -498,3 +498,15 @@ def test_a_donated_optimizer_refuses_a_second_step(ours: Any) -> None:
     with pytest.raises(DiffprogError, match="donate=True"):
         opt.step(LR, _grads(1)[0], params)
     newer.step(LR, _grads(1)[0], params)
+
+
+def test_sgd_refuses_sparse_gradients_which_torchs_sgd_takes() -> None:
+    # A difference from torch.optim.SGD (docs/optim.md): GD takes them, SGD (fused kernel,
+    # dense momentum buffers) refuses them with a pointer to GD.
+    weight = torch.nn.Parameter(torch.zeros(5, 3))
+    sparse = torch.sparse_coo_tensor([[1, 2]], torch.ones(2, 3), (5, 3), check_invariants=True)
+    weight.grad = sparse.clone()
+    torch.optim.SGD([weight], lr=LR).step()
+    params = [make_independent(torch.zeros(5, 3))]
+    with pytest.raises(DiffprogError, match="SGD does not take sparse gradients .* Use GD"):
+        SGD.init(params).step(LR, [sparse], params)

@@ -17,10 +17,14 @@ from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
     GD,
     GDM,
+    SGD,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     Lion,
+    NAdam,
+    RAdam,
     RMSprop,
     run_step,
     select,
@@ -151,6 +155,10 @@ ALL = [
     (Adagrad, {"weight_decay": 0.1}),
     (RMSprop, {"weight_decay": 0.1, "momentum": 0.9, "centered": True}),
     (Lion, {"weight_decay": 0.1}),
+    (SGD, {"momentum": 0.9, "weight_decay": 0.1}),
+    (NAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    (RAdam, {"weight_decay": 0.1}),
+    (Adamax, {"weight_decay": 0.1}),
 ]
 
 

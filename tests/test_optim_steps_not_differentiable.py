@@ -18,11 +18,15 @@ from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
     GD,
     GDM,
+    SGD,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     ClipGradNorm,
     Lion,
+    NAdam,
+    RAdam,
     RMSprop,
     apply_updates,
     run_step,
@@ -38,6 +42,10 @@ PURE: dict[str, Callable[[Any], Any]] = {
     "Adagrad": lambda m: Adagrad.init(m),
     "RMSprop": lambda m: RMSprop.init(m, momentum=0.5, centered=True),
     "Lion": lambda m: Lion.init(m),
+    "SGD": lambda m: SGD.init(m, momentum=0.9),
+    "NAdam": lambda m: NAdam.init(m, weight_decay=0.1),
+    "RAdam": lambda m: RAdam.init(m, decoupled_weight_decay=True, weight_decay=0.1),
+    "Adamax": lambda m: Adamax.init(m),
     "ClipGradNorm(Adam)": lambda m: ClipGradNorm(Adam.init(m), 0.1),
 }
 
