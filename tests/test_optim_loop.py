@@ -15,8 +15,11 @@ from torch.testing import assert_close
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     AdamW,
@@ -24,6 +27,7 @@ from diffprog.optim import (
     Lion,
     NonFiniteError,
     RMSprop,
+    Rprop,
     TorchOptimizer,
     apply_updates,
     flatten_like,
@@ -70,6 +74,10 @@ OPTIMIZERS = {
     "Adagrad": (lambda m: Adagrad.init(m), 5e-2),
     "RMSprop": (lambda m: RMSprop.init(m), 1e-3),
     "Lion": (lambda m: Lion.init(m), 1e-3),
+    "Adadelta": (lambda m: Adadelta.init(m), 1.0),
+    "Rprop": (lambda m: Rprop.init(m), 1e-2),
+    "ASGD": (lambda m: ASGD.init(m), 1e-2),
+    "Adafactor": (lambda m: Adafactor.init(m), 1e-2),
     "ClipGradNorm(Adam)": (lambda m: ClipGradNorm(Adam.init(m), 1.0), 1e-2),
     "TorchOptimizer(Adam)": (lambda m: TorchOptimizer.init(m, torch.optim.Adam, fused=True), 1e-2),
     "TorchOptimizer(SGD)": (lambda m: TorchOptimizer.init(m, torch.optim.SGD, momentum=0.9), 0.05),

@@ -17,14 +17,18 @@ import diffprog.optim._pure
 from diffprog import DiffprogError, Parameterized, flatten_parameters, make_independent
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     AdamW,
     ClipGradNorm,
     Lion,
     RMSprop,
+    Rprop,
     clip_grad_norm,
     mk_adam,
     run_step,
@@ -101,6 +105,28 @@ CASES = [
         {"momentum_buffer": "momentum_buffer", "square_avg": "square_avg"},
     ),
     (RMSprop, torch.optim.RMSprop, {"maximize": True, "alpha": 0.9}, 0.01, {}),
+    (
+        Adadelta,
+        torch.optim.Adadelta,
+        {"rho": 0.8, "weight_decay": 0.1, "maximize": True},
+        1.0,
+        {"square_avg": "square_avg", "acc_delta": "acc_delta"},
+    ),
+    (
+        Rprop,
+        torch.optim.Rprop,
+        {"etas": (0.4, 1.3), "step_sizes": (1e-4, 0.5)},
+        0.01,
+        {"prev": "prev", "step_size": "step_size"},
+    ),
+    (
+        ASGD,
+        torch.optim.ASGD,
+        {"lambd": 0.01, "t0": 20.0, "weight_decay": 0.1},
+        0.05,
+        {"ax": "ax", "eta": "eta", "mu": "mu"},
+    ),
+    (Adafactor, torch.optim.Adafactor, {"weight_decay": 0.1, "d": 1.2}, 0.05, {}),
 ]
 
 
@@ -212,6 +238,10 @@ ALL = [
     (Adagrad, {"weight_decay": 0.1, "maximize": True, "lr_decay": 0.1}),
     (RMSprop, {"weight_decay": 0.1, "momentum": 0.5, "centered": True, "maximize": True}),
     (Lion, {"weight_decay": 0.1, "maximize": True}),
+    (Adadelta, {"weight_decay": 0.1, "maximize": True}),
+    (Rprop, {"maximize": True}),
+    (ASGD, {"weight_decay": 0.1, "maximize": True, "t0": 1.0}),
+    (Adafactor, {"weight_decay": 0.1, "maximize": True}),
 ]
 ALL_IDS = [f"{cls.__name__}{i}" for i, (cls, _) in enumerate(ALL)]
 
@@ -230,6 +260,8 @@ def test_step_is_pure(
     opt = cls.init(params, **options)
     opt, _ = opt.step(0.1, _grads()[0], params)[1], None  # non-zero state to start from
     grads = _grads(seed=5)[0]
+    if cls is Rprop:  # Rprop leaves an element alone where its gradient's sign flipped
+        grads = [2 * g for g in _grads()[0]]
     before = (_snapshot(params), _snapshot(grads), _snapshot(opt), opt.count)
     new, new_opt = opt.step(0.1, grads, params)
     after = (_snapshot(params), _snapshot(grads), _snapshot(opt), opt.count)
@@ -287,6 +319,9 @@ def test_complex_parameters_match_torch(kernels: str, monkeypatch: pytest.Monkey
         (GDM, torch.optim.SGD, {"momentum": 0.9}),
         (RMSprop, torch.optim.RMSprop, {"centered": True}),
         (Adagrad, torch.optim.Adagrad, {}),
+        (Adadelta, torch.optim.Adadelta, {"weight_decay": 0.1}),
+        (Rprop, torch.optim.Rprop, {}),
+        (ASGD, torch.optim.ASGD, {"t0": 5.0, "weight_decay": 0.1}),
     ]:
         expected, _ = _torch_run(theirs, options, params, grads, 0.01)
         got, _ = _our_run(ours.init(params, **options), params, grads, 0.01)
@@ -359,6 +394,10 @@ def test_wrong_sizes_are_reported() -> None:
         (RMSprop, {"alpha": -0.1}, "alpha"),
         (Adagrad, {"lr_decay": -0.1}, "lr_decay"),
         (Lion, {"weight_decay": -1.0}, "weight_decay"),
+        (Adadelta, {"rho": 1.5}, r"Invalid rho value: 1.5"),
+        (Rprop, {"etas": (1.5, 1.2)}, "Invalid eta values: 1.5, 1.2"),
+        (ASGD, {"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+        (Adafactor, {"d": 0.5}, "Clipping threshold d should be >= 1 but is: 0.5"),
     ],
 )
 def test_invalid_hyper_parameters_are_refused(

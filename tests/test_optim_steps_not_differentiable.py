@@ -16,14 +16,18 @@ import torch
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     AdamW,
     ClipGradNorm,
     Lion,
     RMSprop,
+    Rprop,
     apply_updates,
     run_step,
 )
@@ -38,6 +42,10 @@ PURE: dict[str, Callable[[Any], Any]] = {
     "Adagrad": lambda m: Adagrad.init(m),
     "RMSprop": lambda m: RMSprop.init(m, momentum=0.5, centered=True),
     "Lion": lambda m: Lion.init(m),
+    "Adadelta": lambda m: Adadelta.init(m, weight_decay=0.1),
+    "Rprop": lambda m: Rprop.init(m),
+    "ASGD": lambda m: ASGD.init(m, t0=0.0),
+    "Adafactor": lambda m: Adafactor.init(m, weight_decay=0.1),
     "ClipGradNorm(Adam)": lambda m: ClipGradNorm(Adam.init(m), 0.1),
 }
 

@@ -20,8 +20,11 @@ import torch
 import diffprog as dp
 from diffprog.nn import Embedding, Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     AdamW,
@@ -29,6 +32,7 @@ from diffprog.optim import (
     Lion,
     NothingToTrainError,
     RMSprop,
+    Rprop,
     TorchOptimizer,
     run_step,
 )
@@ -246,6 +250,10 @@ OPTIMIZERS: dict[str, tuple[Callable[..., Any], float | None, str]] = {
     "Adagrad": (lambda m, **kw: Adagrad.init(m, **kw), 1e-2, "Adagrad"),
     "RMSprop": (lambda m, **kw: RMSprop.init(m, **kw), 1e-2, "RMSprop"),
     "Lion": (lambda m, **kw: Lion.init(m, **kw), 1e-3, "Lion"),
+    "Adadelta": (lambda m, **kw: Adadelta.init(m, **kw), 1.0, "Adadelta"),
+    "Rprop": (lambda m, **kw: Rprop.init(m, **kw), 1e-2, "Rprop"),
+    "ASGD": (lambda m, **kw: ASGD.init(m, **kw), 1e-2, "ASGD"),
+    "Adafactor": (lambda m, **kw: Adafactor.init(m, **kw), 1e-2, "Adafactor"),
     "ClipGradNorm(Adam)": (
         lambda m, **kw: ClipGradNorm(Adam.init(m, **kw), 1.0),
         1e-2,
