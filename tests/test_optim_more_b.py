@@ -399,3 +399,24 @@ def test_adafactor_refuses_a_complex_parameter_it_would_train() -> None:
 def test_exported_from_diffprog_optim() -> None:
     for name in ("Adadelta", "Rprop", "ASGD", "Adafactor"):
         assert name in diffprog.optim.__all__ and getattr(diffprog.optim, name).__doc__
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [Adadelta, Rprop, ASGD, Adafactor], ids=lambda c: c.__name__)
+def test_cuda_defaults_follow_torch_s_default_path(cls: Any) -> None:
+    # torch.optim.ASGD(foreach=None) takes its multi-tensor path on CUDA (the for-loop path on
+    # CPU, which the grid above checks): ASGD() must round as that path does there too.
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen).cuda() for s in SHAPES]
+    reference = [torch.nn.Parameter(p.clone()) for p in start]
+    topt = TORCH[cls](reference, lr=0.05)
+    params = [make_independent(p.clone()) for p in start]
+    opt = cls.init(params)
+    for _ in range(20):
+        grads = [torch.randn(s, generator=gen).cuda() for s in SHAPES]
+        new, opt = opt.step(0.05, grads, params)
+        params = [make_independent(p) for p in new]
+        for p, g in zip(reference, grads):
+            p.grad = g.clone()
+        topt.step()
+    torch.testing.assert_close(params, [p.detach() for p in reference], rtol=0, atol=0)

@@ -195,7 +195,9 @@ class Adafactor(PureOptimizer):
         updates: list[torch.Tensor] = []
         alphas: list[float] = []
         rows, cols, variances = state["row_var"], state["col_var"], state["variance"]
-        for param, grad, row_var, col_var, variance in zip(new, grads, rows, cols, variances):
+        for param, grad, row_var, col_var, variance in zip(
+            new, grads, rows, cols, variances, strict=True
+        ):
             floor = torch.finfo(param.dtype).eps if eps1 is None else eps1
             alphas.append(max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t)
             if weight_decay != 0:
@@ -241,13 +243,13 @@ def _apply(
     the for-loop path adds ``u`` times a scalar, the multi-tensor one multiplies first."""
     scales = [
         -alpha / max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
-        for alpha, update in zip(alphas, updates)
+        for alpha, update in zip(alphas, updates, strict=True)
     ]
     if foreach:
         torch._foreach_mul_(updates, scales)
         torch._foreach_add_(params, updates)
         return
-    for param, update, scale in zip(params, updates, scales):
+    for param, update, scale in zip(params, updates, scales, strict=True):
         param.add_(update, alpha=scale)
 
 

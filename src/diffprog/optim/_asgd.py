@@ -188,7 +188,7 @@ def _single_tensor_asgd(
     """torch.optim's for-loop ASGD: ``params``, ``axs``, ``etas``, ``mus`` in place."""
     lambd, alpha, t0 = hyper["lambd"], hyper["alpha"], hyper["t0"]
     weight_decay = hyper["weight_decay"]
-    for param, grad, ax, eta, mu in zip(params, grads, axs, etas, mus):
+    for param, grad, ax, eta, mu in zip(params, grads, axs, etas, mus, strict=True):
         if hyper["maximize"]:
             grad = -grad
         if weight_decay != 0:
@@ -230,7 +230,7 @@ def _multi_tensor_asgd(
     intermediate = list(torch._foreach_sub(params, axs))
     torch._foreach_addcmul_(axs, intermediate, mus)
     del intermediate
-    for eta, mu in zip(etas, mus):
+    for eta, mu in zip(etas, mus, strict=True):
         # torch computes eta from its step tensor (float32 arithmetic), mu from its value
         step_t = torch.full((), float(step), dtype=eta.dtype, device=eta.device)
         eta.copy_(lr / ((1 + lambd * lr * step_t) ** alpha))

@@ -149,7 +149,7 @@ class Rprop(PureOptimizer):
         torch._foreach_mul_(step_sizes, signs)
         for step_size in step_sizes:
             step_size.clamp_(step_size_min, step_size_max)
-        for prev, sign in zip(prevs, signs):
+        for prev, sign in zip(prevs, signs, strict=True):
             prev.copy_(torch.where(sign.eq(etaminus), 0, prev))
         del signs
         grad_signs = [prev.sign() for prev in prevs]
