@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import diffprog.optim
 from diffprog import make_independent
@@ -348,6 +350,49 @@ def test_float64_parameters_match_torch() -> None:
         torch.testing.assert_close(params, [p.detach() for p in reference], rtol=0, atol=0)
         if isinstance(opt, ASGD):
             assert opt.eta[0].dtype == topt.state[reference[0]]["eta"].dtype == torch.float32
+
+
+@st.composite
+def _any_options(draw: st.DrawFn) -> tuple[Any, dict[str, Any], float]:
+    """An optimizer, any valid options of it, and a learning rate."""
+    cls = draw(st.sampled_from([Adadelta, Rprop, ASGD, Adafactor]))
+    maximize = draw(st.booleans())
+    decay = draw(st.floats(0.0, 0.5))
+    if cls is Adadelta:
+        options = {"rho": draw(st.floats(0.0, 1.0)), "eps": draw(st.floats(1e-8, 1e-2))}
+        options["weight_decay"] = decay
+    elif cls is Rprop:
+        etas = (draw(st.floats(0.05, 0.95)), draw(st.floats(1.05, 3.0)))
+        low = draw(st.floats(0.0, 1e-2))
+        options = {"etas": etas, "step_sizes": (low, low + draw(st.floats(0.0, 1.0)))}
+    elif cls is ASGD:
+        options = {
+            "lambd": draw(st.floats(0.0, 0.1)),
+            "alpha": draw(st.floats(0.0, 1.0)),
+            "t0": draw(st.floats(0.0, 8.0)),
+            "weight_decay": decay,
+            "foreach": draw(st.booleans()),
+        }
+    else:
+        eps1 = draw(st.none() | st.floats(0.0, 1e-3))
+        options = {
+            "beta2_decay": draw(st.floats(-1.0, 0.0)),
+            "eps": (eps1, draw(st.floats(0.0, 1e-1))),
+            "d": draw(st.floats(1.0, 3.0)),
+            "weight_decay": decay,
+            "foreach": draw(st.booleans()),
+        }
+    return cls, {**options, "maximize": maximize}, draw(st.floats(1e-4, 1.0))
+
+
+@given(case=_any_options())
+@settings(max_examples=40, deadline=None)
+def test_matches_torch_for_any_valid_options(case: tuple[Any, dict[str, Any], float]) -> None:
+    cls, options, lr = case
+    steps = _gradients("unused", 8)
+    reference, _ = _theirs(cls, options, lr, {}, "unused", steps)
+    got, _ = _ours(cls, options, lr, {}, "unused", steps)
+    torch.testing.assert_close(got, [p.detach() for p in reference], rtol=0, atol=0)
 
 
 # --- refusals, in torch.optim's words ---------------------------------------------------------
