@@ -21,9 +21,12 @@ import torch
 import diffprog.optim._pure
 from diffprog import DiffprogError, make_independent
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -33,6 +36,7 @@ from diffprog.optim import (
     NAdam,
     RAdam,
     RMSprop,
+    Rprop,
     TorchOptimizer,
     run_step,
     step,
@@ -141,6 +145,30 @@ OPTIMIZERS: list[tuple[str, Callable[..., Any], Callable[..., torch.optim.Optimi
         lambda m, **kw: Adamax.init(m, weight_decay=0.01, **kw),
         torch.optim.Adamax,
         {"weight_decay": 0.01},
+    ),
+    (
+        "Adadelta",
+        lambda m, **kw: Adadelta.init(m, rho=0.8, weight_decay=0.01, **kw),
+        torch.optim.Adadelta,
+        {"rho": 0.8, "weight_decay": 0.01},
+    ),
+    (
+        "Rprop",
+        lambda m, **kw: Rprop.init(m, etas=(0.4, 1.3), step_sizes=(1e-3, 0.2), **kw),
+        torch.optim.Rprop,
+        {"etas": (0.4, 1.3), "step_sizes": (1e-3, 0.2)},
+    ),
+    (
+        "ASGD",
+        lambda m, **kw: ASGD.init(m, lambd=0.01, t0=2.0, weight_decay=0.01, **kw),
+        torch.optim.ASGD,
+        {"lambd": 0.01, "t0": 2.0, "weight_decay": 0.01},
+    ),
+    (
+        "Adafactor",
+        lambda m, **kw: Adafactor.init(m, weight_decay=0.01, d=1.5, **kw),
+        torch.optim.Adafactor,
+        {"weight_decay": 0.01, "d": 1.5},
     ),
     (
         "Clip-Adam",
@@ -372,14 +400,44 @@ def test_torch_optimizer_refuses_a_sliced_parameter_for_a_fused_kernel() -> None
 def test_the_expanded_gradient_of_a_sum_moves_every_element_alike() -> None:
     # The repro: Adam read the stride-0 gradient of 0.5 * w.sum() as six elements.
     w = make_independent(torch.zeros(6))
-    for cls in (GD, GDM, Adam, AdamW, Adagrad, RMSprop, Lion, SGD, NAdam, RAdam, Adamax):
+    for cls in (
+        GD,
+        GDM,
+        Adam,
+        AdamW,
+        Adagrad,
+        RMSprop,
+        Lion,
+        SGD,
+        NAdam,
+        RAdam,
+        Adamax,
+        Adadelta,
+        Rprop,
+        ASGD,
+        Adafactor,
+    ):
         (new,), _ = run_step([w], cls.init([w]), 0.5 * w.sum(), 0.1)
         assert torch.equal(new, torch.full((6,), new[0].item())), cls.__name__
 
 
 @pytest.mark.parametrize("kernels", ["fused", "foreach"])
 @pytest.mark.parametrize(
-    "name", ["Adam", "AdamW", "GDM", "Adagrad", "RMSprop", "SGD", "NAdam", "RAdam", "Adamax"]
+    "name",
+    [
+        "Adam",
+        "AdamW",
+        "GDM",
+        "Adagrad",
+        "RMSprop",
+        "SGD",
+        "NAdam",
+        "RAdam",
+        "Adamax",
+        "Adadelta",
+        "Rprop",
+        "ASGD",
+    ],
 )
 def test_parameters_given_in_another_layout_than_at_init_still_match_torch(
     name: str, kernels: str, monkeypatch: pytest.MonkeyPatch
@@ -475,6 +533,10 @@ PURE = [
     NAdam.init,
     RAdam.init,
     Adamax.init,
+    Adadelta.init,
+    Rprop.init,
+    ASGD.init,
+    Adafactor.init,
     lambda m: ClipGradNorm(Adam.init(m), max_norm=1.0),
     lambda m: TorchOptimizer.init(m, torch.optim.Adam, lr=0.1, fused=True),
 ]
@@ -490,6 +552,10 @@ PURE_IDS = [
     "NAdam",
     "RAdam",
     "Adamax",
+    "Adadelta",
+    "Rprop",
+    "ASGD",
+    "Adafactor",
     "Clip",
     "Torch",
 ]

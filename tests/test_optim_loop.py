@@ -15,9 +15,12 @@ from torch.testing import assert_close
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -28,6 +31,7 @@ from diffprog.optim import (
     NonFiniteError,
     RAdam,
     RMSprop,
+    Rprop,
     TorchOptimizer,
     apply_updates,
     flatten_like,
@@ -78,6 +82,10 @@ OPTIMIZERS = {
     "NAdam": (lambda m: NAdam.init(m), 1e-2),
     "RAdam": (lambda m: RAdam.init(m), 1e-2),
     "Adamax": (lambda m: Adamax.init(m), 1e-2),
+    "Adadelta": (lambda m: Adadelta.init(m), 1.0),
+    "Rprop": (lambda m: Rprop.init(m), 1e-2),
+    "ASGD": (lambda m: ASGD.init(m), 1e-2),
+    "Adafactor": (lambda m: Adafactor.init(m), 1e-2),
     "ClipGradNorm(Adam)": (lambda m: ClipGradNorm(Adam.init(m), 1.0), 1e-2),
     "TorchOptimizer(Adam)": (lambda m: TorchOptimizer.init(m, torch.optim.Adam, fused=True), 1e-2),
     "TorchOptimizer(SGD)": (lambda m: TorchOptimizer.init(m, torch.optim.SGD, momentum=0.9), 0.05),

@@ -17,9 +17,12 @@ import diffprog.optim._pure
 from diffprog import DiffprogError, Parameterized, flatten_parameters, make_independent
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -29,6 +32,7 @@ from diffprog.optim import (
     NAdam,
     RAdam,
     RMSprop,
+    Rprop,
     clip_grad_norm,
     mk_adam,
     run_step,
@@ -123,6 +127,28 @@ CASES = [
     (RAdam, torch.optim.RAdam, {"weight_decay": 0.1}, 0.01, {"exp_avg_sq": "exp_avg_sq"}),
     (RAdam, torch.optim.RAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}, 0.01, {}),
     (Adamax, torch.optim.Adamax, {"weight_decay": 0.1}, 0.01, {"exp_inf": "exp_inf"}),
+    (
+        Adadelta,
+        torch.optim.Adadelta,
+        {"rho": 0.8, "weight_decay": 0.1, "maximize": True},
+        1.0,
+        {"square_avg": "square_avg", "acc_delta": "acc_delta"},
+    ),
+    (
+        Rprop,
+        torch.optim.Rprop,
+        {"etas": (0.4, 1.3), "step_sizes": (1e-4, 0.5)},
+        0.01,
+        {"prev": "prev", "step_size": "step_size"},
+    ),
+    (
+        ASGD,
+        torch.optim.ASGD,
+        {"lambd": 0.01, "t0": 20.0, "weight_decay": 0.1},
+        0.05,
+        {"ax": "ax", "eta": "eta", "mu": "mu"},
+    ),
+    (Adafactor, torch.optim.Adafactor, {"weight_decay": 0.1, "d": 1.2}, 0.05, {}),
 ]
 
 
@@ -238,6 +264,10 @@ ALL = [
     (NAdam, {"weight_decay": 0.1, "maximize": True}),
     (RAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
     (Adamax, {"weight_decay": 0.1, "maximize": True}),
+    (Adadelta, {"weight_decay": 0.1, "maximize": True}),
+    (Rprop, {"maximize": True}),
+    (ASGD, {"weight_decay": 0.1, "maximize": True, "t0": 1.0}),
+    (Adafactor, {"weight_decay": 0.1, "maximize": True}),
 ]
 ALL_IDS = [f"{cls.__name__}{i}" for i, (cls, _) in enumerate(ALL)]
 
@@ -256,6 +286,8 @@ def test_step_is_pure(
     opt = cls.init(params, **options)
     opt, _ = opt.step(0.1, _grads()[0], params)[1], None  # non-zero state to start from
     grads = _grads(seed=5)[0]
+    if cls is Rprop:  # Rprop leaves an element alone where its gradient's sign flipped
+        grads = [2 * g for g in _grads()[0]]
     before = (_snapshot(params), _snapshot(grads), _snapshot(opt), opt.count)
     new, new_opt = opt.step(0.1, grads, params)
     after = (_snapshot(params), _snapshot(grads), _snapshot(opt), opt.count)
@@ -317,6 +349,9 @@ def test_complex_parameters_match_torch(kernels: str, monkeypatch: pytest.Monkey
         (NAdam, torch.optim.NAdam, {"weight_decay": 0.1}),
         (RAdam, torch.optim.RAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
         (Adamax, torch.optim.Adamax, {}),
+        (Adadelta, torch.optim.Adadelta, {"weight_decay": 0.1}),
+        (Rprop, torch.optim.Rprop, {}),
+        (ASGD, torch.optim.ASGD, {"t0": 5.0, "weight_decay": 0.1}),
     ]:
         expected, _ = _torch_run(theirs, options, params, grads, 0.01)
         got, _ = _our_run(ours.init(params, **options), params, grads, 0.01)
@@ -393,6 +428,10 @@ def test_wrong_sizes_are_reported() -> None:
         (NAdam, {"momentum_decay": -0.1}, "Invalid momentum_decay value: -0.1"),
         (RAdam, {"betas": (0.9, 1.0)}, "beta parameter at index 1"),
         (Adamax, {"eps": -1.0}, "Invalid epsilon value"),
+        (Adadelta, {"rho": 1.5}, r"Invalid rho value: 1.5"),
+        (Rprop, {"etas": (1.5, 1.2)}, "Invalid eta values: 1.5, 1.2"),
+        (ASGD, {"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+        (Adafactor, {"d": 0.5}, "Clipping threshold d should be >= 1 but is: 0.5"),
     ],
 )
 def test_invalid_hyper_parameters_are_refused(

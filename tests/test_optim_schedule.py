@@ -13,10 +13,14 @@ from hypothesis import strategies as st
 
 from diffprog import make_independent
 from diffprog.optim import (
+    ASGD,
     GD,
+    Adadelta,
+    Adafactor,
     Adam,
     AdamW,
     Lion,
+    Rprop,
     constant_schedule,
     cosine_decay_schedule,
     join_schedules,
@@ -152,7 +156,11 @@ def test_adam_with_a_schedule_matches_torch_with_a_scheduler() -> None:
     torch.testing.assert_close([p.detach() for p in ours], [p.detach() for p in ps])
 
 
-@pytest.mark.parametrize("opt", [GD(), Adam(), Lion()], ids=["GD", "Adam", "Lion"])
+@pytest.mark.parametrize(
+    "opt",
+    [GD(), Adam(), Lion(), Adadelta(), Rprop(), ASGD(), Adafactor()],
+    ids=["GD", "Adam", "Lion", "Adadelta", "Rprop", "ASGD", "Adafactor"],
+)
 def test_every_optimizer_feeds_its_count_to_the_schedule(opt: Any) -> None:
     seen: list[int] = []
 

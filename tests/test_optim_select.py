@@ -15,9 +15,12 @@ import diffprog as dp
 from diffprog import Parameterized, flatten_parameters, make_independent, named_parameters
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -26,6 +29,7 @@ from diffprog.optim import (
     NAdam,
     RAdam,
     RMSprop,
+    Rprop,
     run_step,
     select,
 )
@@ -159,6 +163,10 @@ ALL = [
     (NAdam, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
     (RAdam, {"weight_decay": 0.1}),
     (Adamax, {"weight_decay": 0.1}),
+    (Adadelta, {"weight_decay": 0.1}),
+    (Rprop, {"step_sizes": (0.0, 50.0)}),  # a least step size of 0: lr_scale 0 stays put
+    (ASGD, {"weight_decay": 0.1}),
+    (Adafactor, {"weight_decay": 0.1}),
 ]
 
 
@@ -168,7 +176,8 @@ def test_freezing_and_overrides_work_for_every_optimizer(cls: Any, options: dict
     params = flatten_parameters(model)
     grads = [torch.ones_like(p) for p in params]
     overrides = {"head.bias": {"lr_scale": 0.0}}
-    opt = cls.init(model, freeze=select(where=lambda path, p: p.ndim == 1), overrides=overrides)
+    freeze = select(where=lambda path, p: p.ndim == 1)
+    opt = cls.init(model, freeze=freeze, overrides=overrides, **options)
     new, opt = opt.step(0.1, grads, params)
     assert new[1] is params[1] and new[3] is params[3]  # frozen: the very same tensors
     assert not torch.equal(new[0], params[0]) and not torch.equal(new[2], params[2])
@@ -176,7 +185,7 @@ def test_freezing_and_overrides_work_for_every_optimizer(cls: Any, options: dict
         held = getattr(opt, name)
         assert held == () or (held[1] is None and held[3] is None)
     # every parameter trained, the head's bias with learning rate 0: it stays (even with decay)
-    opt = cls.init(model, overrides=overrides)
+    opt = cls.init(model, overrides=overrides, **options)
     new, _ = opt.step(0.1, grads, params)
     torch.testing.assert_close(new[3], params[3].detach(), rtol=0, atol=0)
     assert not torch.equal(new[1], params[1])

@@ -16,9 +16,12 @@ import torch
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -28,6 +31,7 @@ from diffprog.optim import (
     NAdam,
     RAdam,
     RMSprop,
+    Rprop,
     apply_updates,
     run_step,
 )
@@ -46,6 +50,10 @@ PURE: dict[str, Callable[[Any], Any]] = {
     "NAdam": lambda m: NAdam.init(m, weight_decay=0.1),
     "RAdam": lambda m: RAdam.init(m, decoupled_weight_decay=True, weight_decay=0.1),
     "Adamax": lambda m: Adamax.init(m),
+    "Adadelta": lambda m: Adadelta.init(m, weight_decay=0.1),
+    "Rprop": lambda m: Rprop.init(m),
+    "ASGD": lambda m: ASGD.init(m, t0=0.0),
+    "Adafactor": lambda m: Adafactor.init(m, weight_decay=0.1),
     "ClipGradNorm(Adam)": lambda m: ClipGradNorm(Adam.init(m), 0.1),
 }
 

@@ -20,9 +20,12 @@ import torch
 import diffprog as dp
 from diffprog.nn import Embedding, Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -33,6 +36,7 @@ from diffprog.optim import (
     NothingToTrainError,
     RAdam,
     RMSprop,
+    Rprop,
     TorchOptimizer,
     run_step,
 )
@@ -254,6 +258,10 @@ OPTIMIZERS: dict[str, tuple[Callable[..., Any], float | None, str]] = {
     "NAdam": (lambda m, **kw: NAdam.init(m, **kw), 1e-2, "NAdam"),
     "RAdam": (lambda m, **kw: RAdam.init(m, **kw), 1e-2, "RAdam"),
     "Adamax": (lambda m, **kw: Adamax.init(m, **kw), 1e-2, "Adamax"),
+    "Adadelta": (lambda m, **kw: Adadelta.init(m, **kw), 1.0, "Adadelta"),
+    "Rprop": (lambda m, **kw: Rprop.init(m, **kw), 1e-2, "Rprop"),
+    "ASGD": (lambda m, **kw: ASGD.init(m, **kw), 1e-2, "ASGD"),
+    "Adafactor": (lambda m, **kw: Adafactor.init(m, **kw), 1e-2, "Adafactor"),
     "ClipGradNorm(Adam)": (
         lambda m, **kw: ClipGradNorm(Adam.init(m, **kw), 1.0),
         1e-2,

@@ -1,9 +1,12 @@
 """Optimizers as values (Hasktorch's ``Torch.Optim``) and the training loop around them."""
 
+from diffprog.optim._adadelta import Adadelta
+from diffprog.optim._adafactor import Adafactor
 from diffprog.optim._adagrad import Adagrad
 from diffprog.optim._adam import Adam, mk_adam
 from diffprog.optim._adamax import Adamax
 from diffprog.optim._adamw import AdamW
+from diffprog.optim._asgd import ASGD
 from diffprog.optim._clip import ClipGradNorm, clip_grad_norm
 from diffprog.optim._gd import GD
 from diffprog.optim._gdm import GDM
@@ -29,6 +32,7 @@ from diffprog.optim._optimizer import (
 from diffprog.optim._pure import PureOptimizer
 from diffprog.optim._radam import RAdam
 from diffprog.optim._rmsprop import RMSprop
+from diffprog.optim._rprop import Rprop
 from diffprog.optim._schedule import (
     constant_schedule,
     cosine_decay_schedule,
@@ -55,6 +59,10 @@ __all__ = [
     "NAdam",
     "RAdam",
     "Adamax",
+    "Adadelta",
+    "Rprop",
+    "ASGD",
+    "Adafactor",
     "mk_adam",
     "PureOptimizer",
     "ClipGradNorm",

@@ -44,7 +44,7 @@ def accept_torch_options(
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
     if differentiable:
         raise ValueError(
-            f"{owner}: differentiable=True is not supported: a pure step runs under "
+            f"{owner}(differentiable=True) is not supported: a pure step runs under "
             "torch.no_grad() and its result carries no graph (docs/optim.md, 'Steps are not "
             "differentiable'). Write a differentiable inner step by hand with "
             "dp.grad(..., create_graph=True), or leave differentiable=False."

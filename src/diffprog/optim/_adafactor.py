@@ -1,0 +1,268 @@
+"""``Adafactor``: torch.optim.Adafactor's algorithm as a value."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from diffprog.optim._pure import Overrides, PureOptimizer
+from diffprog.optim._select import ParamSettings, Selection
+
+__all__ = ["Adafactor"]
+
+
+class Adafactor(PureOptimizer):
+    """Adafactor (Shazeer & Stern), exactly ``torch.optim.Adafactor``'s algorithm, as a value.
+
+    At a parameter's step ``t`` (``t = param_counts[i] + 1``): ``beta2 = 1 - t^beta2_decay``,
+    ``rho = min(lr, 1 / sqrt(t))`` and ``alpha = max(eps2, RMS(p)) rho``; then ``p`` decays to
+    ``p (1 - lr weight_decay)``. A parameter of 2 or more dimensions keeps its second moment
+    factored over its last two dimensions: the running means of ``g^2`` along each row
+    (``row_var``) and each column (``col_var``), whose product over the mean of ``row_var``
+    estimates it; a vector or scalar keeps ``variance``, the running mean of ``g^2``. The
+    update ``u = g / sqrt(max(estimate, eps1^2))`` is scaled down to an RMS of at most ``d``,
+    and ``p - alpha u``.
+
+    torch.optim's two paths round the last step differently (to float32 tolerance): its
+    for-loop path (``foreach=None`` or ``False``, the default on every device) and its
+    multi-tensor one (``foreach=True``). ``foreach`` chooses between them as in torch.
+    ``eps1=None`` (the default) is the machine epsilon of each parameter's dtype (torch takes
+    the first parameter's dtype for its whole group).
+
+    Attributes:
+        beta2_decay, eps, d, weight_decay, maximize, foreach: as ``torch.optim.Adafactor``'s.
+        count: the number of steps taken.
+        param_counts: the number of steps that updated each parameter (torch's per-parameter
+            ``state["step"]``, which sets ``beta2`` and ``rho``); empty while each trained
+            parameter has been updated by all ``count`` steps.
+        row_var, col_var: the factored second moment of a parameter of 2 or more dimensions,
+            of its shape with the last, and the second to last, dimension 1; an empty tensor
+            for a vector or scalar parameter.
+        variance: the second moment of a vector or scalar parameter; an empty tensor for one
+            of 2 or more dimensions. All three hold one entry per trained parameter (``None``
+            for a frozen one), in ``flatten_parameters`` order.
+        settings: which parameters are trained and how (``None``: all, alike).
+        donate: whether a step may reuse this value's state (see :class:`Adam`).
+
+    Example:
+        >>> w = make_independent(torch.ones(2, 3))
+        >>> new, opt = Adafactor.init([w]).step(0.01, [torch.ones(2, 3)], [w])
+        >>> new[0][0], opt.row_var[0].shape, opt.col_var[0].shape, opt.variance[0].shape
+        (tensor([0.9900, 0.9900, 0.9900]), torch.Size([2, 1]), torch.Size([1, 3]), torch.Size([0]))
+    """
+
+    _hyper: ClassVar[tuple[str, ...]] = (
+        "beta2_decay",
+        "eps",
+        "d",
+        "weight_decay",
+        "maximize",
+        "foreach",
+    )
+    _state_fields: ClassVar[tuple[str, ...]] = ("row_var", "col_var", "variance")
+
+    beta2_decay: float = -0.8
+    eps: tuple[float | None, float] = (None, 1e-3)
+    d: float = 1.0
+    weight_decay: float = 0.0
+    maximize: bool = False
+    foreach: bool | None = None
+    count: int = 0
+    param_counts: tuple[int, ...] = ()
+    row_var: tuple[torch.Tensor | None, ...] = ()
+    col_var: tuple[torch.Tensor | None, ...] = ()
+    variance: tuple[torch.Tensor | None, ...] = ()
+    settings: ParamSettings | None = None
+    donate: bool = False
+
+    @classmethod
+    def init(
+        cls,
+        model: Any,
+        *,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        overrides: Overrides = (),
+        freeze: Selection | None = None,
+        donate: bool = False,
+    ) -> Adafactor:
+        """Adafactor for ``model``; the hyper-parameters are ``torch.optim.Adafactor``'s.
+
+        torch.optim's default learning rate for Adafactor is 1e-2; ``rho`` caps the step at
+        ``1 / sqrt(t)`` whatever the learning rate.
+
+        Args:
+            model: the model, or a list of its parameters (real, not complex).
+            beta2_decay: the power of ``t`` in ``1 - beta2``, at most 0.
+            eps: ``(eps1, eps2)``: ``eps1`` bounds the second-moment estimate below (``None``:
+                the dtype's machine epsilon), ``eps2`` the parameter's RMS in ``alpha``.
+            d: the clipping threshold of the update's RMS, at least 1.
+            weight_decay: decoupled weight decay, times the learning rate.
+            foreach: which of torch's paths to follow in rounding (``None``: the for-loop one,
+                as torch).
+            maximize: ascend instead of descend.
+            overrides: per-parameter settings, ``{selection: {name: value}}``.
+            freeze: the parameters not to train.
+            donate: let each step reuse this optimizer's state (see :class:`Adam`).
+
+        Returns:
+            The optimizer, its second moments at zero.
+
+        Raises:
+            ValueError: a hyper-parameter is out of range (torch.optim's message).
+            TypeError: a trained parameter is complex (torch.optim refuses it too).
+
+        Example:
+            >>> Adafactor.init([make_independent(torch.zeros(2))], eps=(1e-30, 1e-3)).eps
+            (1e-30, 0.001)
+        """
+        hyper = {
+            "beta2_decay": beta2_decay,
+            "eps": _eps(eps),
+            "d": d,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        return cls._build(model, hyper, overrides, freeze, donate)
+
+    @classmethod
+    def _check(cls, hyper: Mapping[str, Any]) -> None:
+        eps1, eps2 = hyper["eps"]
+        # torch.optim.Adafactor's own wording, unlike its other optimizers'
+        if not hyper["beta2_decay"] <= 0.0:
+            raise ValueError(f"beta2_decay should be <= 0 but is: {hyper['beta2_decay']}")
+        if eps1 is not None and not eps1 >= 0.0:
+            raise ValueError(f"epsilon1 should be >= 0 but is: {eps1}")
+        if not eps2 >= 0.0:
+            raise ValueError(f"epsilon2 should be >= 0 but is: {eps2}")
+        if not hyper["d"] >= 1.0:
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {hyper['d']}")
+        if not hyper["weight_decay"] >= 0.0:
+            raise ValueError(f"weight_decay should be >= 0 but is: {hyper['weight_decay']}")
+
+    @classmethod
+    def _zero_state(
+        cls,
+        settings: ParamSettings,
+        params: Sequence[torch.Tensor],
+        hyper: Mapping[str, Any],
+        kinds: Sequence[str] | None = None,
+    ) -> dict[str, list[torch.Tensor | None]]:
+        for group in settings.groups:
+            for i in group.indices:
+                _refuse_complex(params[i], i)
+        return super()._zero_state(settings, params, hyper, kinds)
+
+    @classmethod
+    def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
+        _refuse_complex(param, None)
+        factored = param.dim() > 1
+        if name == "variance":
+            if factored:
+                return param.new_empty(0)
+            return torch.zeros_like(param, memory_format=torch.preserve_format)
+        if not factored:
+            return param.new_empty(0)
+        shape = list(param.shape)
+        shape[-1 if name == "row_var" else -2] = 1
+        return param.new_zeros(shape)
+
+    def _update(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        lr = float(lr)
+        step = float(count + 1)
+        eps1, eps2 = hyper["eps"]
+        beta2_decay, d, weight_decay = hyper["beta2_decay"], hyper["d"], hyper["weight_decay"]
+        one_minus_beta2_t = step**beta2_decay
+        rho_t = min(lr, 1 / (step**0.5))
+        if hyper["maximize"]:
+            grads = list(torch._foreach_neg(grads))
+        new = [p.clone() for p in params]
+        updates: list[torch.Tensor] = []
+        alphas: list[float] = []
+        rows, cols, variances = state["row_var"], state["col_var"], state["variance"]
+        for param, grad, row_var, col_var, variance in zip(
+            new, grads, rows, cols, variances, strict=True
+        ):
+            floor = torch.finfo(param.dtype).eps if eps1 is None else eps1
+            alphas.append(max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t)
+            if weight_decay != 0:
+                param.mul_(1 - lr * weight_decay)
+            if grad.dim() > 1:
+                estimate = _factored_estimate(grad, row_var, col_var, one_minus_beta2_t, floor)
+            else:
+                variance.lerp_(grad * grad, one_minus_beta2_t)
+                estimate = variance.clone()  # the update below must not write into variance
+            # eps1 squared: the square root below brings it back to eps1's magnitude
+            update = estimate.clamp_(min=floor * floor).rsqrt_()
+            update.mul_(grad)
+            updates.append(update)
+        _apply(hyper["foreach"], new, updates, alphas, d)
+        return new
+
+
+def _factored_estimate(
+    grad: torch.Tensor,
+    row_var: torch.Tensor,
+    col_var: torch.Tensor,
+    one_minus_beta2_t: float,
+    floor: float,
+) -> torch.Tensor:
+    """Advance ``row_var`` and ``col_var`` (in place) and return the second-moment estimate,
+    in torch's order: the mean of ``g^2`` along a row is its norm squared over its length."""
+    row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+    row_var.lerp_(row_mean, one_minus_beta2_t)
+    col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))
+    col_var.lerp_(col_mean, one_minus_beta2_t)
+    estimate = row_var @ col_var
+    return estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=floor))
+
+
+def _apply(
+    foreach: bool | None,
+    params: list[torch.Tensor],
+    updates: list[torch.Tensor],
+    alphas: list[float],
+    d: float,
+) -> None:
+    """``p - alpha u / max(1, RMS(u) / d)`` in place, rounded as torch's chosen path rounds:
+    the for-loop path adds ``u`` times a scalar, the multi-tensor one multiplies first."""
+    scales = [
+        -alpha / max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
+        for alpha, update in zip(alphas, updates, strict=True)
+    ]
+    if foreach:
+        torch._foreach_mul_(updates, scales)
+        torch._foreach_add_(params, updates)
+        return
+    for param, update, scale in zip(params, updates, scales, strict=True):
+        param.add_(update, alpha=scale)
+
+
+def _refuse_complex(param: torch.Tensor, index: int | None) -> None:
+    if param.is_complex():
+        which = "a parameter" if index is None else f"parameter {index}"
+        raise TypeError(
+            f"Adafactor does not support complex parameters ({which} is {param.dtype}), as "
+            "torch.optim.Adafactor does not. Freeze it (freeze=...) or train it with another "
+            "optimizer."
+        )
+
+
+def _eps(eps: tuple[float | None, float]) -> tuple[float | None, float]:
+    eps1, eps2 = eps
+    return (None if eps1 is None else float(eps1), float(eps2))
