@@ -1,14 +1,16 @@
 """How each kind of value is traversed: the registry of Parameterized instances.
 
-Every type a model may contain maps to one *node* object that knows how to
+Every type a model may contain maps to one *node* object. A node describes the children of a
+value once, with :meth:`Node.children` (the sub-values with their path keys, in order) and
+:meth:`Node.rebuild` (the value again, from new children). Every traversal derives from that
+description, so that all of them agree on the order:
 
-* ``flatten`` a value of that type (append its parameters to a list, depth first),
-* ``replace`` its parameters from a :class:`~diffprog.ParamStream`, and
-* list its ``children`` with path keys and ``rebuild`` it from new children (the slow,
-  general traversal used for names, ``repr`` and diagnostics).
+* ``flatten`` (append the parameters to a list, depth first) and ``replace`` (take new ones
+  from a :class:`~diffprog.ParamStream`) loop over the children; a dataclass's generated
+  functions (``_codegen.py``) are unrolled from the same field keys;
+* ``walk`` (names and paths), ``substitute`` and ``repr`` read the same children.
 
-The node of a type is resolved once and cached (for a dataclass that is its *plan*: the
-ordered field names), so a traversal costs one dict lookup per value.
+The node of a type is resolved once and cached, so a traversal costs one dict lookup per value.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import enum
 import functools
 import gc
+import operator
 import types
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as torch_pytree
 
-from diffprog._codegen import make_flatten, make_replace
+from diffprog._codegen import make_flatten, make_rebuild, make_replace
 from diffprog._errors import (
     HiddenParameterError,
     InstanceError,
@@ -33,7 +36,6 @@ from diffprog._errors import (
     ParameterCountError,
     PathKey,
 )
-from diffprog._signature import Signed, has_repeats
 
 if TYPE_CHECKING:
     from diffprog._stream import ParamStream
@@ -52,12 +54,24 @@ _FUNCTION = types.FunctionType
 
 
 class Node:
-    """How values of one type are traversed. Subclasses override what applies."""
+    """How values of one type are traversed.
+
+    A subclass describes a value's children (:meth:`children`, :meth:`rebuild`); flatten and
+    replace follow from them. Leaves and opaque values override flatten and replace instead.
+    """
 
     __slots__ = ()
 
     #: True for leaves that can never hold a parameter (numbers, strings, constant tensors...).
     static = False
+
+    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
+        """The direct sub-values of ``value`` with their path keys, in traversal order."""
+        return []
+
+    def rebuild(self, value: Any, children: list[Any]) -> Any:
+        """A copy of ``value`` with new children (in :meth:`children` order)."""
+        return value
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         """Append the parameters inside ``value`` to ``out``, depth first.
@@ -65,44 +79,50 @@ class Node:
         A parameter met twice (a tie) is appended twice; ``flatten_parameters`` removes the
         repeats once at the end, which is cheaper than checking at every parameter.
         """
-        for key, child in self.children(value):
-            try:
-                flatten_into(child, out)
-            except ModelError as e:
-                e.push(*key)
-                raise
+        key: PathKey | None = None
+        try:
+            for key, child in self.children(value):
+                t = type(child)  # flatten_into(child, out), inlined: one frame less per child
+                if t is Parameter:
+                    out.append(child)
+                else:
+                    (_CACHE.get(t) or node_for(t)).flatten(child, out)
+        except ModelError as e:
+            _push(e, key)
+            raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
         """Return ``value`` with its parameters taken from ``stream``, in flatten order.
 
-        A container met again in the same replace (shared at several paths) gets the version
-        built the first time, so sharing survives (see ``ParamStream._rebuilt``).
+        ``value`` itself comes back if no parameter inside it changed (sharing of unchanged
+        parts). A value met again in the same replace (shared at several paths) gets the
+        version built the first time, so sharing survives.
         """
-        built = stream._rebuilt(value)
+        built = stream.rebuilt(value)
         if built is not None:
             return built
         children = self.children(value)
         new: list[Any] = []
-        changed = False
-        for key, child in children:
-            try:
-                replaced = replace_value(child, stream)
-            except ModelError as e:
-                e.push(*key)
-                raise
-            changed = changed or replaced is not child
-            new.append(replaced)
-        if not changed:
+        key: PathKey | None = None
+        try:
+            for key, child in children:
+                t = type(child)  # replace_value(child, stream), inlined
+                if t is Parameter:
+                    new.append(stream.take(child))
+                else:
+                    new.append((_CACHE.get(t) or node_for(t)).replace(child, stream))
+        except ModelError as e:
+            _push(e, key)
+            raise
+        if all(map(operator.is_, new, [child for _, child in children])):
             return value
-        return stream._keep(value, self.rebuild(value, new))
+        return stream.keep(value, self.rebuild(value, new))
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        """The direct sub-values of ``value`` with their path keys, in traversal order."""
-        return []
 
-    def rebuild(self, value: Any, children: list[Any]) -> Any:
-        """A copy of ``value`` whose children (in ``children`` order) are replaced."""
-        return value
+def _push(error: ModelError, key: PathKey | None) -> None:
+    """Add ``key`` (None: the error came before the first child) to ``error``'s path."""
+    if key is not None:
+        error.push(*key)
 
 
 class _StaticNode(Node):
@@ -139,16 +159,20 @@ PARAMETER = _ParameterNode()
 class FieldsNode(Node):
     """A dataclass (every ``Parameterized``): its fields in declaration order.
 
-    Built once per class: the field names are its flatten/replace plan, and for the usual
-    classes (fields in ``__dict__``) ``flatten``/``replace`` are functions generated for it.
+    Built once per class. Its field keys (``("attr", name)``, or ``("inline", name)`` for a
+    field left out of ``state_dict`` names) are the description of its children; for the usual
+    classes (fields in ``__dict__``) ``flatten`` and ``replace`` are functions generated from
+    them (see ``_codegen.py``), otherwise the loops of :class:`Node`.
     """
 
-    __slots__ = ("cached", "cls", "flatten", "kinds", "names", "replace", "uses_dict")
+    __slots__ = ("cached", "cls", "flatten", "keys", "names", "rebuild", "replace", "uses_dict")
 
     def __init__(self, cls: type, names: tuple[str, ...], inline: frozenset[str] = frozenset()):
         self.cls = cls
         self.names = names
-        self.kinds = tuple("inline" if n in inline else "attr" for n in names)
+        self.keys: tuple[PathKey, ...] = tuple(
+            ("inline" if n in inline else "attr", n) for n in names
+        )
         self.cached = tuple(
             name
             for c in cls.__mro__
@@ -158,68 +182,39 @@ class FieldsNode(Node):
         # Instances keep their fields in __dict__ (not __slots__): read it directly.
         # (Empty __slots__, as in Generic and Protocol, hold nothing: they don't count.)
         self.uses_dict = cls.__dictoffset__ != 0 and not any(
-            vars(c).get("__slots__") for c in cls.__mro__[:-1] if c is not Signed
+            vars(c).get("__slots__") for c in cls.__mro__[:-1]
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
+            self.rebuild = make_rebuild(cls, self.keys, self.cached, {})  # type: ignore[method-assign]
             env = {
                 "STATIC": _STATIC_SEEN,
                 "CACHE": _CACHE,
                 "node_for": node_for,
                 "FUNCTION": _FUNCTION,
                 "PLAIN": PLAIN_FUNCTIONS,
+                "rebuild": self.rebuild,
             }
-            self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
-            self.replace = make_replace(cls, names, env, self.cached)  # type: ignore[method-assign]
+            self.flatten = make_flatten(cls, self.keys, env)  # type: ignore[method-assign]
+            self.replace = make_replace(cls, self.keys, env)  # type: ignore[method-assign]
         else:
-            self.flatten = self._flatten_generic  # type: ignore[method-assign]
-            self.replace = self._replace_generic  # type: ignore[method-assign]
-
-    def _flatten_generic(self, value: Any, out: list[Parameter]) -> None:
-        for name in self.names:
-            try:
-                flatten_into(getattr(value, name), out)
-            except ModelError as e:
-                e.push("attr", name)
-                raise
-
-    def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
-        built = stream._rebuilt(value)  # shared at several paths: built already
-        if built is not None:
-            return built
-        changes: dict[str, Any] = {}
-        for name in self.names:
-            child = getattr(value, name)
-            try:
-                new = replace_value(child, stream)
-            except ModelError as e:
-                e.push("attr", name)
-                raise
-            if new is not child:
-                changes[name] = new
-        if not changes:
-            return value
-        return stream._keep(value, self._with(value, changes))
-
-    def _with(self, value: Any, changes: dict[str, Any]) -> Any:
-        # Bypass __init__/__post_init__ (and frozen __setattr__): the value was already
-        # validated when it was built; only parameter slots change.
-        new = object.__new__(type(value))
-        if self.uses_dict:
-            state = new.__dict__  # filled directly: no frozen __setattr__ in the way
-            state.update(value.__dict__)
-            state.update(changes)
-            for name in self.cached:  # computed from the old fields
-                state.pop(name, None)
-        else:
-            for name in self.names:
-                object.__setattr__(new, name, changes.get(name, getattr(value, name)))
-        return new
+            self.rebuild = self._rebuild_with_setattr  # type: ignore[method-assign]
+            self.flatten = types.MethodType(Node.flatten, self)  # type: ignore[method-assign]
+            self.replace = types.MethodType(Node.replace, self)  # type: ignore[method-assign]
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [((k, n), getattr(value, n)) for k, n in zip(self.kinds, self.names)]
+        return [(key, getattr(value, key[1])) for key in self.keys]
 
-    def rebuild(self, value: Any, children: list[Any]) -> Any:
-        return self._with(value, dict(zip(self.names, children)))
+    def _rebuild_with_setattr(self, value: Any, children: list[Any]) -> Any:
+        """``rebuild`` for a class with fields in ``__slots__`` (or names that are not
+        identifiers): a copy bypassing ``__init__`` and the frozen ``__setattr__``."""
+        new = object.__new__(type(value))
+        if self.uses_dict:
+            new.__dict__.update(value.__dict__)  # attributes set in __post_init__
+            for name in self.cached:
+                new.__dict__.pop(name, None)
+        for name, child in zip(self.names, children, strict=True):
+            object.__setattr__(new, name, child)
+        return new
 
 
 class _SequenceNode(Node):
@@ -230,70 +225,11 @@ class _SequenceNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def flatten(self, value: Any, out: list[Parameter]) -> None:
-        # The node of the previous child is reused for the next one of the same type: the
-        # layers of a list usually are.
-        last: type | None = None
-        flatten: Any = None
-        child: Any = None
-        try:
-            for child in value:
-                t = type(child)
-                if t is Parameter:
-                    out.append(child)
-                elif t is last:
-                    flatten(child, out)
-                elif t not in _STATIC_SEEN and not (t is _FUNCTION and child in PLAIN_FUNCTIONS):
-                    last = t
-                    flatten = (_CACHE.get(t) or node_for(t)).flatten
-                    flatten(child, out)
-        except ModelError as e:
-            e.push("index", _position(value, child))
-            raise
-
-    def replace(self, value: Any, stream: ParamStream) -> Any:
-        built = stream._rebuilt(value)  # shared at several paths: built already
-        if built is not None:
-            return built
-        new: list[Any] | None = None
-        last: type | None = None
-        replace: Any = None
-        child: Any = None
-        try:
-            for index, child in enumerate(value):
-                t = type(child)
-                if t is Parameter:
-                    replaced = stream.take(child)
-                elif t is last:
-                    replaced = replace(child, stream)
-                elif t in _STATIC_SEEN or (t is _FUNCTION and child in PLAIN_FUNCTIONS):
-                    continue
-                else:
-                    last = t
-                    replace = (_CACHE.get(t) or node_for(t)).replace
-                    replaced = replace(child, stream)
-                if replaced is not child:
-                    if new is None:
-                        new = list(value)
-                    new[index] = replaced
-        except ModelError as e:
-            e.push("index", _position(value, child))
-            raise
-        if new is None:
-            return value
-        return stream._keep(value, new if self.cls is list else tuple(new))
-
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
         return [(("index", i), child) for i, child in enumerate(value)]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
-        return list(children) if self.cls is list else tuple(children)
-
-
-def _position(seq: Any, child: Any) -> int:
-    """The index of ``child`` in ``seq`` (its first, for an object found twice: the error it
-    raised is the same at each)."""
-    return next((i for i, c in enumerate(seq) if c is child), -1)
+        return children if self.cls is list else tuple(children)
 
 
 class _NamedTupleNode(Node):
@@ -305,7 +241,7 @@ class _NamedTupleNode(Node):
         self.cls = cls
 
     def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("attr", name), child) for name, child in zip(value._fields, value)]
+        return [(("attr", name), child) for name, child in zip(value._fields, value, strict=True)]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         return type(value)(*children)
@@ -323,7 +259,7 @@ class _DictNode(Node):
         return [(("key", k), v) for k, v in value.items()]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
-        items = zip(value.keys(), children)
+        items = zip(value.keys(), children, strict=True)
         if isinstance(value, defaultdict):
             return type(value)(value.default_factory, items)
         return type(value)(items)
@@ -342,12 +278,6 @@ class _PytreeNode(Node):
         children, _ = self.flatten_fn(value)
         return [(("index", i), c) for i, c in enumerate(children)]
 
-    def replace(self, value: Any, stream: ParamStream) -> Any:
-        result = super().replace(value, stream)
-        if result is not value:  # its unflatten may keep other tensors than those given
-            stream._foreign = True
-        return result
-
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         _, context = self.flatten_fn(value)
         return self.unflatten_fn(children, context)
@@ -356,9 +286,10 @@ class _PytreeNode(Node):
 class HandWrittenNode(Node):
     """A hand-written instance: ``flatten(value) -> list`` and ``replace(value, stream)``.
 
-    Ties and checks still hold: before the instance's own ``replace`` runs, each parameter its
-    ``flatten`` lists is matched against the stream (shape and dtype checked, a parameter seen
-    earlier in the model reused), and the instance reads the results from a stream of its own.
+    Its children are the parameters its ``flatten`` lists (by position). Ties and checks still
+    hold: before the instance's own ``replace`` runs, each listed parameter is taken from the
+    model's stream (so a parameter met earlier in the model gets the same replacement), and
+    the instance reads the results from a stream of its own.
     """
 
     __slots__ = ("cls", "flatten_fn", "replace_fn", "unknown_fields")
@@ -407,6 +338,9 @@ class HandWrittenNode(Node):
                 err.push("attr", name)
                 raise err
 
+    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
+        return [(("index", i), p) for i, p in enumerate(self.own(value))]
+
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         # A plain tensor the instance lists (put there by a replace with plain tensors) is a
         # constant, as in a derived instance: only Parameters are flattened.
@@ -418,10 +352,9 @@ class HandWrittenNode(Node):
         old = self.own(value)
         if not any(isinstance(p, Parameter) for p in old):  # nothing to replace
             return value
-        built = stream._rebuilt(value)  # shared at several paths: built already
+        built = stream.rebuilt(value)  # shared at several paths: built already
         if built is not None:
             return built
-        stream._foreign = True  # its replace may keep other tensors than those given
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):
             if not isinstance(p, Parameter):  # a constant: the instance reads it back as is
@@ -432,10 +365,6 @@ class HandWrittenNode(Node):
             except ModelError as e:
                 e.push("index", index)
                 raise
-        if stream._tied_so_far():
-            # A tie, which an optimistic stream handed the wrong tensors: give up before the
-            # instance's own code sees them; the replace reruns with a ParamStream.
-            raise StopIteration
         own = ParamStream(new)
         name = self.cls.__name__
         try:
@@ -462,10 +391,7 @@ class HandWrittenNode(Node):
                 f"Rebuild the value's own type (type(value)(...) or dataclasses.replace), or "
                 f"give {type(value).__qualname__} an instance of its own.",
             )
-        return stream._keep(value, result)
-
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("index", i), p) for i, p in enumerate(self.own(value))]
+        return stream.keep(value, result)
 
 
 class _ModuleNode(Node):
@@ -601,9 +527,7 @@ def _cell_contents(cell: Any) -> Any:
 def _slot_names(cls: type) -> tuple[str, ...]:
     slots = vars(cls).get("__slots__", ())
     names = (slots,) if isinstance(slots, str) else tuple(slots)
-    # __diffprog_signature__: a Parameterized value's memory of its slots (see _signature.py),
-    # not part of the value
-    return tuple(n for n in names if n not in ("__dict__", "__weakref__", "__diffprog_signature__"))
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 def _scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
@@ -885,7 +809,7 @@ def node_for(t: type) -> Node:
 
 def unique(params: list[Parameter]) -> list[Parameter]:
     """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
-    if not has_repeats(params):  # the usual case
+    if len(set(map(id, params))) == len(params):  # the usual case: no tie
         return params
     seen: set[int] = set()
     return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]

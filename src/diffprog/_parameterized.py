@@ -12,7 +12,6 @@ from diffprog._errors import InstanceError
 from diffprog._layer_fields import install_check
 from diffprog._nodes import INLINE, FieldsNode, fields_node, node_for, unique
 from diffprog._repr import tree_repr
-from diffprog._signature import Signed
 from diffprog._stream import ParamStream
 
 __all__ = ["Parameterized", "field"]
@@ -49,7 +48,7 @@ def field(*, inline: bool = False, **kwargs: Any) -> Any:
 @dataclass_transform(
     frozen_default=True, eq_default=False, field_specifiers=(dataclasses.field, field)
 )
-class Parameterized(Signed):
+class Parameterized:
     """Base class of models: subclassing it is the whole declaration.
 
     The Python counterpart of ``instance Parameterized M`` with Hasktorch's generic deriving:
