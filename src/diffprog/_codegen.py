@@ -55,10 +55,6 @@ def make_replace(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> C
     ``value`` itself if no parameter inside changed, else ``rebuild(value, new fields)``."""
     lines = [
         "def replace(value, stream):",
-        "    # A value met again (shared at several paths) gets the version built before.",
-        "    built = stream.rebuilt(value)",
-        "    if built is not None:",
-        "        return built",
         "    d = value.__dict__",
         "    take = stream.take",
         "    try:",
@@ -83,6 +79,7 @@ def make_replace(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> C
     lines += [
         f"    if {same}:",
         "        return value",
+        "    # keep(): the version built first, if this value is shared at several paths",
         f"    return stream.keep(value, rebuild(value, [{news}]))",
     ]
     return _compile("replace", cls, lines, env)
@@ -125,12 +122,11 @@ def _error_path(keys: tuple[PathKey, ...]) -> list[str]:
         "        raise",
     ]
 
+
 _COUNT = itertools.count()
 
 
-def _compile(
-    kind: str, cls: type, lines: list[str], env: dict[str, Any]
-) -> Callable[..., Any]:
+def _compile(kind: str, cls: type, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:
     """Compile the function ``kind`` defined by ``lines``, named ``<kind of Class>``, and
     register its source so that tracebacks, ``pdb`` and ``inspect`` can show it."""
     name = f"<{kind} of {cls.__qualname__}>"

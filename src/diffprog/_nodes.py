@@ -22,7 +22,7 @@ import gc
 import operator
 import types
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,8 +56,10 @@ _FUNCTION = types.FunctionType
 class Node:
     """How values of one type are traversed.
 
-    A subclass describes a value's children (:meth:`children`, :meth:`rebuild`); flatten and
-    replace follow from them. Leaves and opaque values override flatten and replace instead.
+    A subclass describes a value's children once: :meth:`values` (in traversal order),
+    :meth:`keys` (their path keys, asked for only by errors, names and ``repr``) and
+    :meth:`rebuild`. Flatten, replace and :meth:`children` follow from them. Leaves and opaque
+    values override flatten and replace instead.
     """
 
     __slots__ = ()
@@ -65,13 +67,21 @@ class Node:
     #: True for leaves that can never hold a parameter (numbers, strings, constant tensors...).
     static = False
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        """The direct sub-values of ``value`` with their path keys, in traversal order."""
-        return []
+    def values(self, value: Any) -> Sequence[Any]:
+        """The direct sub-values of ``value``, in traversal order."""
+        return ()
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        """The path keys of :meth:`values`, in the same order."""
+        return ()
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
-        """A copy of ``value`` with new children (in :meth:`children` order)."""
+        """A copy of ``value`` with new children (in :meth:`values` order)."""
         return value
+
+    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
+        """The sub-values of ``value`` with their path keys, in traversal order."""
+        return list(zip(self.keys(value), self.values(value), strict=True))
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         """Append the parameters inside ``value`` to ``out``, depth first.
@@ -79,50 +89,46 @@ class Node:
         A parameter met twice (a tie) is appended twice; ``flatten_parameters`` removes the
         repeats once at the end, which is cheaper than checking at every parameter.
         """
-        key: PathKey | None = None
+        index = -1
         try:
-            for key, child in self.children(value):
+            for index, child in enumerate(self.values(value)):  # noqa: B007 (read by except)
                 t = type(child)  # flatten_into(child, out), inlined: one frame less per child
                 if t is Parameter:
                     out.append(child)
                 else:
                     (_CACHE.get(t) or node_for(t)).flatten(child, out)
         except ModelError as e:
-            _push(e, key)
+            self._push(e, value, index)
             raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
         """Return ``value`` with its parameters taken from ``stream``, in flatten order.
 
         ``value`` itself comes back if no parameter inside it changed (sharing of unchanged
-        parts). A value met again in the same replace (shared at several paths) gets the
-        version built the first time, so sharing survives.
+        parts); a rebuilt value goes through ``stream.keep``, so that a value met at several
+        paths stays one object.
         """
-        built = stream.rebuilt(value)
-        if built is not None:
-            return built
-        children = self.children(value)
+        old = self.values(value)
         new: list[Any] = []
-        key: PathKey | None = None
         try:
-            for key, child in children:
+            for child in old:
                 t = type(child)  # replace_value(child, stream), inlined
                 if t is Parameter:
                     new.append(stream.take(child))
                 else:
                     new.append((_CACHE.get(t) or node_for(t)).replace(child, stream))
         except ModelError as e:
-            _push(e, key)
+            self._push(e, value, len(new))  # the child that failed is the next one
             raise
-        if all(map(operator.is_, new, [child for _, child in children])):
+        if all(map(operator.is_, new, old)):
             return value
         return stream.keep(value, self.rebuild(value, new))
 
-
-def _push(error: ModelError, key: PathKey | None) -> None:
-    """Add ``key`` (None: the error came before the first child) to ``error``'s path."""
-    if key is not None:
-        error.push(*key)
+    def _push(self, error: ModelError, value: Any, index: int) -> None:
+        """Add the key of child ``index`` (-1: the error came before the first child) to the
+        path of ``error``."""
+        if index >= 0:
+            error.push(*self.keys(value)[index])
 
 
 class _StaticNode(Node):
@@ -165,12 +171,21 @@ class FieldsNode(Node):
     them (see ``_codegen.py``), otherwise the loops of :class:`Node`.
     """
 
-    __slots__ = ("cached", "cls", "flatten", "keys", "names", "rebuild", "replace", "uses_dict")
+    __slots__ = (
+        "cached",
+        "cls",
+        "field_keys",
+        "flatten",
+        "names",
+        "rebuild",
+        "replace",
+        "uses_dict",
+    )
 
     def __init__(self, cls: type, names: tuple[str, ...], inline: frozenset[str] = frozenset()):
         self.cls = cls
         self.names = names
-        self.keys: tuple[PathKey, ...] = tuple(
+        self.field_keys: tuple[PathKey, ...] = tuple(
             ("inline" if n in inline else "attr", n) for n in names
         )
         self.cached = tuple(
@@ -185,7 +200,7 @@ class FieldsNode(Node):
             vars(c).get("__slots__") for c in cls.__mro__[:-1]
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
-            self.rebuild = make_rebuild(cls, self.keys, self.cached, {})  # type: ignore[method-assign]
+            self.rebuild = make_rebuild(cls, self.field_keys, self.cached, {})  # type: ignore[method-assign]
             env = {
                 "STATIC": _STATIC_SEEN,
                 "CACHE": _CACHE,
@@ -194,15 +209,18 @@ class FieldsNode(Node):
                 "PLAIN": PLAIN_FUNCTIONS,
                 "rebuild": self.rebuild,
             }
-            self.flatten = make_flatten(cls, self.keys, env)  # type: ignore[method-assign]
-            self.replace = make_replace(cls, self.keys, env)  # type: ignore[method-assign]
+            self.flatten = make_flatten(cls, self.field_keys, env)  # type: ignore[method-assign]
+            self.replace = make_replace(cls, self.field_keys, env)  # type: ignore[method-assign]
         else:
             self.rebuild = self._rebuild_with_setattr  # type: ignore[method-assign]
             self.flatten = types.MethodType(Node.flatten, self)  # type: ignore[method-assign]
             self.replace = types.MethodType(Node.replace, self)  # type: ignore[method-assign]
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(key, getattr(value, key[1])) for key in self.keys]
+    def values(self, value: Any) -> Sequence[Any]:
+        return [getattr(value, name) for name in self.names]
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return self.field_keys
 
     def _rebuild_with_setattr(self, value: Any, children: list[Any]) -> Any:
         """``rebuild`` for a class with fields in ``__slots__`` (or names that are not
@@ -225,8 +243,11 @@ class _SequenceNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("index", i), child) for i, child in enumerate(value)]
+    def values(self, value: Any) -> Sequence[Any]:
+        return value  # type: ignore[no-any-return]
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("index", i) for i in range(len(value))]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         return children if self.cls is list else tuple(children)
@@ -240,8 +261,11 @@ class _NamedTupleNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("attr", name), child) for name, child in zip(value._fields, value, strict=True)]
+    def values(self, value: Any) -> Sequence[Any]:
+        return value  # type: ignore[no-any-return]
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("attr", name) for name in value._fields]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         return type(value)(*children)
@@ -255,8 +279,11 @@ class _DictNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("key", k), v) for k, v in value.items()]
+    def values(self, value: Any) -> Sequence[Any]:
+        return list(value.values())
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("key", k) for k in value]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         items = zip(value.keys(), children, strict=True)
@@ -274,9 +301,12 @@ class _PytreeNode(Node):
         self.flatten_fn = flatten_fn
         self.unflatten_fn = unflatten_fn
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
+    def values(self, value: Any) -> Sequence[Any]:
         children, _ = self.flatten_fn(value)
-        return [(("index", i), c) for i, c in enumerate(children)]
+        return list(children)
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("index", i) for i in range(len(self.values(value)))]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         _, context = self.flatten_fn(value)
@@ -338,8 +368,11 @@ class HandWrittenNode(Node):
                 err.push("attr", name)
                 raise err
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("index", i), p) for i, p in enumerate(self.own(value))]
+    def values(self, value: Any) -> Sequence[Any]:
+        return self.own(value)
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("index", i) for i in range(len(self.own(value)))]
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         # A plain tensor the instance lists (put there by a replace with plain tensors) is a
@@ -352,9 +385,6 @@ class HandWrittenNode(Node):
         old = self.own(value)
         if not any(isinstance(p, Parameter) for p in old):  # nothing to replace
             return value
-        built = stream.rebuilt(value)  # shared at several paths: built already
-        if built is not None:
-            return built
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):
             if not isinstance(p, Parameter):  # a constant: the instance reads it back as is

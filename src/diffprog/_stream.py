@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -23,7 +22,7 @@ class ParamStream:
     ``replace_own_parameters(self, stream)`` reads its new parameters with
     :meth:`next_parameter` (``nextParameter``) and rebuilds sub-values with :meth:`replace`.
     Every replace runs on one stream: the nodes call :meth:`take` for each parameter slot and
-    :meth:`rebuilt`/:meth:`keep` around each container or sub-model they rebuild.
+    :meth:`keep` for each container or sub-model they rebuild.
 
     Args:
         params: the new parameters, in ``flatten_parameters`` order.
@@ -34,7 +33,7 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_built", "_memo", "_olds", "_params")
+    __slots__ = ("_alive", "_built", "_memo", "_olds", "_params")
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
@@ -44,11 +43,9 @@ class ParamStream:
         # The parameter each consumed entry replaced (None where next_parameter took it without
         # a slot), for verify(); its length is the position in the stream.
         self._olds: list[torch.Tensor | None] = []
-        # id(old sub-model or container) -> (it, its rebuilt version): a layer object reachable
-        # at several paths (a shared block) is rebuilt once, so it stays one object, and its
-        # state (BatchNorm's running statistics) stays shared, as in PyTorch. The old value is
-        # kept alive here so that its id, the key, cannot be reused by a temporary.
-        self._built: dict[int, tuple[Any, Any]] = {}
+        # id(old sub-model or container) -> its first rebuilt version, see keep().
+        self._built: dict[int, Any] = {}
+        self._alive: list[Any] = []
 
     @property
     def remaining(self) -> int:
@@ -99,19 +96,22 @@ class ParamStream:
 
         return replace_value(value, self)  # type: ignore[no-any-return]
 
-    def rebuilt(self, value: Any) -> Any:
-        """The version of ``value`` rebuilt earlier in this replace, or None.
-
-        A node asks before it rebuilds a container or sub-model and :meth:`keep`\\ s what it
-        built, so a value met at several paths stays one object.
-        """
-        found = self._built.get(id(value))
-        return None if found is None else found[1]
-
     def keep(self, value: Any, rebuilt: T) -> T:
-        """Remember ``rebuilt`` as the new ``value`` (see :meth:`rebuilt`); return it."""
-        self._built[id(value)] = (value, rebuilt)
-        return rebuilt
+        """The version of ``value`` rebuilt first in this replace: ``rebuilt``, unless ``value``
+        was met (and rebuilt) before, at another path.
+
+        Every node hands what it rebuilt through here, so that a value reachable at several
+        paths (a shared block) stays one object in the result, as in PyTorch, and its state
+        (BatchNorm's running statistics) stays shared. Its parameters are the same at every
+        path (the memo of :meth:`take`), so the versions built at later paths are equal to the
+        first and are dropped.
+        """
+        first = self._built.setdefault(id(value), rebuilt)
+        if first is rebuilt:
+            # Keep the old value alive, so that its id, the key, cannot be reused by a
+            # temporary during the replace.
+            self._alive.append(value)
+        return first  # type: ignore[no-any-return]
 
     def verify(self) -> None:
         """Check every replacement taken so far against the slot it filled.
@@ -122,13 +122,14 @@ class ParamStream:
         """
         olds = self._olds
         news = self._params[: len(olds)]
-        # The usual case in C-level map()s, without a Python frame per parameter. Tensor.size
+        # The usual case in C-level map()s, without a Python frame per parameter (and
+        # is_same_size makes no torch.Size objects for the garbage collector to count). It
         # raises TypeError for a non-tensor (or a None: a slot-less next_parameter()), which
         # the loop below then sorts out.
         try:
-            if list(map(_size, news)) == list(map(_size, olds)) and list(
-                map(_dtype, news)
-            ) == list(map(_dtype, olds)):
+            if all(map(_same_size, news, olds)) and list(map(_dtype, news)) == list(
+                map(_dtype, olds)
+            ):
                 return
         except (TypeError, AttributeError):
             pass
@@ -145,7 +146,7 @@ class ParamStream:
 
 _NOT_TAKEN = object()
 _dtype = operator.attrgetter("dtype")
-_size: Callable[[Any], torch.Size] = torch.Tensor.size
+_same_size: Callable[[Any, Any], bool] = torch.Tensor.is_same_size
 
 
 class CheckingStream(ParamStream):
