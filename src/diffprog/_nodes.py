@@ -383,7 +383,7 @@ class HandWrittenNode(Node):
         from diffprog._stream import ParamStream
 
         old = self.own(value)
-        if not any(isinstance(p, Parameter) for p in old):  # nothing to replace
+        if not [p for p in old if isinstance(p, Parameter)]:  # nothing to replace
             return value
         new: list[torch.Tensor] = []
         for index, p in enumerate(old):

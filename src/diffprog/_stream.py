@@ -33,7 +33,7 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_alive", "_built", "_memo", "_olds", "_params")
+    __slots__ = ("_alive", "_built", "_memo", "_olds", "_params", "_slotless")
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
@@ -43,6 +43,7 @@ class ParamStream:
         # The parameter each consumed entry replaced (None where next_parameter took it without
         # a slot), for verify(); its length is the position in the stream.
         self._olds: list[torch.Tensor | None] = []
+        self._slotless = 0  # how many of them next_parameter() took
         # id(old sub-model or container) -> its first rebuilt version, see keep().
         self._built: dict[int, Any] = {}
         self._alive: list[Any] = []
@@ -66,6 +67,7 @@ class ParamStream:
         if not self.remaining:
             raise self._exhausted()
         self._olds.append(None)  # no slot to check it against
+        self._slotless += 1
         return self._params[len(self._olds) - 1]  # type: ignore[no-any-return]
 
     def take(self, old: torch.Tensor) -> Any:
@@ -122,17 +124,17 @@ class ParamStream:
         """
         olds = self._olds
         news = self._params[: len(olds)]
-        # The usual case in C-level map()s, without a Python frame per parameter (and
-        # is_same_size makes no torch.Size objects for the garbage collector to count). It
-        # raises TypeError for a non-tensor (or a None: a slot-less next_parameter()), which
-        # the loop below then sorts out.
-        try:
-            if all(map(_same_size, news, olds)) and list(map(_dtype, news)) == list(
-                map(_dtype, olds)
-            ):
-                return
-        except (TypeError, AttributeError):
-            pass
+        if not self._slotless:
+            # The usual case in C-level map()s, without a Python frame per parameter (and
+            # is_same_size makes no torch.Size objects for the garbage collector to count).
+            # Only a wrong replacement (not a tensor) raises: the loop below then names it.
+            try:
+                if all(map(_same_size, news, olds)) and list(map(_dtype, news)) == list(
+                    map(_dtype, olds)
+                ):
+                    return
+            except (TypeError, AttributeError):
+                pass
         for index, (new, old) in enumerate(zip(news, olds, strict=True)):
             if old is not None:
                 _check(index, new, old)
