@@ -141,6 +141,14 @@ def shapes_in_repr(value: Any) -> list[int]:
     return [int(m.group(2)) for m in found if not m.group(1)]
 
 
+def _everything(value: Any) -> list[Any]:
+    """``value`` and every sub-value inside it, as ``children`` lists them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    node = node_for(type(value))
+    return [value, *(v for _, child in node.children(value) for v in _everything(child))]
+
+
 def ids(params: list[Any]) -> list[int]:
     return [id(p) for p in params]
 
@@ -212,17 +220,6 @@ def test_the_hidden_scan_finds_a_parameter_exactly_when_flatten_lists_one(
             dp.flatten_parameters([hidden])
     else:
         assert dp.flatten_parameters([hidden]) == []
-
-
-def _everything(value: Any) -> list[Any]:
-    return (
-        [
-            value,
-            *(v for _, child in node_for(type(value)).children(value) for v in _everything(child)),
-        ]
-        if not isinstance(value, torch.Tensor)
-        else [value]
-    )
 
 
 # --- the replace path has no exceptions as control flow, and no hidden state -----------------

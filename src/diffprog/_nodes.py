@@ -499,7 +499,12 @@ _SCAN_LEAVES: frozenset[type] = frozenset(
 
 def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
     """What the scan looks at inside ``v``: its children with their path keys, or a text
-    saying that ``v`` is itself a parameter holder (found), or None for a leaf."""
+    saying that ``v`` is itself a parameter holder (found), or None for a leaf.
+
+    Deliberately wider than the nodes' ``children``: the scan looks for what a traversal would
+    miss, so it reads every attribute of an object (not only a dataclass's fields) and never
+    asks an object's own methods (a hand-written ``flatten_parameters``) what it holds.
+    """
     if isinstance(v, Parameter):
         return "a Parameter"
     if isinstance(v, (torch.Tensor, enum.Enum, type)):
@@ -839,14 +844,13 @@ def node_for(t: type) -> Node:
 
 def unique(params: list[Parameter]) -> list[Parameter]:
     """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
-    if len(set(map(id, params))) == len(params):  # the usual case: no tie
-        return params
-    seen: set[int] = set()
-    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+    by_id = {id(p): p for p in params}  # a repeat is the same object: it keeps its place
+    return params if len(by_id) == len(params) else list(by_id.values())
 
 
 def flatten_into(value: Any, out: list[Parameter]) -> None:
-    """Append the parameters of ``value`` to ``out`` (depth first, each object once)."""
+    """Append the parameters of ``value`` to ``out``, depth first (a tied parameter at each of
+    its paths: ``unique`` removes the repeats)."""
     t = type(value)
     if t is Parameter:
         out.append(value)
