@@ -296,3 +296,17 @@ def test_generated_functions_are_named_after_their_class_and_show_their_lines() 
     text = "".join(traceback.format_exception(info.value))
     assert "in <flatten of Holder>" in text
     assert "(CACHE.get(t) or node_for(t)).flatten(child, out)" in text  # the line is shown
+
+
+def test_the_fields_node_of_a_class_is_built_once() -> None:
+    import linecache
+
+    from diffprog._nodes import fields_node
+
+    model = Written(dp.make_independent(torch.zeros(1)), dp.make_independent(torch.zeros(2)))
+    assert fields_node(Written) is fields_node(Written)
+    dp.named_parameters(model), repr(model)  # a hand-written dataclass: shown by its fields
+    before = len(linecache.cache)
+    for _ in range(3):
+        dp.named_parameters(model), repr(model)
+    assert len(linecache.cache) == before  # no code generated again

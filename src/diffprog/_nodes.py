@@ -825,10 +825,20 @@ INLINE = "diffprog.inline"
 
 
 def fields_node(cls: type) -> FieldsNode:
-    """The plan of a dataclass: its field names in order, and which are inlined in paths."""
-    fields = dataclasses.fields(cls)
-    inline = frozenset(f.name for f in fields if f.metadata.get(INLINE, False))
-    return FieldsNode(cls, tuple(f.name for f in fields), inline)
+    """The node of a dataclass by its fields (which are inlined in paths), built once.
+
+    It is also the node of a hand-written dataclass shown by its fields (``repr``, the paths
+    of its parameters) or calling the derived methods through ``super()``.
+    """
+    node = _FIELDS_NODES.get(cls)
+    if node is None:
+        fields = dataclasses.fields(cls)
+        inline = frozenset(f.name for f in fields if f.metadata.get(INLINE, False))
+        node = _FIELDS_NODES[cls] = FieldsNode(cls, tuple(f.name for f in fields), inline)
+    return node
+
+
+_FIELDS_NODES: dict[type, FieldsNode] = {}
 
 
 def node_for(t: type) -> Node:
