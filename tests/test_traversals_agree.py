@@ -310,3 +310,28 @@ def test_the_fields_node_of_a_class_is_built_once() -> None:
     for _ in range(3):
         dp.named_parameters(model), repr(model)
     assert len(linecache.cache) == before  # no code generated again
+
+
+def test_fields_named_like_the_variables_of_generated_code_work() -> None:
+    class Awkward(dp.Parameterized):
+        value: Any
+        stream: Any
+        state: Any
+        new: Any
+        built: Any
+        d: Any
+        t: Any
+        key: Any
+        take: Any
+        children: Any
+
+    def p(k: int) -> dp.Parameter:
+        return dp.make_independent(torch.zeros(k))
+
+    model = Awkward(*(p(k) for k in range(1, 11)))
+    new = [p(k) for k in range(1, 11)]
+    rebuilt = dp.replace_parameters(model, new)
+    assert dp.flatten_parameters(rebuilt) == new
+    node = node_for(Awkward)
+    again = node.rebuild(model, new)
+    assert [getattr(again, n) for n in node.names] == new

@@ -5,8 +5,8 @@ class's fields (``Node.flatten``/``Node.replace``) pays for a list of children a
 child. A function unrolled over the fields (what ``dataclasses`` itself does for ``__init__``)
 reads each field from the instance ``__dict__`` and handles the common cases inline: a
 Parameter (taken from the stream), a static value, a function already found to hold nothing.
-Anything else goes to the node of its type, as in the generic loop, and the value is rebuilt
-by the class node's ``rebuild``, the same one the generic loop uses.
+Anything else goes to the node of its type, as in the generic loop. It measured about half the
+cost of the generic loops (benchmarks/README.md).
 
 Generated code is ordinary code to read and debug. Each function is named after its class
 (``<replace of Linear>``) and its source is registered with ``linecache``, so tracebacks and
@@ -50,9 +50,12 @@ def make_flatten(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> C
     return _compile("flatten", cls, lines, env)
 
 
-def make_replace(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> Callable[..., Any]:
+def make_replace(
+    cls: type, keys: tuple[PathKey, ...], cached: tuple[str, ...], env: dict[str, Any]
+) -> Callable[..., Any]:
     """``replace(value, stream)`` for instances of ``cls`` (fields as for :func:`make_flatten`):
-    ``value`` itself if no parameter inside changed, else ``rebuild(value, new fields)``."""
+    ``value`` itself if no parameter inside changed, else a copy with the new fields (made by
+    the same lines as :func:`make_rebuild`'s)."""
     lines = [
         "def replace(value, stream):",
         "    d = value.__dict__",
@@ -75,14 +78,14 @@ def make_replace(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> C
         ]
     lines += _error_path(keys)
     same = " and ".join(f"new_{n} is old_{n}" for _, n in keys) or "True"
-    news = ", ".join(f"new_{n}" for _, n in keys)
     lines += [
         f"    if {same}:",
         "        return value",
+        *_copy_lines(keys, cached, "d", [f"new_{n}" for _, n in keys]),
         "    # keep(): the version built first, if this value is shared at several paths",
-        f"    return stream.keep(value, rebuild(value, [{news}]))",
+        "    return stream.keep(value, built)",
     ]
-    return _compile("replace", cls, lines, env)
+    return _compile("replace", cls, lines, {**env, "CLS": cls, "object_new": object.__new__})
 
 
 def make_rebuild(
@@ -95,21 +98,35 @@ def make_rebuild(
     copy: they were computed from the old fields.
     """
     names = [name for _, name in keys]
+    news = [f"new_{name}" for name in names]
     lines = [
         "def rebuild(value, children):",
+        *([f"    {', '.join(news)}, = children"] if names else []),
+        *_copy_lines(keys, cached, "value.__dict__", news),
+        "    return built",
+    ]
+    return _compile("rebuild", cls, lines, {**env, "CLS": cls, "object_new": object.__new__})
+
+
+def _copy_lines(
+    keys: tuple[PathKey, ...], cached: tuple[str, ...], state: str, children: list[str]
+) -> list[str]:
+    """Lines making ``built``: a copy of the instance whose ``__dict__`` is ``state`` (an
+    expression), with the fields ``keys`` set to the variables ``children``.
+
+    (Every variable of the generated code that a field names starts with ``old_`` or
+    ``new_``, and no other does, so that no field name can clash with another variable.)
+    """
+    return [
         "    # Bypass __init__/__post_init__ and the frozen __setattr__: the value was validated",
         "    # when it was built, and only parameter slots change. Attributes set in",
-        "    # __post_init__ are kept.",
-        "    new = object_new(CLS)",
-        "    state = new.__dict__",
-        "    state.update(value.__dict__)",
+        "    # __post_init__ are kept, cached_property values (computed from the old fields) not.",
+        "    built = object_new(CLS)",
+        "    built_dict = built.__dict__",
+        f"    built_dict.update({state})",
+        *(f"    built_dict[{n!r}] = {child}" for (_, n), child in zip(keys, children, strict=True)),
+        *(f"    built_dict.pop({name!r}, None)" for name in cached),
     ]
-    if names:
-        targets = ", ".join(f"state[{n!r}]" for n in names)
-        lines.append(f"    {targets}, = children")
-    lines += [f"    state.pop({n!r}, None)" for n in cached]
-    lines.append("    return new")
-    return _compile("rebuild", cls, lines, {**env, "CLS": cls, "object_new": object.__new__})
 
 
 def _error_path(keys: tuple[PathKey, ...]) -> list[str]:

@@ -167,8 +167,8 @@ class FieldsNode(Node):
 
     Built once per class. Its field keys (``("attr", name)``, or ``("inline", name)`` for a
     field left out of ``state_dict`` names) are the description of its children; for the usual
-    classes (fields in ``__dict__``) ``flatten`` and ``replace`` are functions generated from
-    them (see ``_codegen.py``), otherwise the loops of :class:`Node`.
+    classes (fields in ``__dict__``) ``flatten``, ``replace`` and ``rebuild`` are functions
+    generated from them (see ``_codegen.py``), otherwise the loops of :class:`Node`.
     """
 
     __slots__ = (
@@ -207,10 +207,9 @@ class FieldsNode(Node):
                 "node_for": node_for,
                 "FUNCTION": _FUNCTION,
                 "PLAIN": PLAIN_FUNCTIONS,
-                "rebuild": self.rebuild,
             }
             self.flatten = make_flatten(cls, self.field_keys, env)  # type: ignore[method-assign]
-            self.replace = make_replace(cls, self.field_keys, env)  # type: ignore[method-assign]
+            self.replace = make_replace(cls, self.field_keys, self.cached, env)  # type: ignore[method-assign]
         else:
             self.rebuild = self._rebuild_with_setattr  # type: ignore[method-assign]
             self.flatten = types.MethodType(Node.flatten, self)  # type: ignore[method-assign]
