@@ -1,4 +1,4 @@
-"""Per-class flatten and replace functions, generated once per class from its field keys.
+"""Per-class flatten, replace and rebuild functions, generated once per class from its fields.
 
 Why generate code: a model is traversed at every training step, and the generic loop over a
 class's fields (``Node.flatten``/``Node.replace``) pays for a list of children and a call per
