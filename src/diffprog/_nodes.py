@@ -853,8 +853,9 @@ def node_for(t: type) -> Node:
 
 def unique(params: list[Parameter]) -> list[Parameter]:
     """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
-    by_id = {id(p): p for p in params}  # a repeat is the same object: it keeps its place
-    return params if len(by_id) == len(params) else list(by_id.values())
+    if len(set(map(id, params))) == len(params):  # the usual case: no tie
+        return params
+    return list({id(p): p for p in params}.values())  # a repeat is the same object
 
 
 def flatten_into(value: Any, out: list[Parameter]) -> None:

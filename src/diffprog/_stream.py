@@ -123,7 +123,7 @@ class ParamStream:
             ParameterShapeError: a replacement's shape or dtype differs from its slot's.
         """
         olds = self._olds
-        news = self._params[: len(olds)]
+        news = self._params if len(olds) == len(self._params) else self._params[: len(olds)]
         if not self._slotless:
             # The usual case in C-level map()s, without a Python frame per parameter (and
             # is_same_size makes no torch.Size objects for the garbage collector to count).
