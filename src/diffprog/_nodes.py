@@ -379,21 +379,16 @@ class HandWrittenNode(Node):
         out.extend(p for p in self.own(value) if isinstance(p, Parameter))
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
-        from diffprog._stream import ParamStream
-
         old = self.own(value)
         if not [p for p in old if isinstance(p, Parameter)]:  # nothing to replace
             return value
-        new: list[torch.Tensor] = []
-        for index, p in enumerate(old):
-            if not isinstance(p, Parameter):  # a constant: the instance reads it back as is
-                new.append(p)
-                continue
-            try:
-                new.append(stream.take(p))
-            except ModelError as e:
-                e.push("index", index)
-                raise
+        return stream.keep(value, self._run(value, _take_listed(old, stream)))
+
+    def _run(self, value: Any, new: list[torch.Tensor]) -> Any:
+        """The instance's own replace, reading ``new`` from a stream of its own, checked to
+        read them all and to keep the value's type."""
+        from diffprog._stream import ParamStream
+
         own = ParamStream(new)
         name = self.cls.__name__
         try:
@@ -401,13 +396,13 @@ class HandWrittenNode(Node):
         except ParameterCountError as e:
             raise InstanceError(
                 f"the replace_own_parameters of {name} asked for more parameters than its "
-                f"flatten_parameters lists ({len(old)})",
+                f"flatten_parameters lists ({len(new)})",
                 "Make both methods walk the same parameters in the same order.",
             ) from e
         if own.remaining:
             raise InstanceError(
-                f"the replace_own_parameters of {name} used {len(old) - own.remaining} of "
-                f"the {len(old)} parameters its flatten_parameters lists",
+                f"the replace_own_parameters of {name} used {len(new) - own.remaining} of "
+                f"the {len(new)} parameters its flatten_parameters lists",
                 "Make both methods walk the same parameters in the same order.",
             )
         own.verify()
@@ -420,7 +415,23 @@ class HandWrittenNode(Node):
                 f"Rebuild the value's own type (type(value)(...) or dataclasses.replace), or "
                 f"give {type(value).__qualname__} an instance of its own.",
             )
-        return stream.keep(value, result)
+        return result
+
+
+def _take_listed(old: list[torch.Tensor], stream: ParamStream) -> list[torch.Tensor]:
+    """The replacements, from the model's stream, of the parameters a hand-written instance
+    lists (a tied one gets the replacement of its first path); a constant stays as it is."""
+    new: list[torch.Tensor] = []
+    for index, p in enumerate(old):
+        if not isinstance(p, Parameter):  # the instance reads it back as is
+            new.append(p)
+            continue
+        try:
+            new.append(stream.take(p))
+        except ModelError as e:
+            e.push("index", index)
+            raise
+    return new
 
 
 class _ModuleNode(Node):
