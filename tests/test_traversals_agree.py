@@ -335,3 +335,24 @@ def test_fields_named_like_the_variables_of_generated_code_work() -> None:
     node = node_for(Awkward)
     again = node.rebuild(model, new)
     assert [getattr(again, n) for n in node.names] == new
+
+
+def test_a_hand_written_instance_is_named_as_its_derived_instance_would_be() -> None:
+    class Derived(dp.Parameterized):
+        weights: dict[str, Any] = dp.field(inline=True)
+        head: Any = None
+
+    class HandWritten(Derived):
+        def flatten_parameters(self) -> list[Any]:
+            return [*self.weights.values(), self.head]
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> HandWritten:
+            weights = {k: stream.next_parameter() for k in self.weights}
+            return HandWritten(weights, stream.next_parameter())
+
+    def p() -> dp.Parameter:
+        return dp.make_independent(torch.zeros(1))
+
+    names = [n for n, _ in dp.named_parameters(Derived({"w": p()}, p()))]
+    assert names == ["w", "head"]
+    assert [n for n, _ in dp.named_parameters(HandWritten({"w": p()}, p()))] == names
