@@ -1,133 +1,161 @@
-"""Per-class flatten and replace functions, generated once per class (the derived plan).
+"""Per-class flatten, replace and rebuild functions, generated once per class from its fields.
 
-Why generate code: a model is traversed at every training step, and a generic loop over a
-class's fields pays for the loop, a dict of changes and a method call per parameter. A
-function unrolled over the class's fields (what ``dataclasses`` itself does for ``__init__``)
-halves the cost of a round trip. The generated code only reads fields from the instance
-``__dict__`` and handles the common cases inline (a Parameter, a static value, a function
-already found to hold nothing); anything else goes through the node of its type, exactly as
-in the generic loop.
+Why generate code: a model is traversed at every training step, and the generic loop over a
+class's fields (``Node.flatten``/``Node.replace``) pays for a list of children and a call per
+child. A function unrolled over the fields (what ``dataclasses`` itself does for ``__init__``)
+reads each field from the instance ``__dict__`` and handles the common cases inline: a
+Parameter (taken from the stream), a static value, a function already found to hold nothing.
+Anything else goes to the node of its type, as in the generic loop. It measured about half the
+cost of the generic loops (benchmarks/README.md).
 
-An error from a field must name that field in its path. Rather than record the current field
-at every step, the handler looks up the line the error came from (each field has its own
-lines) in a table built with the code: the hot path pays nothing for it.
+Generated code is ordinary code to read and debug. Each function is named after its class
+(``<replace of Linear>``) and its source is registered with ``linecache``, so tracebacks and
+``pdb`` show its lines and ``inspect.getsource`` returns it::
+
+    import inspect
+    from diffprog._nodes import node_for
+    print(inspect.getsource(node_for(Linear).replace))
 """
 
 from __future__ import annotations
 
+import itertools
+import linecache
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from diffprog._errors import ModelError
+from diffprog._errors import ModelError, PathKey
 
-__all__ = ["make_flatten", "make_replace"]
+__all__ = ["make_flatten", "make_rebuild", "make_replace"]
 
 
-def make_flatten(names: tuple[str, ...], env: dict[str, Any]) -> Callable[..., None]:
-    """``flatten(value, out)`` for a class with fields ``names`` (read from __dict__)."""
-    lines = ["def flatten(value, out):", "    d = value.__dict__"]
-    fields = _per_field(
-        lines,
-        names,
-        lambda k, name: [
-            f"        c = d[{name!r}]; t = type(c)",
-            "        if t is Parameter: out.append(c)",
-            "        elif t in STATIC or (t is FUNCTION and c in PLAIN): pass",
-            "        else: (CACHE.get(t) or node_for(t)).flatten(c, out)",
-        ],
-    )
-    return _compile("flatten", lines, {**env, "FIELDS": fields})
+def make_flatten(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> Callable[..., None]:
+    """``flatten(value, out)`` for instances of ``cls``, whose fields (in ``__dict__``) are
+    ``keys`` (``("attr", name)`` or ``("inline", name)``): appends their parameters to ``out``."""
+    lines = ["def flatten(value, out):", "    d = value.__dict__", "    try:"]
+    for key in keys:
+        name = key[1]
+        lines += [
+            f"        key = {key!r}",
+            f"        child = d[{name!r}]",
+            "        t = type(child)",
+            "        if t is Parameter:",
+            "            out.append(child)",
+            "        elif not (t in STATIC or (t is FUNCTION and child in PLAIN)):",
+            "            (CACHE.get(t) or node_for(t)).flatten(child, out)",
+        ]
+    lines += _error_path(keys)
+    return _compile("flatten", cls, lines, env)
 
 
 def make_replace(
-    cls: type, names: tuple[str, ...], env: dict[str, Any], cached: tuple[str, ...] = ()
+    cls: type, keys: tuple[PathKey, ...], cached: tuple[str, ...], env: dict[str, Any]
 ) -> Callable[..., Any]:
-    """``replace(value, stream)`` for instances of exactly ``cls``, with fields ``names`` (read
-    from __dict__).
-
-    ``cached`` names the class's ``functools.cached_property`` attributes, dropped from the
-    rebuilt value.
-    """
+    """``replace(value, stream)`` for instances of ``cls`` (fields as for :func:`make_flatten`):
+    ``value`` itself if no parameter inside changed, else a copy with the new fields (made by
+    the same lines as :func:`make_rebuild`'s)."""
     lines = [
         "def replace(value, stream):",
         "    d = value.__dict__",
-        # The optimistic stream's take() (the training-step fast path) is inlined below;
-        # any other stream's is called.
-        "    if stream._optimistic:",
-        "        take = None",
-        "        olds = stream._olds",
-        "        pull = stream._next",
-        "    else:",
-        "        take = stream.take",
-        # A sub-model met again (shared at several paths) gets the version built before.
-        "        built = stream._rebuilt(value)",
-        "        if built is not None:",
-        "            return built",
+        "    take = stream.take",
+        "    try:",
     ]
-    fields = _per_field(
-        lines,
-        names,
-        lambda k, name: [
-            f"        c{k} = d[{name!r}]; t = type(c{k})",
+    for key in keys:
+        name = key[1]
+        old, new = f"old_{name}", f"new_{name}"
+        lines += [
+            f"        key = {key!r}",
+            f"        {old} = d[{name!r}]",
+            f"        t = type({old})",
             "        if t is Parameter:",
-            f"            if take is None: n{k} = pull(); olds.append(c{k})",
-            f"            else: n{k} = take(c{k})",
-            f"        elif t in STATIC or (t is FUNCTION and c{k} in PLAIN): n{k} = c{k}",
-            f"        else: n{k} = (CACHE.get(t) or node_for(t)).replace(c{k}, stream)",
-        ],
-    )
-    same = " and ".join(f"n{k} is c{k}" for k in range(len(names))) or "True"
+            f"            {new} = take({old})",
+            f"        elif t in STATIC or (t is FUNCTION and {old} in PLAIN):",
+            f"            {new} = {old}",
+            "        else:",
+            f"            {new} = (CACHE.get(t) or node_for(t)).replace({old}, stream)",
+        ]
+    lines += _error_path(keys)
+    same = " and ".join(f"new_{n} is old_{n}" for _, n in keys) or "True"
     lines += [
         f"    if {same}:",
         "        return value",
-        # Bypass __init__/__post_init__ and the frozen __setattr__: the value was validated
-        # when it was built, and only parameter slots change. Attributes set in
-        # __post_init__ are kept; cached_property values, computed from the old fields, not.
-        "    new = object_new(CLS)",
-        "    nd = new.__dict__",
-        "    nd.update(d)",
+        *_copy_lines(keys, cached, "d", [f"new_{n}" for _, n in keys]),
+        "    # keep(): the version built first, if this value is shared at several paths",
+        "    return stream.keep(value, built)",
     ]
-    lines += [f"    nd[{name!r}] = n{k}" for k, name in enumerate(names)]
-    lines += [f"    nd.pop({name!r}, None)" for name in cached]
-    lines += [
-        "    if take is not None:",
-        "        stream._keep(value, new)",
-        "    return new",
-    ]
-    return _compile("replace", lines, {**env, "FIELDS": fields, "CLS": cls})
+    return _compile("replace", cls, lines, {**env, "CLS": cls, "object_new": object.__new__})
 
 
-def _per_field(
-    lines: list[str], names: tuple[str, ...], code: Callable[[int, str], list[str]]
-) -> dict[int, str]:
-    """Append a ``try`` block running ``code(k, name)`` for each field to ``lines``.
+def make_rebuild(
+    cls: type, keys: tuple[PathKey, ...], cached: tuple[str, ...], env: dict[str, Any]
+) -> Callable[..., Any]:
+    """``rebuild(value, children)`` for instances of ``cls`` (fields as for
+    :func:`make_flatten`): a copy of ``value`` whose fields are ``children``, in order.
 
-    Returns the table from line number to field that its ``except`` uses to name the field an
-    error came from: no bookkeeping on the hot path.
+    ``cached`` names the class's ``functools.cached_property`` attributes, dropped from the
+    copy: they were computed from the old fields.
     """
-    fields: dict[int, str] = {}
-    lines.append("    try:")
-    for k, name in enumerate(names):
-        first = len(lines) + 1  # the line number of the next line
-        lines += code(k, name)
-        fields.update(dict.fromkeys(range(first, len(lines) + 1), name))
-    lines += [
-        "        pass",  # a class without fields
+    names = [name for _, name in keys]
+    news = [f"new_{name}" for name in names]
+    lines = [
+        "def rebuild(value, children):",
+        *([f"    {', '.join(news)}, = children"] if names else []),
+        *_copy_lines(keys, cached, "value.__dict__", news),
+        "    return built",
+    ]
+    return _compile("rebuild", cls, lines, {**env, "CLS": cls, "object_new": object.__new__})
+
+
+def _copy_lines(
+    keys: tuple[PathKey, ...], cached: tuple[str, ...], state: str, children: list[str]
+) -> list[str]:
+    """Lines making ``built``: a copy of the instance whose ``__dict__`` is ``state`` (an
+    expression), with the fields ``keys`` set to the variables ``children``.
+
+    (Every variable of the generated code that a field names starts with ``old_`` or
+    ``new_``, and no other does, so that no field name can clash with another variable.)
+    """
+    return [
+        "    # Bypass __init__/__post_init__ and the frozen __setattr__: the value was validated",
+        "    # when it was built, and only parameter slots change. Attributes set in",
+        "    # __post_init__ are kept, cached_property values (computed from the old fields) not.",
+        "    built = object_new(CLS)",
+        "    built_dict = built.__dict__",
+        f"    built_dict.update({state})",
+        *(f"    built_dict[{n!r}] = {child}" for (_, n), child in zip(keys, children, strict=True)),
+        *(f"    built_dict.pop({name!r}, None)" for name in cached),
+    ]
+
+
+def _error_path(keys: tuple[PathKey, ...]) -> list[str]:
+    """The end of the ``try`` around the fields: an error from a field gets the field's key
+    (``key``, set before each field) in its path."""
+    return [
+        *(["        pass  # a class without fields"] if not keys else []),
         "    except ModelError as e:",
-        "        e.push('attr', FIELDS[e.__traceback__.tb_lineno])",
+        "        e.push(*key)",
         "        raise",
     ]
-    return fields
 
 
-def _compile(name: str, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:
-    namespace: dict[str, Any] = {
-        "Parameter": torch.nn.Parameter,
-        "ModelError": ModelError,
-        "object_new": object.__new__,
-        **env,
-    }
-    exec(compile("\n".join(lines), f"<diffprog generated {name}>", "exec"), namespace)
-    return namespace[name]  # type: ignore[no-any-return]
+_COUNT = itertools.count()
+
+
+def _compile(kind: str, cls: type, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:
+    """Compile the function ``kind`` defined by ``lines``, named ``<kind of Class>``, and
+    register its source so that tracebacks, ``pdb`` and ``inspect`` can show it."""
+    name = f"<{kind} of {cls.__qualname__}>"
+    # Unique per class (two classes may share a qualified name: a class made in a function).
+    filename = f"<diffprog {kind} of {cls.__module__}.{cls.__qualname__} #{next(_COUNT)}>"
+    source = "\n".join(lines) + "\n"
+    namespace: dict[str, Any] = {"Parameter": torch.nn.Parameter, "ModelError": ModelError, **env}
+    exec(compile(source, filename, "exec"), namespace)
+    fn = namespace[kind]
+    fn.__code__ = fn.__code__.replace(co_name=name, co_qualname=name)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = cls.__module__
+    # mtime None: linecache.checkcache() keeps the entry (there is no file to compare with).
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return fn  # type: ignore[no-any-return]

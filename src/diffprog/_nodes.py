@@ -1,14 +1,16 @@
 """How each kind of value is traversed: the registry of Parameterized instances.
 
-Every type a model may contain maps to one *node* object that knows how to
+Every type a model may contain maps to one *node* object. A node describes the children of a
+value once, with :meth:`Node.children` (the sub-values with their path keys, in order) and
+:meth:`Node.rebuild` (the value again, from new children). Every traversal derives from that
+description, so that all of them agree on the order:
 
-* ``flatten`` a value of that type (append its parameters to a list, depth first),
-* ``replace`` its parameters from a :class:`~diffprog.ParamStream`, and
-* list its ``children`` with path keys and ``rebuild`` it from new children (the slow,
-  general traversal used for names, ``repr`` and diagnostics).
+* ``flatten`` (append the parameters to a list, depth first) and ``replace`` (take new ones
+  from a :class:`~diffprog.ParamStream`) loop over the children; a dataclass's generated
+  functions (``_codegen.py``) are unrolled from the same field keys;
+* ``walk`` (names and paths), ``substitute`` and ``repr`` read the same children.
 
-The node of a type is resolved once and cached (for a dataclass that is its *plan*: the
-ordered field names), so a traversal costs one dict lookup per value.
+The node of a type is resolved once and cached, so a traversal costs one dict lookup per value.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import dataclasses
 import enum
 import functools
 import gc
+import operator
 import types
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as torch_pytree
 
-from diffprog._codegen import make_flatten, make_replace
+from diffprog._codegen import make_flatten, make_rebuild, make_replace
 from diffprog._errors import (
     HiddenParameterError,
     InstanceError,
@@ -33,7 +36,6 @@ from diffprog._errors import (
     ParameterCountError,
     PathKey,
 )
-from diffprog._signature import Signed, has_repeats
 
 if TYPE_CHECKING:
     from diffprog._stream import ParamStream
@@ -52,12 +54,34 @@ _FUNCTION = types.FunctionType
 
 
 class Node:
-    """How values of one type are traversed. Subclasses override what applies."""
+    """How values of one type are traversed.
+
+    A subclass describes a value's children once: :meth:`values` (in traversal order),
+    :meth:`keys` (their path keys, asked for only by errors, names and ``repr``) and
+    :meth:`rebuild`. Flatten, replace and :meth:`children` follow from them. Leaves and opaque
+    values override flatten and replace instead.
+    """
 
     __slots__ = ()
 
     #: True for leaves that can never hold a parameter (numbers, strings, constant tensors...).
     static = False
+
+    def values(self, value: Any) -> Sequence[Any]:
+        """The direct sub-values of ``value``, in traversal order."""
+        return ()
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        """The path keys of :meth:`values`, in the same order."""
+        return ()
+
+    def rebuild(self, value: Any, children: list[Any]) -> Any:
+        """A copy of ``value`` with new children (in :meth:`values` order)."""
+        return value
+
+    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
+        """The sub-values of ``value`` with their path keys, in traversal order."""
+        return list(zip(self.keys(value), self.values(value), strict=True))
 
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         """Append the parameters inside ``value`` to ``out``, depth first.
@@ -65,44 +89,46 @@ class Node:
         A parameter met twice (a tie) is appended twice; ``flatten_parameters`` removes the
         repeats once at the end, which is cheaper than checking at every parameter.
         """
-        for key, child in self.children(value):
-            try:
-                flatten_into(child, out)
-            except ModelError as e:
-                e.push(*key)
-                raise
+        index = -1
+        try:
+            for index, child in enumerate(self.values(value)):  # noqa: B007 (read by except)
+                t = type(child)  # flatten_into(child, out), inlined: one frame less per child
+                if t is Parameter:
+                    out.append(child)
+                else:
+                    (_CACHE.get(t) or node_for(t)).flatten(child, out)
+        except ModelError as e:
+            self._push(e, value, index)
+            raise
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
         """Return ``value`` with its parameters taken from ``stream``, in flatten order.
 
-        A container met again in the same replace (shared at several paths) gets the version
-        built the first time, so sharing survives (see ``ParamStream._rebuilt``).
+        ``value`` itself comes back if no parameter inside it changed (sharing of unchanged
+        parts); a rebuilt value goes through ``stream.keep``, so that a value met at several
+        paths stays one object.
         """
-        built = stream._rebuilt(value)
-        if built is not None:
-            return built
-        children = self.children(value)
+        old = self.values(value)
         new: list[Any] = []
-        changed = False
-        for key, child in children:
-            try:
-                replaced = replace_value(child, stream)
-            except ModelError as e:
-                e.push(*key)
-                raise
-            changed = changed or replaced is not child
-            new.append(replaced)
-        if not changed:
+        try:
+            for child in old:
+                t = type(child)  # replace_value(child, stream), inlined
+                if t is Parameter:
+                    new.append(stream.take(child))
+                else:
+                    new.append((_CACHE.get(t) or node_for(t)).replace(child, stream))
+        except ModelError as e:
+            self._push(e, value, len(new))  # the child that failed is the next one
+            raise
+        if all(map(operator.is_, new, old)):
             return value
-        return stream._keep(value, self.rebuild(value, new))
+        return stream.keep(value, self.rebuild(value, new))
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        """The direct sub-values of ``value`` with their path keys, in traversal order."""
-        return []
-
-    def rebuild(self, value: Any, children: list[Any]) -> Any:
-        """A copy of ``value`` whose children (in ``children`` order) are replaced."""
-        return value
+    def _push(self, error: ModelError, value: Any, index: int) -> None:
+        """Add the key of child ``index`` (-1: the error came before the first child) to the
+        path of ``error``."""
+        if index >= 0:
+            error.push(*self.keys(value)[index])
 
 
 class _StaticNode(Node):
@@ -139,16 +165,29 @@ PARAMETER = _ParameterNode()
 class FieldsNode(Node):
     """A dataclass (every ``Parameterized``): its fields in declaration order.
 
-    Built once per class: the field names are its flatten/replace plan, and for the usual
-    classes (fields in ``__dict__``) ``flatten``/``replace`` are functions generated for it.
+    Built once per class. Its field keys (``("attr", name)``, or ``("inline", name)`` for a
+    field left out of ``state_dict`` names) are the description of its children; for the usual
+    classes (fields in ``__dict__``) ``flatten``, ``replace`` and ``rebuild`` are functions
+    generated from them (see ``_codegen.py``), otherwise the loops of :class:`Node`.
     """
 
-    __slots__ = ("cached", "cls", "flatten", "kinds", "names", "replace", "uses_dict")
+    __slots__ = (
+        "cached",
+        "cls",
+        "field_keys",
+        "flatten",
+        "names",
+        "rebuild",
+        "replace",
+        "uses_dict",
+    )
 
     def __init__(self, cls: type, names: tuple[str, ...], inline: frozenset[str] = frozenset()):
         self.cls = cls
         self.names = names
-        self.kinds = tuple("inline" if n in inline else "attr" for n in names)
+        self.field_keys: tuple[PathKey, ...] = tuple(
+            ("inline" if n in inline else "attr", n) for n in names
+        )
         self.cached = tuple(
             name
             for c in cls.__mro__
@@ -158,9 +197,10 @@ class FieldsNode(Node):
         # Instances keep their fields in __dict__ (not __slots__): read it directly.
         # (Empty __slots__, as in Generic and Protocol, hold nothing: they don't count.)
         self.uses_dict = cls.__dictoffset__ != 0 and not any(
-            vars(c).get("__slots__") for c in cls.__mro__[:-1] if c is not Signed
+            vars(c).get("__slots__") for c in cls.__mro__[:-1]
         )
         if self.uses_dict and all(n.isidentifier() for n in names):
+            self.rebuild = make_rebuild(cls, self.field_keys, self.cached, {})  # type: ignore[method-assign]
             env = {
                 "STATIC": _STATIC_SEEN,
                 "CACHE": _CACHE,
@@ -168,58 +208,30 @@ class FieldsNode(Node):
                 "FUNCTION": _FUNCTION,
                 "PLAIN": PLAIN_FUNCTIONS,
             }
-            self.flatten = make_flatten(names, env)  # type: ignore[method-assign]
-            self.replace = make_replace(cls, names, env, self.cached)  # type: ignore[method-assign]
+            self.flatten = make_flatten(cls, self.field_keys, env)  # type: ignore[method-assign]
+            self.replace = make_replace(cls, self.field_keys, self.cached, env)  # type: ignore[method-assign]
         else:
-            self.flatten = self._flatten_generic  # type: ignore[method-assign]
-            self.replace = self._replace_generic  # type: ignore[method-assign]
+            self.rebuild = self._rebuild_with_setattr  # type: ignore[method-assign]
+            self.flatten = types.MethodType(Node.flatten, self)  # type: ignore[method-assign]
+            self.replace = types.MethodType(Node.replace, self)  # type: ignore[method-assign]
 
-    def _flatten_generic(self, value: Any, out: list[Parameter]) -> None:
-        for name in self.names:
-            try:
-                flatten_into(getattr(value, name), out)
-            except ModelError as e:
-                e.push("attr", name)
-                raise
+    def values(self, value: Any) -> Sequence[Any]:
+        return [getattr(value, name) for name in self.names]
 
-    def _replace_generic(self, value: Any, stream: ParamStream) -> Any:
-        built = stream._rebuilt(value)  # shared at several paths: built already
-        if built is not None:
-            return built
-        changes: dict[str, Any] = {}
-        for name in self.names:
-            child = getattr(value, name)
-            try:
-                new = replace_value(child, stream)
-            except ModelError as e:
-                e.push("attr", name)
-                raise
-            if new is not child:
-                changes[name] = new
-        if not changes:
-            return value
-        return stream._keep(value, self._with(value, changes))
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return self.field_keys
 
-    def _with(self, value: Any, changes: dict[str, Any]) -> Any:
-        # Bypass __init__/__post_init__ (and frozen __setattr__): the value was already
-        # validated when it was built; only parameter slots change.
+    def _rebuild_with_setattr(self, value: Any, children: list[Any]) -> Any:
+        """``rebuild`` for a class with fields in ``__slots__`` (or names that are not
+        identifiers): a copy bypassing ``__init__`` and the frozen ``__setattr__``."""
         new = object.__new__(type(value))
         if self.uses_dict:
-            state = new.__dict__  # filled directly: no frozen __setattr__ in the way
-            state.update(value.__dict__)
-            state.update(changes)
-            for name in self.cached:  # computed from the old fields
-                state.pop(name, None)
-        else:
-            for name in self.names:
-                object.__setattr__(new, name, changes.get(name, getattr(value, name)))
+            new.__dict__.update(value.__dict__)  # attributes set in __post_init__
+            for name in self.cached:
+                new.__dict__.pop(name, None)
+        for name, child in zip(self.names, children, strict=True):
+            object.__setattr__(new, name, child)
         return new
-
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [((k, n), getattr(value, n)) for k, n in zip(self.kinds, self.names)]
-
-    def rebuild(self, value: Any, children: list[Any]) -> Any:
-        return self._with(value, dict(zip(self.names, children)))
 
 
 class _SequenceNode(Node):
@@ -230,70 +242,14 @@ class _SequenceNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def flatten(self, value: Any, out: list[Parameter]) -> None:
-        # The node of the previous child is reused for the next one of the same type: the
-        # layers of a list usually are.
-        last: type | None = None
-        flatten: Any = None
-        child: Any = None
-        try:
-            for child in value:
-                t = type(child)
-                if t is Parameter:
-                    out.append(child)
-                elif t is last:
-                    flatten(child, out)
-                elif t not in _STATIC_SEEN and not (t is _FUNCTION and child in PLAIN_FUNCTIONS):
-                    last = t
-                    flatten = (_CACHE.get(t) or node_for(t)).flatten
-                    flatten(child, out)
-        except ModelError as e:
-            e.push("index", _position(value, child))
-            raise
+    def values(self, value: Any) -> Sequence[Any]:
+        return value  # type: ignore[no-any-return]
 
-    def replace(self, value: Any, stream: ParamStream) -> Any:
-        built = stream._rebuilt(value)  # shared at several paths: built already
-        if built is not None:
-            return built
-        new: list[Any] | None = None
-        last: type | None = None
-        replace: Any = None
-        child: Any = None
-        try:
-            for index, child in enumerate(value):
-                t = type(child)
-                if t is Parameter:
-                    replaced = stream.take(child)
-                elif t is last:
-                    replaced = replace(child, stream)
-                elif t in _STATIC_SEEN or (t is _FUNCTION and child in PLAIN_FUNCTIONS):
-                    continue
-                else:
-                    last = t
-                    replace = (_CACHE.get(t) or node_for(t)).replace
-                    replaced = replace(child, stream)
-                if replaced is not child:
-                    if new is None:
-                        new = list(value)
-                    new[index] = replaced
-        except ModelError as e:
-            e.push("index", _position(value, child))
-            raise
-        if new is None:
-            return value
-        return stream._keep(value, new if self.cls is list else tuple(new))
-
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("index", i), child) for i, child in enumerate(value)]
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("index", i) for i in range(len(value))]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
-        return list(children) if self.cls is list else tuple(children)
-
-
-def _position(seq: Any, child: Any) -> int:
-    """The index of ``child`` in ``seq`` (its first, for an object found twice: the error it
-    raised is the same at each)."""
-    return next((i for i, c in enumerate(seq) if c is child), -1)
+        return children if self.cls is list else tuple(children)
 
 
 class _NamedTupleNode(Node):
@@ -304,8 +260,11 @@ class _NamedTupleNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("attr", name), child) for name, child in zip(value._fields, value)]
+    def values(self, value: Any) -> Sequence[Any]:
+        return value  # type: ignore[no-any-return]
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("attr", name) for name in value._fields]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         return type(value)(*children)
@@ -319,11 +278,14 @@ class _DictNode(Node):
     def __init__(self, cls: type) -> None:
         self.cls = cls
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("key", k), v) for k, v in value.items()]
+    def values(self, value: Any) -> Sequence[Any]:
+        return list(value.values())
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("key", k) for k in value]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
-        items = zip(value.keys(), children)
+        items = zip(value.keys(), children, strict=True)
         if isinstance(value, defaultdict):
             return type(value)(value.default_factory, items)
         return type(value)(items)
@@ -338,15 +300,12 @@ class _PytreeNode(Node):
         self.flatten_fn = flatten_fn
         self.unflatten_fn = unflatten_fn
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
+    def values(self, value: Any) -> Sequence[Any]:
         children, _ = self.flatten_fn(value)
-        return [(("index", i), c) for i, c in enumerate(children)]
+        return list(children)
 
-    def replace(self, value: Any, stream: ParamStream) -> Any:
-        result = super().replace(value, stream)
-        if result is not value:  # its unflatten may keep other tensors than those given
-            stream._foreign = True
-        return result
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("index", i) for i in range(len(self.values(value)))]
 
     def rebuild(self, value: Any, children: list[Any]) -> Any:
         _, context = self.flatten_fn(value)
@@ -356,9 +315,10 @@ class _PytreeNode(Node):
 class HandWrittenNode(Node):
     """A hand-written instance: ``flatten(value) -> list`` and ``replace(value, stream)``.
 
-    Ties and checks still hold: before the instance's own ``replace`` runs, each parameter its
-    ``flatten`` lists is matched against the stream (shape and dtype checked, a parameter seen
-    earlier in the model reused), and the instance reads the results from a stream of its own.
+    Its children are the parameters its ``flatten`` lists (by position). Ties and checks still
+    hold: before the instance's own ``replace`` runs, each listed parameter is taken from the
+    model's stream (so a parameter met earlier in the model gets the same replacement), and
+    the instance reads the results from a stream of its own.
     """
 
     __slots__ = ("cls", "flatten_fn", "replace_fn", "unknown_fields")
@@ -407,35 +367,28 @@ class HandWrittenNode(Node):
                 err.push("attr", name)
                 raise err
 
+    def values(self, value: Any) -> Sequence[Any]:
+        return self.own(value)
+
+    def keys(self, value: Any) -> Sequence[PathKey]:
+        return [("index", i) for i in range(len(self.own(value)))]
+
     def flatten(self, value: Any, out: list[Parameter]) -> None:
         # A plain tensor the instance lists (put there by a replace with plain tensors) is a
         # constant, as in a derived instance: only Parameters are flattened.
         out.extend(p for p in self.own(value) if isinstance(p, Parameter))
 
     def replace(self, value: Any, stream: ParamStream) -> Any:
+        old = self.own(value)
+        if not [p for p in old if isinstance(p, Parameter)]:  # nothing to replace
+            return value
+        return stream.keep(value, self._run(value, _take_listed(old, stream)))
+
+    def _run(self, value: Any, new: list[torch.Tensor]) -> Any:
+        """The instance's own replace, reading ``new`` from a stream of its own, checked to
+        read them all and to keep the value's type."""
         from diffprog._stream import ParamStream
 
-        old = self.own(value)
-        if not any(isinstance(p, Parameter) for p in old):  # nothing to replace
-            return value
-        built = stream._rebuilt(value)  # shared at several paths: built already
-        if built is not None:
-            return built
-        stream._foreign = True  # its replace may keep other tensors than those given
-        new: list[torch.Tensor] = []
-        for index, p in enumerate(old):
-            if not isinstance(p, Parameter):  # a constant: the instance reads it back as is
-                new.append(p)
-                continue
-            try:
-                new.append(stream.take(p))
-            except ModelError as e:
-                e.push("index", index)
-                raise
-        if stream._tied_so_far():
-            # A tie, which an optimistic stream handed the wrong tensors: give up before the
-            # instance's own code sees them; the replace reruns with a ParamStream.
-            raise StopIteration
         own = ParamStream(new)
         name = self.cls.__name__
         try:
@@ -443,13 +396,13 @@ class HandWrittenNode(Node):
         except ParameterCountError as e:
             raise InstanceError(
                 f"the replace_own_parameters of {name} asked for more parameters than its "
-                f"flatten_parameters lists ({len(old)})",
+                f"flatten_parameters lists ({len(new)})",
                 "Make both methods walk the same parameters in the same order.",
             ) from e
         if own.remaining:
             raise InstanceError(
-                f"the replace_own_parameters of {name} used {len(old) - own.remaining} of "
-                f"the {len(old)} parameters its flatten_parameters lists",
+                f"the replace_own_parameters of {name} used {len(new) - own.remaining} of "
+                f"the {len(new)} parameters its flatten_parameters lists",
                 "Make both methods walk the same parameters in the same order.",
             )
         own.verify()
@@ -462,10 +415,23 @@ class HandWrittenNode(Node):
                 f"Rebuild the value's own type (type(value)(...) or dataclasses.replace), or "
                 f"give {type(value).__qualname__} an instance of its own.",
             )
-        return stream._keep(value, result)
+        return result
 
-    def children(self, value: Any) -> list[tuple[PathKey, Any]]:
-        return [(("index", i), p) for i, p in enumerate(self.own(value))]
+
+def _take_listed(old: list[torch.Tensor], stream: ParamStream) -> list[torch.Tensor]:
+    """The replacements, from the model's stream, of the parameters a hand-written instance
+    lists (a tied one gets the replacement of its first path); a constant stays as it is."""
+    new: list[torch.Tensor] = []
+    for index, p in enumerate(old):
+        if not isinstance(p, Parameter):  # the instance reads it back as is
+            new.append(p)
+            continue
+        try:
+            new.append(stream.take(p))
+        except ModelError as e:
+            e.push("index", index)
+            raise
+    return new
 
 
 class _ModuleNode(Node):
@@ -543,7 +509,12 @@ _SCAN_LEAVES: frozenset[type] = frozenset(
 
 def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
     """What the scan looks at inside ``v``: its children with their path keys, or a text
-    saying that ``v`` is itself a parameter holder (found), or None for a leaf."""
+    saying that ``v`` is itself a parameter holder (found), or None for a leaf.
+
+    Deliberately wider than the nodes' ``children``: the scan looks for what a traversal would
+    miss, so it reads every attribute of an object (not only a dataclass's fields) and never
+    asks an object's own methods (a hand-written ``flatten_parameters``) what it holds.
+    """
     if isinstance(v, Parameter):
         return "a Parameter"
     if isinstance(v, (torch.Tensor, enum.Enum, type)):
@@ -601,9 +572,7 @@ def _cell_contents(cell: Any) -> Any:
 def _slot_names(cls: type) -> tuple[str, ...]:
     slots = vars(cls).get("__slots__", ())
     names = (slots,) if isinstance(slots, str) else tuple(slots)
-    # __diffprog_signature__: a Parameterized value's memory of its slots (see _signature.py),
-    # not part of the value
-    return tuple(n for n in names if n not in ("__dict__", "__weakref__", "__diffprog_signature__"))
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 def _scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
@@ -866,10 +835,20 @@ INLINE = "diffprog.inline"
 
 
 def fields_node(cls: type) -> FieldsNode:
-    """The plan of a dataclass: its field names in order, and which are inlined in paths."""
-    fields = dataclasses.fields(cls)
-    inline = frozenset(f.name for f in fields if f.metadata.get(INLINE, False))
-    return FieldsNode(cls, tuple(f.name for f in fields), inline)
+    """The node of a dataclass by its fields (which are inlined in paths), built once.
+
+    It is also the node of a hand-written dataclass shown by its fields (``repr``, the paths
+    of its parameters) or calling the derived methods through ``super()``.
+    """
+    node = _FIELDS_NODES.get(cls)
+    if node is None:
+        fields = dataclasses.fields(cls)
+        inline = frozenset(f.name for f in fields if f.metadata.get(INLINE, False))
+        node = _FIELDS_NODES[cls] = FieldsNode(cls, tuple(f.name for f in fields), inline)
+    return node
+
+
+_FIELDS_NODES: dict[type, FieldsNode] = {}
 
 
 def node_for(t: type) -> Node:
@@ -885,14 +864,14 @@ def node_for(t: type) -> Node:
 
 def unique(params: list[Parameter]) -> list[Parameter]:
     """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
-    if not has_repeats(params):  # the usual case
+    if len(set(map(id, params))) == len(params):  # the usual case: no tie
         return params
-    seen: set[int] = set()
-    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+    return list({id(p): p for p in params}.values())  # a repeat is the same object
 
 
 def flatten_into(value: Any, out: list[Parameter]) -> None:
-    """Append the parameters of ``value`` to ``out`` (depth first, each object once)."""
+    """Append the parameters of ``value`` to ``out``, depth first (a tied parameter at each of
+    its paths: ``unique`` removes the repeats)."""
     t = type(value)
     if t is Parameter:
         out.append(value)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Any
 
 from typing_extensions import Self, dataclass_transform
 
 from diffprog._errors import InstanceError
 from diffprog._layer_fields import install_check
-from diffprog._nodes import INLINE, FieldsNode, fields_node, node_for, unique
+from diffprog._nodes import INLINE, fields_node, unique
 from diffprog._repr import tree_repr
-from diffprog._signature import Signed
 from diffprog._stream import ParamStream
 
 __all__ = ["Parameterized", "field"]
@@ -49,7 +47,7 @@ def field(*, inline: bool = False, **kwargs: Any) -> Any:
 @dataclass_transform(
     frozen_default=True, eq_default=False, field_specifiers=(dataclasses.field, field)
 )
-class Parameterized(Signed):
+class Parameterized:
     """Base class of models: subclassing it is the whole declaration.
 
     The Python counterpart of ``instance Parameterized M`` with Hasktorch's generic deriving:
@@ -107,12 +105,12 @@ class Parameterized(Signed):
         hand-written instance.
         """
         out: list[Any] = []
-        _plan(type(self)).flatten(self, out)
+        fields_node(type(self)).flatten(self, out)
         return unique(out)
 
     def replace_own_parameters(self, stream: ParamStream) -> Self:
         """Rebuild this value reading its parameters from ``stream`` (the derived default)."""
-        return _plan(type(self)).replace(self, stream)  # type: ignore[no-any-return]
+        return fields_node(type(self)).replace(self, stream)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return tree_repr(self)
@@ -120,17 +118,3 @@ class Parameterized(Signed):
 
 Parameterized.flatten_parameters.__diffprog_default__ = True  # type: ignore[attr-defined]
 Parameterized.replace_own_parameters.__diffprog_default__ = True  # type: ignore[attr-defined]
-
-
-def _plan(cls: type) -> FieldsNode:
-    node = node_for(cls)
-    if isinstance(node, FieldsNode):
-        return node
-    # A hand-written instance calling the derived methods through super(): built once too.
-    plan = _FIELD_PLANS.get(cls)
-    if plan is None:
-        plan = _FIELD_PLANS[cls] = fields_node(cls)
-    return plan
-
-
-_FIELD_PLANS: weakref.WeakKeyDictionary[type, FieldsNode] = weakref.WeakKeyDictionary()

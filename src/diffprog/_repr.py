@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from diffprog._errors import PathKey
 from diffprog._nodes import (
     FieldsNode,
     HandWrittenNode,
@@ -85,19 +86,18 @@ def _render(value: Any, indent: int, active: set[int]) -> str:
     node = node_for(type(value))
     if isinstance(node, HandWrittenNode) and dataclasses.is_dataclass(value):
         node = fields_node(type(value))  # show a hand-written instance by its fields
-    if isinstance(node, (FieldsNode, _NamedTupleNode)):
-        items = [(f"{k}=", v) for (_, k), v in node.children(value)]
-        opening, closing = f"{type(value).__name__}(", ")"
-    elif isinstance(node, _SequenceNode):
-        items = [("", v) for v in value]
-        opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
-        if len(items) == 1 and closing == ")":
-            closing = ",)"
-    elif isinstance(node, _DictNode):
-        items = [(f"{k!r}: ", v) for k, v in value.items()]
-        opening, closing = "{", "}"
-    else:
+    if not isinstance(node, (FieldsNode, _NamedTupleNode, _SequenceNode, _DictNode)):
         return _leaf(value)
+    # The children as every traversal sees them; the node's kind decides the brackets.
+    items = [(_label(key), v) for key, v in node.children(value)]
+    if isinstance(node, (FieldsNode, _NamedTupleNode)):
+        opening, closing = f"{type(value).__name__}(", ")"
+    elif isinstance(node, _DictNode):
+        opening, closing = "{", "}"
+    elif isinstance(value, list):
+        opening, closing = "[", "]"
+    else:
+        opening, closing = "(", ",)" if len(items) == 1 else ")"
     if id(value) in active:
         return "<cycle>"
     if indent >= 2 * _MAX_DEPTH and items:
@@ -113,3 +113,11 @@ def _render(value: Any, indent: int, active: set[int]) -> str:
     pad = " " * (indent + 2)
     body = ",\n".join(pad + label + text for label, text in parts)
     return f"{opening}\n{body},\n{' ' * indent}{closing.lstrip(',')}"
+
+
+def _label(key: PathKey) -> str:
+    """What stands before a child: ``name=`` for a field, ``'k': `` for a dict key."""
+    kind, name = key
+    if kind == "key":
+        return f"{name!r}: "
+    return "" if kind == "index" else f"{name}="

@@ -17,9 +17,8 @@ from diffprog._errors import (
     render_path,
     state_dict_path,
 )
-from diffprog._nodes import _CACHE, HandWrittenNode, node_for, replace_value, unique
-from diffprog._signature import check_signatures
-from diffprog._stream import CheckingStream, OptimisticStream, ParamStream
+from diffprog._nodes import _CACHE, HandWrittenNode, fields_node, node_for, replace_value, unique
+from diffprog._stream import CheckingStream, ParamStream
 
 __all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
 
@@ -96,41 +95,18 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
         (0.0, True)
     """
     params = list(params)
-    stream = OptimisticStream(params)
-    new: Any = None
+    stream = ParamStream(params)
     try:
-        # The fast path of every training step: an optimistic stream (no tie bookkeeping)
-        # that used every parameter, no ties, and shapes and dtypes as in the slots.
-        t = type(value)
-        if t is _Parameter:
-            new = stream.take(value)  # type: ignore[arg-type]
-        else:
-            new = (_CACHE.get(t) or node_for(t)).replace(value, stream)
-        olds = stream._olds
-        if (
-            len(olds) == len(params)
-            and not stream._untracked
-            and check_signatures(value, new, olds, params, not stream._foreign)
-        ):
-            return new  # type: ignore[no-any-return]
-        ran_out = False
-    except StopIteration:  # the model may have ties
-        ran_out = True
-    except ModelError as e:
-        # With a tie, the optimistic stream hands a later parameter to the tie's second slot,
-        # which a hand-written instance may refuse: that is for the ParamStream to judge.
-        if not stream.has_ties():
-            _explain(value, e)
-            raise
-        ran_out = True
-    except RecursionError as e:
-        _explain(value, e)
-        raise
-    streams: list[ParamStream] = [stream]
-    try:
-        return _replace(value, params, streams, new, ran_out)  # type: ignore[no-any-return]
+        new = replace_value(value, stream)
+        if stream.remaining:
+            raise ParameterCountError(
+                f"{stream.remaining} parameters left unconsumed: the model has "
+                f"{stream.consumed} parameters but {len(params)} were given",
+                "Pass exactly the parameters flatten_parameters returns, in its order.",
+            )
+        _verify(value, params, stream)
     except ParameterCountError as e:
-        if streams[-1].remaining == 0:  # ran out, rather than left some over
+        if stream.remaining == 0:  # ran out, rather than left some over
             needed = len(flatten_parameters(value))
             e.problem = f"too few parameters: the model has {needed} but {len(params)} were given"
         _explain(value, e)
@@ -138,36 +114,24 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
     except (ModelError, RecursionError) as e:
         _explain(value, e)
         raise
+    return new  # type: ignore[no-any-return]
 
 
-def _replace(
-    value: Any, params: list[Any], streams: list[ParamStream], new: Any, ran_out: bool
-) -> Any:
-    """:func:`replace_parameters` off its fast path: ties, a wrong count, a wrong shape or
-    dtype, or a hand-written instance that reads its parameters with ``next_parameter``.
-    ``streams`` holds the optimistic stream tried first (which built ``new``, unless it
-    ``ran_out``); the streams used are added."""
-    stream = streams[-1]
-    if ran_out or stream.has_ties():  # type: ignore[attr-defined]
-        stream = ParamStream(params)
-        streams.append(stream)
-        new = replace_value(value, stream)
-    if stream.remaining:
-        raise ParameterCountError(
-            f"{stream.remaining} parameters left unconsumed: the model has "
-            f"{stream.consumed} parameters but {len(params)} were given",
-            "Pass exactly the parameters flatten_parameters returns, in its order.",
-        )
+def _verify(value: Any, params: list[Any], stream: ParamStream) -> None:
+    """Check the shapes and dtypes of the replacements ``stream`` handed out for ``value``.
+
+    The check runs once, over all parameters (cheaper than one check per slot), so it knows
+    which parameter is wrong but not where its slot is. To name the path, the replace is
+    replayed on a :class:`CheckingStream`, which raises at the slot: the error then travels up
+    through the nodes, which add the path, as every other error does.
+    """
     try:
         stream.verify()
-        return new
-    except ModelError:
-        pass
-    # verify() knows which parameter is wrong but not where it sits: replay with checks at
-    # every slot so the error names the path.
-    replace_value(value, CheckingStream(params))
-    stream.verify()  # the replay found nothing (it always does): check one by one
-    return new
+        return
+    except ModelError as e:
+        error = e
+    replace_value(value, CheckingStream(params))  # raises with the path
+    raise error  # (not reached: the replay meets the same slots)
 
 
 def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
@@ -309,15 +273,17 @@ def _located(error: ModelError, path: tuple[PathKey, ...], root: Any) -> ModelEr
 def _hand_written_leaves(
     own: list[torch.Tensor], v: Any, path: tuple[PathKey, ...]
 ) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
+    """The parameters a hand-written instance lists, each at the path of the field that holds
+    it (the fields as the derived instance would see them), or at its position in the list."""
     where: dict[int, tuple[PathKey, ...]] = {}
-    if dataclasses.is_dataclass(v):
-        for f in dataclasses.fields(v):
-            try:
-                for keys, leaf in walk(getattr(v, f.name)):
-                    if isinstance(leaf, torch.Tensor):
-                        where.setdefault(id(leaf), (("attr", f.name), *keys))
-            except ModelError:
-                continue
+    fields = fields_node(type(v)).children(v) if dataclasses.is_dataclass(v) else []
+    for key, child in fields:
+        try:
+            for keys, leaf in walk(child):
+                if isinstance(leaf, torch.Tensor):
+                    where.setdefault(id(leaf), (key, *keys))
+        except ModelError:  # a field the instance does not traverse may hold anything
+            continue
     for index, p in enumerate(own):
         yield (*path, *where.get(id(p), (("index", index),))), p
 
