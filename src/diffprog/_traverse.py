@@ -189,35 +189,43 @@ def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     lists, at the paths of the fields that hold them where those can be found.
     """
 
-    def visit(v: Any, path: tuple[PathKey, ...], active: set[int]) -> Iterator[Any]:
-        node = node_for(type(v))
-        if node.static or isinstance(v, torch.Tensor):
-            yield path, v
-            return
-        if id(v) in active:
-            raise _cycle_error(path)
-        active.add(id(v))
-        try:
-            if isinstance(node, HandWrittenNode):
-                try:
-                    own = node.own(v)  # raises for an inconsistent instance
-                except ModelError as e:
-                    raise _located(e, path, value) from None
-                yield from _hand_written_leaves(own, v, path)
-            else:
-                children = node.children(v)
-                if not children:
-                    try:
-                        node.flatten(v, [])  # raises for hidden parameters
-                    except ModelError as e:
-                        raise _located(e, path, value) from None
-                    yield path, v
-                for key, child in children:
-                    yield from visit(child, (*path, key), active)
-        finally:
-            active.discard(id(v))
+    return _walk(value, (), set(), value)
 
-    return visit(value, (), set())
+
+# Why module-level functions rather than closures: a nested function that calls itself holds
+# itself through its closure cell, a reference cycle. The cycle would keep whatever the closure
+# captured (the model being walked, the values rebuilt) alive after the call, until Python's
+# cyclic garbage collector runs: a whole copy of the parameters, when an optimizer's init
+# walks a large model.
+def _walk(
+    v: Any, path: tuple[PathKey, ...], active: set[int], root: Any
+) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
+    node = node_for(type(v))
+    if node.static or isinstance(v, torch.Tensor):
+        yield path, v
+        return
+    if id(v) in active:
+        raise _cycle_error(path)
+    active.add(id(v))
+    try:
+        if isinstance(node, HandWrittenNode):
+            try:
+                own = node.own(v)  # raises for an inconsistent instance
+            except ModelError as e:
+                raise _located(e, path, root) from None
+            yield from _hand_written_leaves(own, v, path)
+        else:
+            children = node.children(v)
+            if not children:
+                try:
+                    node.flatten(v, [])  # raises for hidden parameters
+                except ModelError as e:
+                    raise _located(e, path, root) from None
+                yield path, v
+            for key, child in children:
+                yield from _walk(child, (*path, key), active, root)
+    finally:
+        active.discard(id(v))
 
 
 def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None = None) -> T:
@@ -237,26 +245,28 @@ def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None
     if not replacements:
         return value
     built: dict[int, Any] = {}  # a container shared at several paths is rebuilt once
+    return _substitute(value, replacements, found, built)  # type: ignore[no-any-return]
 
-    def visit(v: Any) -> Any:
-        new = replacements.get(id(v), _MISSING)
-        if new is not _MISSING:
-            if found is not None:
-                found.add(id(v))
-            return new
-        node = node_for(type(v))
-        if node.static or isinstance(node, HandWrittenNode):
-            return v
-        if id(v) in built:
-            return built[id(v)]
-        children = node.children(v)
-        new = [visit(child) for _, child in children]
-        if all(n is c for n, (_, c) in zip(new, children)):
-            return v
-        result = built[id(v)] = node.rebuild(v, new)
-        return result
 
-    return visit(value)  # type: ignore[no-any-return]
+def _substitute(
+    v: Any, replacements: Mapping[int, Any], found: set[int] | None, built: dict[int, Any]
+) -> Any:
+    new = replacements.get(id(v), _MISSING)
+    if new is not _MISSING:
+        if found is not None:
+            found.add(id(v))
+        return new
+    node = node_for(type(v))
+    if node.static or isinstance(node, HandWrittenNode):
+        return v
+    if id(v) in built:
+        return built[id(v)]
+    children = node.children(v)
+    rebuilt = [_substitute(child, replacements, found, built) for _, child in children]
+    if all(n is c for n, (_, c) in zip(rebuilt, children, strict=True)):
+        return v
+    result = built[id(v)] = node.rebuild(v, rebuilt)
+    return result
 
 
 _MISSING = object()
