@@ -231,7 +231,7 @@ def _step_and_rebuild(
     optimizer: OptT,
     lr: LearningRate | None,
     gradients: list[Any],
-    params: list[torch.Tensor],
+    params: list[Any],
     mask: list[bool] | None,
     *,
     consume: bool,
