@@ -19,22 +19,35 @@ import diffprog.optim._declare
 import diffprog.optim._pure
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
+    SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     Lion,
+    NAdam,
     PureOptimizer,
+    RAdam,
     RMSprop,
+    Rprop,
+    hyper,
     run_step,
     settings_table,
 )
 
 PURE: list[type[PureOptimizer]] = [GD, GDM, Adam, AdamW, Adagrad, RMSprop, Lion]
+PURE += [SGD, NAdam, RAdam, Adamax, Adadelta, Rprop, ASGD, Adafactor]
 # each pure optimizer that torch.optim has, with torch's class
 TORCH = {GDM: torch.optim.SGD, Adam: torch.optim.Adam, AdamW: torch.optim.AdamW}
 TORCH |= {Adagrad: torch.optim.Adagrad, RMSprop: torch.optim.RMSprop}
+TORCH |= {SGD: torch.optim.SGD, NAdam: torch.optim.NAdam, RAdam: torch.optim.RAdam}
+TORCH |= {Adamax: torch.optim.Adamax, Adadelta: torch.optim.Adadelta, Rprop: torch.optim.Rprop}
+TORCH |= {ASGD: torch.optim.ASGD, Adafactor: torch.optim.Adafactor}
 
 Model = dict[str, Linear]
 
@@ -105,6 +118,31 @@ INVALID = [
     (RMSprop, "eps", -1.0),
     (RMSprop, "weight_decay", -1.0),
     (RMSprop, "momentum", -1.0),
+    (SGD, "momentum", -0.1),
+    (SGD, "weight_decay", -0.1),
+    (NAdam, "eps", -1.0),
+    (NAdam, "betas", (1.0, 0.9)),
+    (NAdam, "weight_decay", -0.1),
+    (NAdam, "momentum_decay", -0.1),
+    (RAdam, "eps", -1.0),
+    (RAdam, "betas", (0.9, 1.0)),
+    (RAdam, "weight_decay", -0.1),
+    (Adamax, "eps", -1.0),
+    (Adamax, "betas", (-0.5, 0.9)),
+    (Adamax, "weight_decay", -1.0),
+    (Adadelta, "rho", 1.5),
+    (Adadelta, "rho", -0.1),
+    (Adadelta, "eps", -1.0),
+    (Adadelta, "weight_decay", -1.0),
+    (Rprop, "etas", (1.5, 1.2)),
+    (Rprop, "etas", (0.5, 0.9)),
+    (Rprop, "etas", (0.0, 1.2)),
+    (ASGD, "weight_decay", -0.5),
+    (Adafactor, "beta2_decay", 0.5),
+    (Adafactor, "eps", (-1.0, 1e-3)),
+    (Adafactor, "eps", (None, -1.0)),
+    (Adafactor, "d", 0.5),
+    (Adafactor, "weight_decay", -1.0),
 ]
 
 
@@ -132,6 +170,22 @@ def test_gdm_checks_nesterov_as_torch_does() -> None:
     # torch's words, with what "a momentum" means
     assert str(ours.value).startswith("Nesterov momentum requires a momentum")
     assert str(theirs.value).startswith("Nesterov momentum requires a momentum")
+
+
+@pytest.mark.parametrize("where", ["init", "override"])
+@pytest.mark.parametrize("options", [{"nesterov": True}, {"momentum": 0.9, "dampening": 0.1}])
+def test_sgd_checks_nesterov_across_settings_in_torchs_very_words(
+    options: dict[str, Any], where: str
+) -> None:
+    given = {"nesterov": True, **options}
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], **given)
+    # in an override, a group's settings together (SGD's _check, after the per-field checks)
+    kwargs = given if where == "init" else {"overrides": {"head.*": given}}
+    with pytest.raises(ValueError) as ours:
+        SGD.init(make_model(), **kwargs)
+    assert str(ours.value) == str(theirs.value)
+    SGD.init(make_model(), nesterov=True, momentum=0.9)  # valid: momentum, no dampening
 
 
 @pytest.mark.parametrize("cls", PURE, ids=lambda c: c.__name__)
@@ -245,7 +299,11 @@ def test_torchs_options_without_pure_meaning_are_accepted_where_torch_accepts_th
     cls: type[PureOptimizer],
 ) -> None:
     torch_params = inspect.signature(TORCH[cls].__init__).parameters
-    options = [o for o in diffprog.optim._declare.TORCH_OPTIONS if o in torch_params]
+    settings = {f.name for f in cls.declaration().hyper}
+    # an option that chooses something (ASGD's and Adafactor's foreach) is a setting instead
+    options = [
+        o for o in diffprog.optim._declare.TORCH_OPTIONS if o in torch_params and o not in settings
+    ]
     assert list(cls.declaration().torch_options) == [
         o for o in inspect.signature(cls.init).parameters if o in options
     ]
@@ -258,14 +316,43 @@ def test_torchs_options_without_pure_meaning_are_accepted_where_torch_accepts_th
         given = cls.init(model, **{option: value})
         assert repr(given) == repr(plain)  # no effect, nothing kept
     if "differentiable" in options:
-        with pytest.raises(ValueError, match="differentiable=True"):
+        message = rf"^{cls.__name__}\(differentiable=True\) is not supported: a pure step runs"
+        with pytest.raises(ValueError, match=message):
             cls.init(model, differentiable=True)
-    if "fused" in options and "foreach" in options:
+    # torch refuses fused with foreach or differentiable with its RuntimeError, and when all
+    # three are given, names differentiable
+    flag_sets = [
+        {"foreach": True},
+        {"differentiable": True},
+        {"foreach": True, "differentiable": True},
+    ]
+    for flags in flag_sets if "fused" in options else []:
         with pytest.raises(RuntimeError) as theirs:
-            TORCH[cls]([torch.zeros(1, requires_grad=True)], fused=True, foreach=True)
+            TORCH[cls]([torch.zeros(1, requires_grad=True)], fused=True, **flags)
         with pytest.raises(RuntimeError) as ours:
-            cls.init(model, fused=True, foreach=True)
+            cls.init(model, fused=True, **flags)
         assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("cls", [ASGD, Adafactor], ids=lambda c: c.__name__)
+def test_a_foreach_that_chooses_torchs_rounding_is_a_setting_kept_in_the_value(
+    cls: type[PureOptimizer],
+) -> None:
+    assert "foreach" not in cls.declaration().torch_options
+    assert [f.default for f in cls.declaration().hyper if f.name == "foreach"] == [None]
+    model = make_model()
+    assert cls.init(model, foreach=True).foreach is True  # type: ignore[attr-defined]
+    assert "foreach=True" in repr(cls.init(model, foreach=True))
+    opt = cls.init(model, overrides={"head.*": {"foreach": True}})
+    assert opt.settings is not None
+    assert ("foreach", True) in opt.settings.groups[-1].overrides
+
+
+def test_an_option_cannot_be_both_a_setting_and_an_ignored_torch_option() -> None:
+    with pytest.raises(TypeError, match=r"\['foreach'\] declared both as hyper\(\) fields"):
+
+        class Both(PureOptimizer, torch_options=("foreach",)):
+            foreach: bool | None = hyper(None, doc="chooses something")
 
 
 def test_lion_takes_no_torch_options() -> None:

@@ -210,8 +210,16 @@ def declare(cls: Any, torch_options: tuple[str, ...]) -> None:
         raise TypeError(f"{cls.__name__}: unknown torch_options {sorted(unknown)}")
     inherited = next((d.torch_options for b in cls.__mro__[1:] if (d := _DECLARATIONS.get(b))), ())
     fields = dataclasses.fields(cls)
+    hyper = tuple(f for f in fields if _HYPER in f.metadata)
+    # A switch that chooses something (ASGD's foreach) is a setting, not an ignored option.
+    both = set(torch_options or inherited) & {f.name for f in hyper}
+    if both:
+        raise TypeError(
+            f"{cls.__name__}: {sorted(both)} declared both as hyper() fields and as "
+            "torch_options; an option that changes the numbers is a hyper() field alone"
+        )
     _DECLARATIONS[cls] = Declaration(
-        hyper=tuple(f for f in fields if _HYPER in f.metadata),
+        hyper=hyper,
         state=tuple(f.name for f in fields if _STATE in f.metadata),
         donates=any(f.name == "donate" for f in fields),
         torch_options=torch_options or inherited,
@@ -307,14 +315,43 @@ def _derived_init(cls: Any) -> classmethod[Any, Any, Any]:
 
 
 def _check_torch_options(owner: str, options: Mapping[str, Any]) -> None:
-    """Refuse the torch.optim options that would ask for what a pure step cannot do."""
-    if options.get("differentiable"):
+    """Check the torch.optim implementation switches ``init`` accepts, as torch checks them.
+
+    They choose nothing in a pure step, which always runs torch's fused kernel where the device
+    has one, else ``_foreach_`` operations in torch's multi-tensor order, on fresh tensors (so
+    ``capturable``'s CUDA-graph bookkeeping has nothing to do). ``differentiable=True`` is
+    refused: a pure step runs under ``torch.no_grad()`` and carries no graph. (A switch that
+    does choose something, ASGD's and Adafactor's ``foreach``, is a :func:`hyper` field.)
+
+    Args:
+        owner: the optimizer's name, for the messages.
+        options: the switches ``init`` was given, of :data:`TORCH_OPTIONS`.
+
+    Raises:
+        RuntimeError: ``fused`` with ``differentiable`` or ``foreach`` (torch's own errors, in
+            torch's order).
+        ValueError: ``differentiable=True``.
+
+    Example:
+        >>> _check_torch_options("SGD", {"foreach": True, "fused": False})
+        >>> _check_torch_options("SGD", {"foreach": True, "fused": True})
+        Traceback (most recent call last):
+        ...
+        RuntimeError: `fused` and `foreach` cannot be `True` together.
+    """
+    differentiable = options.get("differentiable", False)
+    if options.get("fused"):
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if options.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if differentiable:
         raise ValueError(
-            f"{owner}: differentiable=True asks for a step autograd can go through; a pure "
-            "step runs under torch.no_grad() (see docs/optim.md). Leave it False."
+            f"{owner}(differentiable=True) is not supported: a pure step runs under "
+            "torch.no_grad() and its result carries no graph (docs/optim.md, 'Steps are not "
+            "differentiable'). Write a differentiable inner step by hand with "
+            "dp.grad(..., create_graph=True), or leave differentiable=False."
         )
-    if options.get("fused") and options.get("foreach"):
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def _init_doc(cls: Any, settable: list[dataclasses.Field[Any]]) -> str:
