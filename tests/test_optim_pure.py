@@ -570,6 +570,11 @@ ALL_PURE = [
     (NAdam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
     (RAdam, {"weight_decay": 0.1}),
     (Adamax, {}),
+    (Adadelta, {"weight_decay": 0.1}),
+    (Rprop, {"maximize": True}),
+    (ASGD, {"t0": 1.0, "foreach": True}),
+    (ASGD, {"t0": 1.0, "foreach": False}),
+    (Adafactor, {"weight_decay": 0.1, "foreach": True}),
 ]
 
 
