@@ -7,7 +7,19 @@ from diffprog.optim._adam import Adam, mk_adam
 from diffprog.optim._adamax import Adamax
 from diffprog.optim._adamw import AdamW
 from diffprog.optim._asgd import ASGD
-from diffprog.optim._clip import ClipGradNorm, clip_grad_norm
+from diffprog.optim._clip import (
+    Chain,
+    ClipByGlobalNorm,
+    ClipByValue,
+    ClipGradNorm,
+    GradientTransform,
+    chain,
+    clip_by_global_norm,
+    clip_by_value,
+    clip_grad_norm,
+    clip_grad_value,
+)
+from diffprog.optim._declare import Lease, hyper, non_negative, settings_table, state
 from diffprog.optim._gd import GD
 from diffprog.optim._gdm import GDM
 from diffprog.optim._grad import (
@@ -19,7 +31,7 @@ from diffprog.optim._grad import (
     value_and_grad,
 )
 from diffprog.optim._lion import Lion
-from diffprog.optim._loop import fold_loop, run_step
+from diffprog.optim._loop import apply_gradients, fold_loop, run_step
 from diffprog.optim._nadam import NAdam
 from diffprog.optim._optimizer import (
     Gradients,
@@ -65,8 +77,21 @@ __all__ = [
     "Adafactor",
     "mk_adam",
     "PureOptimizer",
+    "Lease",
+    "hyper",
+    "state",
+    "non_negative",
+    "settings_table",
     "ClipGradNorm",
     "clip_grad_norm",
+    "clip_grad_value",
+    "Chain",
+    "chain",
+    "GradientTransform",
+    "ClipByGlobalNorm",
+    "ClipByValue",
+    "clip_by_global_norm",
+    "clip_by_value",
     "Schedule",
     "learning_rate_at",
     "constant_schedule",
@@ -85,6 +110,7 @@ __all__ = [
     "Gradients",
     "LearningRate",
     "Optimizer",
+    "apply_gradients",
     "fold_loop",
     "run_step",
     "step",

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer, require_non_negative
-from diffprog.optim._select import ParamSettings, Selection
-from diffprog.optim._torch_options import accept_torch_options
+from diffprog.optim._declare import hyper, non_negative, state
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["Adadelta"]
 
 
-class Adadelta(PureOptimizer):
+def _in_unit_interval(name: str, value: Any) -> None:
+    """The check of ``rho``: in ``[0, 1]``, in torch.optim.Adadelta's words."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {name} value: {value} (must be in [0, 1]).")
+
+
+class Adadelta(PureOptimizer, torch_options=("foreach", "capturable", "differentiable")):
     """Adadelta (Zeiler), exactly ``torch.optim.Adadelta``'s algorithm, as a value.
 
     ``v = rho v + (1 - rho) g^2``, ``d = sqrt(u + eps) / sqrt(v + eps) * g``,
@@ -41,71 +46,12 @@ class Adadelta(PureOptimizer):
         ([tensor([0.8589])], (tensor([2.]),), (tensor([0.0100]),))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ("rho", "eps", "weight_decay", "maximize")
-    _state_fields: ClassVar[tuple[str, ...]] = ("square_avg", "acc_delta")
-
-    rho: float = 0.9
-    eps: float = 1e-6
-    weight_decay: float = 0.0
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    square_avg: tuple[torch.Tensor | None, ...] = ()
-    acc_delta: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        rho: float = 0.9,
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Adadelta:
-        """Adadelta for ``model``; the hyper-parameters are ``torch.optim.Adadelta``'s.
-
-        Args:
-            model: the model, or a list of its parameters.
-            rho: the decay rate of the running averages, in ``[0, 1]``.
-            eps: added inside both square roots.
-            weight_decay: L2 penalty added to the gradient.
-            maximize: ascend instead of descend.
-            foreach, capturable: accepted as torch.optim accepts them; no effect (both of
-                torch's paths give these numbers).
-            differentiable: must be False (a pure step is not differentiable).
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer, its averages at zero.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range (torch.optim's message), or
-                ``differentiable=True``.
-
-        Example:
-            >>> Adadelta.init([make_independent(torch.zeros(2))], rho=0.95).rho
-            0.95
-        """
-        accept_torch_options(cls.__name__, differentiable=differentiable)
-        hyper = {"rho": rho, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        if not 0.0 <= hyper["rho"] <= 1.0:
-            raise ValueError(f"Invalid rho value: {hyper['rho']} (must be in [0, 1]).")
-        require_non_negative(hyper, "eps", "weight_decay")
+    rho: float = hyper(0.9, doc="the decay rate of the running averages", check=_in_unit_interval)
+    eps: float = hyper(1e-6, doc="added inside both square roots", check=non_negative)
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    square_avg: tuple[torch.Tensor | None, ...] = state(doc="the running average of g^2")
+    acc_delta: tuple[torch.Tensor | None, ...] = state(doc="the running average of the steps^2")
 
     def _update(
         self,

@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer
-from diffprog.optim._select import ParamSettings, Selection
+from diffprog.optim._declare import Check, hyper, state
+from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._select import ParamSettings
 
 __all__ = ["Adafactor"]
+
+
+def _bound(label: str, relation: str, bound: int) -> Check:
+    """The check that a setting is ``<= bound`` or ``>= bound`` (``relation``), in
+    torch.optim.Adafactor's words, which are its own (not its other optimizers'):
+    "``label`` should be ``relation bound`` but is: ..."."""
+
+    def check(name: str, value: Any) -> None:
+        # written as not (value within), so that NaN is refused as torch refuses it
+        if not (value <= bound if relation == "<=" else value >= bound):
+            raise ValueError(f"{label} should be {relation} {bound} but is: {value}")
+
+    return check
+
+
+def _eps_at_least_zero(name: str, eps: Any) -> None:
+    """The check of ``eps = (eps1, eps2)``: each at least 0 (``eps1`` may be None)."""
+    eps1, eps2 = eps
+    if eps1 is not None and not eps1 >= 0.0:
+        raise ValueError(f"epsilon1 should be >= 0 but is: {eps1}")
+    if not eps2 >= 0.0:
+        raise ValueError(f"epsilon2 should be >= 0 but is: {eps2}")
+
+
+def _eps(eps: tuple[float | None, float]) -> tuple[float | None, float]:
+    """``eps`` as ``init`` keeps it: floats, ``eps1`` None or a float."""
+    eps1, eps2 = eps
+    return (None if eps1 is None else float(eps1), float(eps2))
 
 
 class Adafactor(PureOptimizer):
@@ -51,101 +80,42 @@ class Adafactor(PureOptimizer):
         >>> new, opt = Adafactor.init([w]).step(0.01, [torch.ones(2, 3)], [w])
         >>> new[0][0], opt.row_var[0].shape, opt.col_var[0].shape, opt.variance[0].shape
         (tensor([0.9900, 0.9900, 0.9900]), torch.Size([2, 1]), torch.Size([1, 3]), torch.Size([0]))
+        >>> Adafactor.init([w], eps=[1e-30, 1e-3]).eps
+        (1e-30, 0.001)
+        >>> Adafactor.init([w], eps=(None, -1.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: epsilon2 should be >= 0 but is: -1.0
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = (
-        "beta2_decay",
-        "eps",
-        "d",
-        "weight_decay",
-        "maximize",
-        "foreach",
+    beta2_decay: float = hyper(
+        -0.8, doc="the power of ``t`` in ``1 - beta2``", check=_bound("beta2_decay", "<=", 0)
     )
-    _state_fields: ClassVar[tuple[str, ...]] = ("row_var", "col_var", "variance")
-
-    beta2_decay: float = -0.8
-    eps: tuple[float | None, float] = (None, 1e-3)
-    d: float = 1.0
-    weight_decay: float = 0.0
-    maximize: bool = False
-    foreach: bool | None = None
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    row_var: tuple[torch.Tensor | None, ...] = ()
-    col_var: tuple[torch.Tensor | None, ...] = ()
-    variance: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        beta2_decay: float = -0.8,
-        eps: tuple[float | None, float] = (None, 1e-3),
-        d: float = 1.0,
-        weight_decay: float = 0.0,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Adafactor:
-        """Adafactor for ``model``; the hyper-parameters are ``torch.optim.Adafactor``'s.
-
-        torch.optim's default learning rate for Adafactor is 1e-2; ``rho`` caps the step at
-        ``1 / sqrt(t)`` whatever the learning rate.
-
-        Args:
-            model: the model, or a list of its parameters (real, not complex).
-            beta2_decay: the power of ``t`` in ``1 - beta2``, at most 0.
-            eps: ``(eps1, eps2)``: ``eps1`` bounds the second-moment estimate below (``None``:
-                the dtype's machine epsilon), ``eps2`` the parameter's RMS in ``alpha``.
-            d: the clipping threshold of the update's RMS, at least 1.
-            weight_decay: decoupled weight decay, times the learning rate.
-            foreach: which of torch's paths to follow in rounding (``None``: the for-loop one,
-                as torch).
-            maximize: ascend instead of descend.
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer, its second moments at zero.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range (torch.optim's message).
-            TypeError: a trained parameter is complex (torch.optim refuses it too).
-
-        Example:
-            >>> Adafactor.init([make_independent(torch.zeros(2))], eps=(1e-30, 1e-3)).eps
-            (1e-30, 0.001)
-        """
-        hyper = {
-            "beta2_decay": beta2_decay,
-            "eps": _eps(eps),
-            "d": d,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        eps1, eps2 = hyper["eps"]
-        # torch.optim.Adafactor's own wording, unlike its other optimizers'
-        if not hyper["beta2_decay"] <= 0.0:
-            raise ValueError(f"beta2_decay should be <= 0 but is: {hyper['beta2_decay']}")
-        if eps1 is not None and not eps1 >= 0.0:
-            raise ValueError(f"epsilon1 should be >= 0 but is: {eps1}")
-        if not eps2 >= 0.0:
-            raise ValueError(f"epsilon2 should be >= 0 but is: {eps2}")
-        if not hyper["d"] >= 1.0:
-            raise ValueError(f"Clipping threshold d should be >= 1 but is: {hyper['d']}")
-        if not hyper["weight_decay"] >= 0.0:
-            raise ValueError(f"weight_decay should be >= 0 but is: {hyper['weight_decay']}")
+    eps: tuple[float | None, float] = hyper(
+        (None, 1e-3),
+        doc="``(eps1, eps2)``: the floor of the second-moment estimate (``None``: the dtype's "
+        "machine epsilon) and of the parameter's RMS",
+        check=_eps_at_least_zero,
+        convert=_eps,
+    )
+    d: float = hyper(
+        1.0,
+        doc="the clipping threshold of the update's RMS",
+        check=_bound("Clipping threshold d", ">=", 1),
+    )
+    weight_decay: float = hyper(
+        0.0,
+        doc="decoupled weight decay, times the learning rate",
+        check=_bound("weight_decay", ">=", 0),
+    )
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    # torch's two paths round differently here, so this switch is a setting (see above).
+    foreach: bool | None = hyper(
+        None, doc="round as torch's multi-tensor path (``None``: the for-loop path, as torch)"
+    )
+    row_var: tuple[torch.Tensor | None, ...] = state(doc="the running mean of g^2 along rows")
+    col_var: tuple[torch.Tensor | None, ...] = state(doc="the running mean of g^2 along columns")
+    variance: tuple[torch.Tensor | None, ...] = state(doc="the running mean of g^2 (vectors)")
 
     @classmethod
     def _zero_state(
@@ -261,8 +231,3 @@ def _refuse_complex(param: torch.Tensor, index: int | None) -> None:
             "torch.optim.Adafactor does not. Freeze it (freeze=...) or train it with another "
             "optimizer."
         )
-
-
-def _eps(eps: tuple[float | None, float]) -> tuple[float | None, float]:
-    eps1, eps2 = eps
-    return (None if eps1 is None else float(eps1), float(eps2))

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._adam import _betas, _check_adam_like
-from diffprog.optim._pure import Overrides, PureOptimizer, clone_all, device_groups
-from diffprog.optim._select import ParamSettings, Selection
-from diffprog.optim._torch_options import accept_torch_options
+from diffprog.optim._declare import betas_in, hyper, non_negative, pair_of_floats, state
+from diffprog.optim._pure import PureOptimizer, clone_all, device_groups
 
 __all__ = ["Adamax"]
 
 
-class Adamax(PureOptimizer):
+class Adamax(PureOptimizer, torch_options=("foreach", "differentiable", "capturable")):
     """Adamax (Kingma & Ba, the infinity-norm variant of Adam): ``torch.optim.Adamax``'s
     algorithm, as a value.
 
@@ -42,81 +40,23 @@ class Adamax(PureOptimizer):
         >>> new, opt = Adamax.init([p]).step(0.1, [torch.tensor([0.5, -2.0])], [p])
         >>> new, opt.exp_inf
         ([tensor([ 0.9000, -0.9000])], (tensor([0.5000, 2.0000]),))
+        >>> Adamax.init([p], weight_decay=-0.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid weight_decay value: -0.1 (must be >= 0).
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ("betas", "eps", "weight_decay", "maximize")
-    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_inf")
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    exp_avg: tuple[torch.Tensor | None, ...] = ()
-    exp_inf: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-        capturable: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Adamax:
-        """Adamax for ``model``: ``torch.optim.Adamax``'s hyper-parameters and defaults, but
-        ``lr`` (given to each step).
-
-        Args:
-            model: the model, or a list of its parameters.
-            betas: the decay rates of the first moment and of the infinity norm.
-            eps: added to ``|g|`` before the maximum.
-            weight_decay: L2 penalty added to the gradient.
-            maximize: ascend instead of descend.
-            foreach, capturable: accepted as torch accepts them; they choose nothing here.
-            differentiable: must be False (a pure step carries no graph).
-            overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the
-                hyper-parameters above, and ``lr_scale``).
-            freeze: the parameters not to train (no update, no state).
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer, its state at zero.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range (torch.optim's message), a selection
-                matches nothing, or ``differentiable=True``.
-
-        Example:
-            >>> Adamax.init([make_independent(torch.zeros(2))], weight_decay=-0.1)
-            Traceback (most recent call last):
-            ...
-            ValueError: Invalid weight_decay value: -0.1 (must be >= 0).
-        """
-        accept_torch_options(
-            "Adamax", foreach=foreach, capturable=capturable, differentiable=differentiable
-        )
-        hyper = {
-            "betas": _betas(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        _check_adam_like(hyper)
+    betas: tuple[float, float] = hyper(
+        (0.9, 0.999),
+        doc="the decay rates of the first moment and of the infinity norm",
+        check=betas_in(1.0, closed=False),
+        convert=pair_of_floats,
+    )
+    eps: float = hyper(1e-8, doc="added to ``|g|`` before the maximum", check=non_negative)
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the first moment, torch's exp_avg")
+    exp_inf: tuple[torch.Tensor | None, ...] = state(doc="the infinity norm, torch's exp_inf")
 
     def _update(
         self,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer, require_non_negative
-from diffprog.optim._select import ParamSettings, Selection
-from diffprog.optim._torch_options import accept_torch_options
+from diffprog.optim._declare import hyper, non_negative, state
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["ASGD"]
 
@@ -17,7 +16,7 @@ __all__ = ["ASGD"]
 _FOREACH_DEVICES = ("cuda", "xpu")
 
 
-class ASGD(PureOptimizer):
+class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
     """Averaged SGD (Polyak & Juditsky), exactly ``torch.optim.ASGD``'s algorithm, as a value.
 
     At step ``t`` a parameter moves to ``p (1 - lambd eta) - eta g`` (``g`` including
@@ -51,90 +50,18 @@ class ASGD(PureOptimizer):
         ([tensor([0.8000])], (tensor([0.8000]),), (tensor(0.1000),))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = (
-        "lambd",
-        "alpha",
-        "t0",
-        "weight_decay",
-        "maximize",
-        "foreach",
+    lambd: float = hyper(1e-4, doc="the decay term")
+    alpha: float = hyper(0.75, doc="the power of ``eta``'s decay")
+    t0: float = hyper(1e6, doc="the step from which averaging starts")
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    # torch's two paths round differently here, so this switch is a setting (see above).
+    foreach: bool | None = hyper(
+        None, doc="round as torch's multi-tensor path (``None``: on CUDA and XPU) or for-loop path"
     )
-    _state_fields: ClassVar[tuple[str, ...]] = ("ax", "eta", "mu")
-
-    lambd: float = 1e-4
-    alpha: float = 0.75
-    t0: float = 1e6
-    weight_decay: float = 0.0
-    maximize: bool = False
-    foreach: bool | None = None
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    ax: tuple[torch.Tensor | None, ...] = ()
-    eta: tuple[torch.Tensor | None, ...] = ()
-    mu: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        lambd: float = 1e-4,
-        alpha: float = 0.75,
-        t0: float = 1e6,
-        weight_decay: float = 0.0,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-        capturable: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> ASGD:
-        """ASGD for ``model``; the hyper-parameters are ``torch.optim.ASGD``'s.
-
-        Args:
-            model: the model, or a list of its parameters.
-            lambd: the decay term.
-            alpha: the power of ``eta``'s decay.
-            t0: the step from which averaging starts.
-            weight_decay: L2 penalty added to the gradient.
-            foreach: which of torch's paths to follow in rounding (``None``: torch's choice,
-                the multi-tensor path on CUDA and XPU, the for-loop path elsewhere).
-            maximize: ascend instead of descend.
-            differentiable: must be False (a pure step is not differentiable).
-            capturable: accepted as torch.optim accepts it; the step computes as torch's
-                ``capturable=False`` path does.
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer; each parameter's ``eta`` is set at its first update.
-
-        Raises:
-            ValueError: ``weight_decay`` is negative (torch.optim's message), or
-                ``differentiable=True``.
-
-        Example:
-            >>> ASGD.init([make_independent(torch.zeros(2))], t0=10.0).t0
-            10.0
-        """
-        accept_torch_options(cls.__name__, differentiable=differentiable)
-        hyper = {
-            "lambd": lambd,
-            "alpha": alpha,
-            "t0": t0,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        require_non_negative(hyper, "weight_decay")
+    ax: tuple[torch.Tensor | None, ...] = state(doc="the averaged parameters, torch's ax")
+    eta: tuple[torch.Tensor | None, ...] = state(doc="the step size of the next step")
+    mu: tuple[torch.Tensor | None, ...] = state(doc="the averaging factor of the next step")
 
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:

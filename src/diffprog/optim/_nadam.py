@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._adam import _betas, _check_adam_like
-from diffprog.optim._pure import (
-    Overrides,
-    PureOptimizer,
-    clone_all,
-    device_groups,
-    require_non_negative,
-)
-from diffprog.optim._select import ParamSettings, Selection
-from diffprog.optim._torch_options import accept_torch_options
+from diffprog.optim._declare import betas_in, hyper, non_negative, pair_of_floats, state
+from diffprog.optim._pure import PureOptimizer, clone_all, device_groups
 
 __all__ = ["NAdam"]
 
 
-class NAdam(PureOptimizer):
+class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiable")):
     """NAdam (Dozat, "Incorporating Nesterov Momentum into Adam"): ``torch.optim.NAdam``'s
     algorithm, as a value.
 
@@ -59,96 +51,26 @@ class NAdam(PureOptimizer):
         ([tensor([ 0.8944, -0.8944])], (tensor(0.4501),))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = (
-        "betas",
-        "eps",
-        "weight_decay",
-        "momentum_decay",
-        "decoupled_weight_decay",
-        "maximize",
+    betas: tuple[float, float] = hyper(
+        (0.9, 0.999),
+        doc="the decay rates of the first and second moments",
+        check=betas_in(1.0, closed=False),
+        convert=pair_of_floats,
     )
-    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "mu_product")
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum_decay: float = 4e-3
-    decoupled_weight_decay: bool = False
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    exp_avg: tuple[torch.Tensor | None, ...] = ()
-    exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
-    mu_product: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum_decay: float = 4e-3,
-        decoupled_weight_decay: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> NAdam:
-        """NAdam for ``model``: ``torch.optim.NAdam``'s hyper-parameters and defaults, but ``lr``
-        (given to each step).
-
-        Args:
-            model: the model, or a list of its parameters.
-            betas: the decay rates of the first and second moments.
-            eps: added to the denominator.
-            weight_decay: the weight decay (an L2 term in the gradient, or decoupled).
-            momentum_decay: the decay of the momentum coefficient ``mu_t``.
-            decoupled_weight_decay: shrink the parameters as AdamW does (NAdamW).
-            maximize: ascend instead of descend.
-            foreach, capturable: accepted as torch accepts them; they choose nothing here.
-            differentiable: must be False (a pure step carries no graph).
-            overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the
-                hyper-parameters above, and ``lr_scale``).
-            freeze: the parameters not to train (no update, no state).
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer, its moments at zero and its ``mu_product`` at one.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range (torch.optim's message), a selection
-                matches nothing, or ``differentiable=True``.
-
-        Example:
-            >>> from diffprog.nn import LinearSpec
-            >>> opt = NAdam.init(sample(LinearSpec(3, 2)), decoupled_weight_decay=True)
-            >>> opt.mu_product, opt.decoupled_weight_decay
-            ((tensor(1.), tensor(1.)), True)
-        """
-        accept_torch_options(
-            "NAdam", foreach=foreach, capturable=capturable, differentiable=differentiable
-        )
-        hyper = {
-            "betas": _betas(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "momentum_decay": momentum_decay,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "maximize": maximize,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        _check_adam_like(hyper)
-        require_non_negative(hyper, "momentum_decay")
+    eps: float = hyper(1e-8, doc="added to the denominator", check=non_negative)
+    weight_decay: float = hyper(
+        0.0, doc="the weight decay (an L2 term in the gradient, or decoupled)", check=non_negative
+    )
+    momentum_decay: float = hyper(
+        4e-3, doc="the decay of the momentum coefficient ``mu_t``", check=non_negative
+    )
+    decoupled_weight_decay: bool = hyper(False, doc="shrink the parameters as AdamW does (NAdamW)")
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the first moment, torch's exp_avg")
+    exp_avg_sq: tuple[torch.Tensor | None, ...] = state(doc="the second moment")
+    mu_product: tuple[torch.Tensor | None, ...] = state(
+        doc="the product of the momentum coefficients, torch's mu_product"
+    )
 
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer
-from diffprog.optim._select import ParamSettings, Selection
-from diffprog.optim._torch_options import accept_torch_options
+from diffprog.optim._declare import hyper, pair_of_floats, state
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["Rprop"]
 
 
-class Rprop(PureOptimizer):
+def _etas_around_one(name: str, etas: Any) -> None:
+    """The check of ``etas``: ``0 < etaminus < 1 < etaplus``, in torch.optim.Rprop's words."""
+    etaminus, etaplus = etas
+    if not 0.0 < etaminus < 1.0 < etaplus:
+        raise ValueError(
+            f"Invalid eta values: {etaminus}, {etaplus} (must be 0 < etaminus < 1 < etaplus)."
+        )
+
+
+class Rprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiable")):
     """Rprop (Riedmiller & Braun), exactly ``torch.optim.Rprop``'s algorithm, as a value.
 
     Each element has its own step size: where the gradient keeps its sign from the previous
@@ -48,73 +56,24 @@ class Rprop(PureOptimizer):
         >>> new, opt = opt.step(0.1, [torch.tensor([2.0, 2.0])], new)  # the second sign flipped
         >>> new, opt.step_size
         ([tensor([0.7800, 1.1000])], (tensor([0.1200, 0.0500]),))
+        >>> Rprop.init([p], etas=(1.5, 1.2))
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid eta values: 1.5, 1.2 (must be 0 < etaminus < 1 < etaplus).
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ("etas", "step_sizes", "maximize")
-    _state_fields: ClassVar[tuple[str, ...]] = ("prev", "step_size")
-
-    etas: tuple[float, float] = (0.5, 1.2)
-    step_sizes: tuple[float, float] = (1e-6, 50.0)
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    prev: tuple[torch.Tensor | None, ...] = ()
-    step_size: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        etas: tuple[float, float] = (0.5, 1.2),
-        step_sizes: tuple[float, float] = (1e-6, 50.0),
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Rprop:
-        """Rprop for ``model``; the hyper-parameters are ``torch.optim.Rprop``'s.
-
-        Args:
-            model: the model, or a list of its parameters.
-            etas: ``(etaminus, etaplus)``, the factors that shrink and grow a step size,
-                ``0 < etaminus < 1 < etaplus``.
-            step_sizes: the least and the greatest step size.
-            maximize: ascend instead of descend.
-            foreach, capturable: accepted as torch.optim accepts them; no effect (both of
-                torch's paths give these numbers).
-            differentiable: must be False (a pure step is not differentiable).
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer; each parameter's step size is set at its first update.
-
-        Raises:
-            ValueError: ``etas`` are out of range (torch.optim's message), or
-                ``differentiable=True``.
-
-        Example:
-            >>> Rprop.init([make_independent(torch.zeros(2))], etas=(0.4, 1.5)).etas
-            (0.4, 1.5)
-        """
-        accept_torch_options(cls.__name__, differentiable=differentiable)
-        hyper = {"etas": _pair(etas), "step_sizes": _pair(step_sizes), "maximize": maximize}
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        etaminus, etaplus = hyper["etas"]
-        if not 0.0 < etaminus < 1.0 < etaplus:
-            raise ValueError(
-                f"Invalid eta values: {etaminus}, {etaplus} (must be 0 < etaminus < 1 < etaplus)."
-            )
+    etas: tuple[float, float] = hyper(
+        (0.5, 1.2),
+        doc="``(etaminus, etaplus)``, the factors that shrink and grow a step size",
+        check=_etas_around_one,
+        convert=pair_of_floats,
+    )
+    step_sizes: tuple[float, float] = hyper(
+        (1e-6, 50.0), doc="the least and the greatest step size", convert=pair_of_floats
+    )
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    prev: tuple[torch.Tensor | None, ...] = state(doc="the previous gradient, torch's prev")
+    step_size: tuple[torch.Tensor | None, ...] = state(doc="each element's step size")
 
     def _update(
         self,
@@ -154,8 +113,3 @@ class Rprop(PureOptimizer):
         del signs
         grad_signs = [prev.sign() for prev in prevs]
         return list(torch._foreach_addcmul(params, grad_signs, step_sizes, value=-1))
-
-
-def _pair(values: Sequence[float]) -> tuple[float, float]:
-    first, second = values
-    return (float(first), float(second))
