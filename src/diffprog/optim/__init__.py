@@ -15,7 +15,7 @@ from diffprog.optim._grad import (
     value_and_grad,
 )
 from diffprog.optim._lion import Lion
-from diffprog.optim._loop import fold_loop, run_step
+from diffprog.optim._loop import apply_gradients, fold_loop, run_step
 from diffprog.optim._optimizer import (
     Gradients,
     LearningRate,
@@ -69,6 +69,7 @@ __all__ = [
     "Gradients",
     "LearningRate",
     "Optimizer",
+    "apply_gradients",
     "fold_loop",
     "run_step",
     "step",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
-from diffprog import flatten_parameters, make_independent, replace_parameters
+from diffprog import DiffprogError, flatten_parameters, make_independent, replace_parameters
 from diffprog._autograd import gradients as grads_and_used
 from diffprog.optim._grad import (
     OnNonFinite,
@@ -15,12 +15,13 @@ from diffprog.optim._grad import (
     check_loss_reaches_parameters,
     check_on_nonfinite,
     check_trains_something,
+    flatten_like,
     nonfinite_error,
 )
 from diffprog.optim._optimizer import LearningRate, Optimizer, step_with_used
 from diffprog.optim._pure import PureOptimizer, consuming_step
 
-__all__ = ["fold_loop", "run_step"]
+__all__ = ["apply_gradients", "fold_loop", "run_step"]
 
 M = TypeVar("M")
 OptT = TypeVar("OptT", bound=Optimizer)
@@ -124,11 +125,126 @@ def run_step(
         if on_nonfinite == "skip":
             return model, optimizer
         raise nonfinite_error(model, loss, checked, indices)
-    consuming = consuming_step(optimizer)
-    if consuming is not None:
-        # Hand the gradients over: the step frees each one once its update is done.
-        del checked
-        new_params, stepped = consuming(lr, gradients, params, True, mask)  # type: ignore[arg-type]
+    del checked  # the step frees each gradient once its update is done
+    return _step_and_rebuild(model, optimizer, lr, gradients, params, mask, consume=True)
+
+
+def apply_gradients(
+    model: M,
+    optimizer: OptT,
+    grads: Any,
+    lr: LearningRate | None,
+    *,
+    on_nonfinite: OnNonFinite = "raise",
+) -> tuple[M, OptT]:
+    """One optimizer step with gradients you computed: ``run_step`` without the backward pass.
+
+    optax's ``apply_updates`` after ``update``, for gradients accumulated over micro-batches,
+    computed with ``torch.func``, or averaged across processes: the same checks, the same
+    treatment of unused and frozen parameters, non-finite check, donation and rebuilt model as
+    :func:`run_step`, with no flatten/replace by hand.
+
+    Args:
+        model: the model the gradients are for.
+        optimizer: the optimizer (its state): pure, ``TorchOptimizer``, or a chain.
+        grads: one gradient per parameter, as a list in ``flatten_parameters(model)`` order
+            (a ``None`` entry: the parameter is unused, left alone as torch.optim leaves a
+            parameter whose ``.grad`` is ``None``) or as a value of the model's structure
+            (``value_and_grad``'s ``grads``). Each has its parameter's shape, dtype and device.
+            They are not changed. Those of frozen parameters are not read.
+        lr: the learning rate (or schedule); ``None`` keeps a ``TorchOptimizer``'s own.
+        on_nonfinite: as :func:`run_step`'s (the loss counts as finite).
+
+    Returns:
+        ``(new_model, new_optimizer)``; with a pure optimizer ``model`` and ``optimizer`` are
+        unchanged (``TorchOptimizer`` steps in place, as in ``run_step``).
+
+    Raises:
+        DiffprogError: ``grads`` does not fit the model (count or structure), every trained
+            parameter's gradient is ``None``, or the model has nothing to train.
+        NonFiniteError: a gradient is NaN or infinite (with ``"raise"``).
+        TypeError, ValueError: a gradient's type, dtype, shape or device does not fit its
+            parameter (raised by the optimizer's ``step``, naming the parameter's index).
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> from diffprog.optim import GD
+        >>> model = sample(LinearSpec(2, 1))
+        >>> grads = [torch.ones(1, 2), None]  # the bias is left alone
+        >>> new_model, _ = apply_gradients(model, GD(), grads, 0.5)
+        >>> new, old = new_model, model
+        >>> torch.equal(new.weight, old.weight - 0.5), torch.equal(new.bias, old.bias)
+        (True, True)
+    """
+    check_on_nonfinite(on_nonfinite)
+    owner = type(optimizer).__name__
+    if lr is None and isinstance(optimizer, PureOptimizer):
+        raise ValueError(
+            f"apply_gradients needs a learning rate for {owner} (lr=None keeps a "
+            "TorchOptimizer's own): pass a float, a 0-dim tensor or a schedule."
+        )
+    params = flatten_parameters(model)
+    gradients = _gradient_list(model, grads, len(params))
+    trainable = getattr(optimizer, "trainable", None)
+    check_trains_something(model, len(params), trainable, owner)
+    # As in run_step: frozen parameters count as used (never read), unused ones get a None.
+    used = [
+        g is not None or (trainable is not None and not trainable[i])
+        for i, g in enumerate(gradients)
+    ]
+    trained = [i for i in range(len(params)) if trainable is None or trainable[i]]
+    if not any(gradients[i] is not None for i in trained):
+        raise DiffprogError(
+            f"apply_gradients got None for the gradient of every parameter {owner} trains, "
+            "so there is nothing to step. Pass a tensor for at least one (None marks a "
+            "parameter the loss does not reach)."
+        )
+    checked = [gradients[i] for i in trained]
+    if on_nonfinite != "ignore" and not all_finite(_FINITE_LOSS, checked):
+        if on_nonfinite == "skip":
+            return model, optimizer
+        raise nonfinite_error(model, _FINITE_LOSS, checked, trained)
+    mask = None if all(used) else used
+    return _step_and_rebuild(model, optimizer, lr, gradients, params, mask, consume=False)
+
+
+_FINITE_LOSS = torch.zeros(())  # apply_gradients has no loss: the check reads the gradients
+
+
+def _gradient_list(model: Any, grads: Any, n: int) -> list[torch.Tensor | None]:
+    """``grads`` as a list in ``flatten_parameters(model)`` order (see apply_gradients)."""
+    if isinstance(grads, (list, tuple)) and all(
+        g is None or isinstance(g, torch.Tensor) for g in grads
+    ):
+        if len(grads) != n:
+            raise DiffprogError(
+                f"apply_gradients got {len(grads)} gradients for a model with {n} parameters. "
+                "Pass one per parameter in flatten_parameters order (None for one the loss "
+                "does not reach), or a value of the model's structure."
+            )
+        return list(grads)
+    return list(flatten_like(model, grads))
+
+
+def _step_and_rebuild(
+    model: M,
+    optimizer: OptT,
+    lr: LearningRate | None,
+    gradients: list[Any],
+    params: list[Any],
+    mask: list[bool] | None,
+    *,
+    consume: bool,
+) -> tuple[M, OptT]:
+    """The optimizer's step on checked gradients, then the model rebuilt around the result.
+
+    With ``consume``, the gradients come from autograd for these very parameters (they fit,
+    and nobody else holds them): a pure optimizer skips re-checking them and frees each one
+    once its update is done.
+    """
+    stepper = consuming_step(optimizer)
+    if stepper is not None:
+        new_params, stepped = stepper(lr, gradients, params, consume, mask)  # type: ignore[arg-type]
     else:
         # lr may be None for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
         new_params, stepped = step_with_used(optimizer, lr, gradients, params, mask)
