@@ -164,7 +164,7 @@ def test_freezing_and_overrides_work_for_every_optimizer(cls: Any, options: dict
     new, opt = opt.step(0.1, grads, params)
     assert new[1] is params[1] and new[3] is params[3]  # frozen: the very same tensors
     assert not torch.equal(new[0], params[0]) and not torch.equal(new[2], params[2])
-    for name in type(opt)._state_fields:
+    for name in type(opt).declaration().state:
         held = getattr(opt, name)
         assert held == () or (held[1] is None and held[3] is None)
     # every parameter trained, the head's bias with learning rate 0: it stays (even with decay)

@@ -24,7 +24,7 @@ from diffprog.optim._optimizer import (
     learning_rate_at,
     step,
 )
-from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._pure import Lease, PureOptimizer, hyper, non_negative, settings_table, state
 from diffprog.optim._rmsprop import RMSprop
 from diffprog.optim._schedule import (
     constant_schedule,
@@ -49,6 +49,11 @@ __all__ = [
     "Lion",
     "mk_adam",
     "PureOptimizer",
+    "Lease",
+    "hyper",
+    "state",
+    "non_negative",
+    "settings_table",
     "ClipGradNorm",
     "clip_grad_norm",
     "Schedule",

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from diffprog.optim._pure import (
-    Overrides,
     PureOptimizer,
     clone_all,
     device_groups,
     fused_layouts,
     has_fused,
+    hyper,
     lr_on,
-    require_non_negative,
+    non_negative,
+    state,
 )
-from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["Adagrad"]
 
 
-class Adagrad(PureOptimizer):
+class Adagrad(PureOptimizer, torch_options=("foreach", "differentiable", "fused")):
     """Adagrad (Duchi et al.), exactly ``torch.optim.Adagrad``'s algorithm, as a value.
 
     ``s = s + g^2`` and ``p - clr * g / (sqrt(s) + eps)`` with ``clr = lr / (1 + (t - 1) *
@@ -47,71 +47,14 @@ class Adagrad(PureOptimizer):
         ([tensor([0.9000])], (tensor([4.]),))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = (
-        "lr_decay",
-        "weight_decay",
-        "initial_accumulator_value",
-        "eps",
-        "maximize",
+    lr_decay: float = hyper(0.0, doc="learning-rate decay per step", check=non_negative)
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    initial_accumulator_value: float = hyper(
+        0.0, doc="the starting value of ``sum``", check=non_negative
     )
-    _state_fields: ClassVar[tuple[str, ...]] = ("sum",)
-
-    lr_decay: float = 0.0
-    weight_decay: float = 0.0
-    initial_accumulator_value: float = 0.0
-    eps: float = 1e-10
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    sum: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
-        maximize: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Adagrad:
-        """Adagrad for ``model``; the hyper-parameters are ``torch.optim.Adagrad``'s.
-
-        Args:
-            model: the model, or a list of its parameters.
-            lr_decay: learning-rate decay per step.
-            weight_decay: L2 penalty added to the gradient.
-            initial_accumulator_value: the starting value of ``sum``.
-            eps: added to the denominator.
-            maximize: ascend instead of descend.
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range.
-        """
-        hyper = {
-            "lr_decay": lr_decay,
-            "weight_decay": weight_decay,
-            "initial_accumulator_value": initial_accumulator_value,
-            "eps": eps,
-            "maximize": maximize,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        require_non_negative(hyper, "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+    eps: float = hyper(1e-10, doc="added to the denominator", check=non_negative)
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    sum: tuple[torch.Tensor | None, ...] = state(doc="the accumulated squared gradients")
 
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:

@@ -2,42 +2,74 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from diffprog.optim._pure import (
-    Overrides,
+    TORCH_OPTIONS,
+    Check,
     PureOptimizer,
     clone_all,
     device_groups,
     fused_layouts,
     has_fused,
+    hyper,
     lr_on,
-    require_non_negative,
+    non_negative,
+    state,
 )
-from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["Adam", "mk_adam"]
 
 
-class Adam(PureOptimizer):
+def pair_of_floats(betas: Sequence[float]) -> tuple[float, float]:
+    """``betas`` as a tuple of two floats (a list, or 0-dim tensors, as torch takes them)."""
+    b1, b2 = betas
+    return (float(b1), float(b2))
+
+
+def betas_in(upper: float, *, closed: bool) -> Check:
+    """The check of ``betas``: each in ``[0, upper)`` (``closed``: ``[0, upper]``), torch's words.
+
+    Example:
+        >>> betas_in(1.0, closed=False)("betas", (0.9, 1.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
+    """
+    bracket = "]" if closed else ")"
+
+    def check(name: str, betas: Any) -> None:
+        for i, b in enumerate(betas):
+            if not (0.0 <= b <= upper if closed else 0.0 <= b < upper):
+                raise ValueError(
+                    f"Invalid beta parameter at index {i}: {b} (must be in [0, {upper:g}{bracket})."
+                )
+
+    return check
+
+
+class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
     """Adam (Kingma & Ba), exactly ``torch.optim.Adam``'s algorithm, as a value.
 
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, and
     ``p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` at step ``t = count + 1``,
-    ``g`` including the L2 term ``weight_decay * p`` (use :class:`AdamW` for decoupled decay);
-    ``amsgrad`` uses the running maximum of ``v``. The step runs torch's fused Adam kernel on
-    fresh copies of the parameters and moments, so the old ones stay valid (on a device without
-    the kernel, ``_foreach_`` operations in torch's multi-tensor order).
+    ``g`` including the L2 term ``weight_decay * p``, or with ``decoupled_weight_decay`` (torch
+    2.13's option; :class:`AdamW`) the decay ``p * (1 - lr * weight_decay)`` applied to the
+    parameter instead. ``amsgrad`` uses the running maximum of ``v``. The step runs torch's fused
+    Adam kernel on fresh copies of the parameters and moments, so the old ones stay valid (on a
+    device without the kernel, ``_foreach_`` operations in torch's multi-tensor order).
+    ``Adam.init(model, ...)`` takes torch's keyword arguments with torch's defaults (and
+    ``foreach``, ``capturable``, ``differentiable=False``, ``fused``, which change nothing here).
 
     Hasktorch's ``Adam`` holds ``beta1``, ``beta2``, ``m1``, ``m2`` and ``iter``: here
     ``betas``, ``exp_avg``, ``exp_avg_sq`` and ``count`` (torch's names). Its ``eps`` is fixed
     at 1e-37; here it is torch's ``eps=1e-8``.
 
     Attributes:
-        betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.Adam``'s.
+        betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: torch's.
         count: the number of steps taken (the argument of a learning-rate schedule).
         param_counts: the number of steps that updated each parameter (torch's per-parameter
             ``state["step"]``, which sets the bias correction), in ``flatten_parameters``
@@ -51,6 +83,7 @@ class Adam(PureOptimizer):
         donate: when True, a step updates this value's moments in place and hands them to the
             optimizer it returns, and this value can no longer step: less memory and time, at
             the price of the old optimizer (never the old parameters).
+        lease: with ``donate``, whether this value still holds its state (see ``Lease``).
 
     Example:
         >>> p = make_independent(torch.tensor([1.0, -1.0]))
@@ -58,101 +91,54 @@ class Adam(PureOptimizer):
         >>> new, opt = opt.step(0.1, [torch.tensor([0.5, -0.5])], [p])
         >>> new, opt.count
         ([tensor([ 0.9000, -0.9000])], 1)
+        >>> from diffprog.nn import LinearSpec
+        >>> Adam.init(sample(LinearSpec(3, 2)), overrides={"bias": {"weight_decay": 0.0}})
+        Adam(
+          betas=(0.9, 0.999),
+          eps=1e-08,
+          weight_decay=0.0,
+          amsgrad=False,
+          maximize=False,
+          decoupled_weight_decay=False,
+          count=0,
+          param_counts=(),
+          exp_avg=(const f32[2,3], const f32[2]),
+          exp_avg_sq=(const f32[2,3], const f32[2]),
+          max_exp_avg_sq=(),
+          settings=ParamSettings(
+            num_params=2,
+            groups=(
+              ParamGroup(indices=(0,), overrides=()),
+              ParamGroup(indices=(1,), overrides=(('weight_decay', 0.0),)),
+            ),
+            frozen=(),
+          ),
+          donate=False,
+          lease=None,
+        )
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
-    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _kernel: ClassVar[Callable[..., None]] = torch._fused_adam_
-    _decoupled: ClassVar[bool] = False
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    amsgrad: bool = False
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    exp_avg: tuple[torch.Tensor | None, ...] = ()
-    exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
-    max_exp_avg_sq: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Adam:
-        """Adam for ``model``; the hyper-parameters are ``torch.optim.Adam``'s, with its defaults.
-
-        Args:
-            model: the model, or a list of its parameters.
-            betas: the decay rates of the first and second moments.
-            eps: added to the denominator.
-            weight_decay: L2 penalty added to the gradient.
-            amsgrad: use the AMSGrad variant.
-            maximize: ascend instead of descend.
-            overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the
-                above, and ``lr_scale``).
-            freeze: the parameters not to train (no update, no state).
-            donate: let each step reuse this optimizer's moments (see the class docstring).
-
-        Returns:
-            The optimizer, its moments at zero.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range, or a selection matches nothing.
-
-        Example:
-            >>> from diffprog.nn import LinearSpec
-            >>> Adam.init(sample(LinearSpec(3, 2)), overrides={"bias": {"weight_decay": 0.0}})
-            Adam(
-              betas=(0.9, 0.999),
-              eps=1e-08,
-              weight_decay=0.0,
-              amsgrad=False,
-              maximize=False,
-              count=0,
-              param_counts=(),
-              exp_avg=(const f32[2,3], const f32[2]),
-              exp_avg_sq=(const f32[2,3], const f32[2]),
-              max_exp_avg_sq=(),
-              settings=ParamSettings(
-                num_params=2,
-                groups=(
-                  ParamGroup(indices=(0,), overrides=()),
-                  ParamGroup(indices=(1,), overrides=(('weight_decay', 0.0),)),
-                ),
-                frozen=(),
-              ),
-              donate=False,
-            )
-        """
-        hyper = {
-            "betas": _betas(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        _check_adam_like(hyper)
+    betas: tuple[float, float] = hyper(
+        (0.9, 0.999),
+        doc="the decay rates of the first and second moments",
+        check=betas_in(1.0, closed=False),
+        convert=pair_of_floats,
+    )
+    eps: float = hyper(1e-8, doc="added to the denominator", check=non_negative)
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    amsgrad: bool = hyper(False, doc="use the AMSGrad variant (the running maximum of v)")
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    decoupled_weight_decay: bool = hyper(
+        False, doc="decay the parameters directly, as AdamW (torch 2.13's option)"
+    )
+    exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the first moment, torch's exp_avg")
+    exp_avg_sq: tuple[torch.Tensor | None, ...] = state(doc="the second moment")
+    max_exp_avg_sq: tuple[torch.Tensor | None, ...] = state(doc="the maximum of exp_avg_sq")
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
-        return cls._state_fields if hyper["amsgrad"] else cls._state_fields[:2]
+        moments = ("exp_avg", "exp_avg_sq")
+        return (*moments, "max_exp_avg_sq") if hyper["amsgrad"] else moments
 
     def _update(
         self,
@@ -168,7 +154,8 @@ class Adam(PureOptimizer):
         if hyper["amsgrad"]:
             moments.append(state["max_exp_avg_sq"])
         lists = [new, fused_layouts(new, grads, *moments), *moments]
-        kernel = type(self)._kernel
+        decoupled = hyper["decoupled_weight_decay"]
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         for device, (ps, gs, ms, vs, *maxs) in device_groups(*lists):
             if has_fused(kernel.__name__, device):
                 beta1, beta2 = hyper["betas"]
@@ -188,7 +175,7 @@ class Adam(PureOptimizer):
                     maximize=hyper["maximize"],
                 )
             else:
-                _foreach_adam(hyper, float(lr), count + 1, ps, gs, ms, vs, maxs, self._decoupled)
+                _foreach_adam(hyper, float(lr), count + 1, ps, gs, ms, vs, maxs, decoupled)
         return new
 
 
@@ -211,20 +198,8 @@ def mk_adam(iter: int, beta1: float, beta2: float, params: Sequence[torch.Tensor
         >>> opt.betas, opt.count, opt.exp_avg
         ((0.9, 0.999), 0, (tensor([0., 0.]),))
     """
-    return Adam._build(
-        params,
-        {
-            "betas": _betas((beta1, beta2)),
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "amsgrad": False,
-            "maximize": False,
-        },
-        (),
-        None,
-        False,
-        count=iter,
-    )
+    settings = {**Adam._hyper_defaults(), "betas": pair_of_floats((beta1, beta2))}
+    return Adam._build(params, settings, (), None, False, count=iter)
 
 
 def _foreach_adam(
@@ -262,17 +237,3 @@ def _foreach_adam(
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, hyper["eps"])
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
-
-
-def _betas(betas: Sequence[float]) -> tuple[float, float]:
-    b1, b2 = betas
-    return (float(b1), float(b2))
-
-
-def _check_adam_like(hyper: Mapping[str, Any]) -> None:
-    """torch.optim.Adam's argument checks."""
-    require_non_negative(hyper, "eps")
-    for i, b in enumerate(hyper["betas"]):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1)).")
-    require_non_negative(hyper, "weight_decay")

@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer
-from diffprog.optim._select import ParamSettings, Selection
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["GD"]
 
@@ -28,33 +27,12 @@ class GD(PureOptimizer):
         >>> new, opt = GD().step(0.1, [torch.tensor([1.0])], [torch.tensor([2.0])])
         >>> new, opt.count
         ([tensor([1.9000])], 1)
+        >>> from diffprog.nn import LinearSpec
+        >>> GD.init(sample(LinearSpec(2, 1)), freeze="bias").trainable
+        (True, False)
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ()
-    donate: ClassVar[bool] = False
-
-    count: int = 0
-    settings: ParamSettings | None = None
-
-    @classmethod
-    def init(cls, model: Any, *, overrides: Overrides = (), freeze: Selection | None = None) -> GD:
-        """Gradient descent for ``model`` (a model or a list of parameters).
-
-        Args:
-            model: the model (or its parameters), to resolve ``overrides`` and ``freeze``.
-            overrides: ``{selection: {"lr_scale": factor}}`` per-parameter learning-rate scales.
-            freeze: the parameters not to train.
-
-        Returns:
-            The optimizer.
-
-        Example:
-            >>> from diffprog.nn import LinearSpec
-            >>> opt = GD.init(sample(LinearSpec(2, 1)), freeze="bias")
-            >>> opt.trainable
-            (True, False)
-        """
-        return cls._build(model, {}, overrides, freeze, donate=False)
+    donate: ClassVar[bool] = False  # no state to donate
 
     _sparse_ok: ClassVar[bool] = True
 

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from diffprog.optim._pure import (
-    Overrides,
     PureOptimizer,
     clone_all,
     device_groups,
     fused_layouts,
     has_fused,
+    hyper,
     lr_on,
-    require_non_negative,
+    non_negative,
+    state,
 )
-from diffprog.optim._select import ParamSettings, Selection
 
 __all__ = ["GDM"]
 
 
-class GDM(PureOptimizer):
+class GDM(PureOptimizer, torch_options=("foreach", "differentiable", "fused")):
     """Gradient descent with momentum: ``torch.optim.SGD``'s algorithm, as a value.
 
     With ``g = grad + weight_decay * p`` (negated first if ``maximize``), the momentum buffer
@@ -51,77 +51,21 @@ class GDM(PureOptimizer):
         ([tensor([0.9000])], (tensor([1.]),))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = (
-        "momentum",
-        "dampening",
-        "weight_decay",
-        "nesterov",
-        "maximize",
-    )
-    _state_fields: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
-
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    maximize: bool = False
-    count: int = 0
-    param_counts: tuple[int, ...] = ()
-    momentum_buffer: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        maximize: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> GDM:
-        """SGD with momentum for ``model``; the hyper-parameters are ``torch.optim.SGD``'s.
-
-        Args:
-            model: the model, or a list of its parameters.
-            momentum: the momentum factor.
-            dampening: dampening of the momentum.
-            weight_decay: L2 penalty added to the gradient.
-            nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
-            maximize: ascend instead of descend.
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state buffers (see :class:`Adam`).
-
-        Returns:
-            The optimizer, its momentum buffers at zero.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range.
-        """
-        hyper = {
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
+    momentum: float = hyper(0.0, doc="the momentum factor", check=non_negative)
+    dampening: float = hyper(0.0, doc="dampening of the momentum")
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    nesterov: bool = hyper(False, doc="Nesterov momentum (needs momentum > 0, dampening 0)")
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    momentum_buffer: tuple[torch.Tensor | None, ...] = state(doc="torch's momentum_buffer")
 
     @classmethod
     def _check(cls, hyper: Mapping[str, Any]) -> None:
-        require_non_negative(hyper, "momentum", "weight_decay")
         if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening.")
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
-        return cls._state_fields if hyper["momentum"] != 0 else ()
+        return ("momentum_buffer",) if hyper["momentum"] != 0 else ()
 
     def _update(
         self,

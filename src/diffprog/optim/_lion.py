@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._adam import _betas
-from diffprog.optim._pure import Overrides, PureOptimizer, require_non_negative
-from diffprog.optim._select import ParamSettings, Selection
+from diffprog.optim._adam import betas_in, pair_of_floats
+from diffprog.optim._pure import PureOptimizer, hyper, non_negative, state
 
 __all__ = ["Lion"]
 
@@ -38,55 +37,15 @@ class Lion(PureOptimizer):
         [tensor([0.9000, 1.1000])]
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ("betas", "weight_decay", "maximize")
-    _state_fields: ClassVar[tuple[str, ...]] = ("exp_avg",)
-
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    maximize: bool = False
-    count: int = 0
-    exp_avg: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> Lion:
-        """Lion for ``model``.
-
-        Args:
-            model: the model, or a list of its parameters.
-            betas: the interpolation factors of the update and of the momentum.
-            weight_decay: decoupled weight decay.
-            maximize: ascend instead of descend.
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer, its momentum at zero.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range.
-        """
-        hyper = {"betas": _betas(betas), "weight_decay": weight_decay, "maximize": maximize}
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        for i, b in enumerate(hyper["betas"]):
-            if not 0.0 <= b <= 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1]).")
-        require_non_negative(hyper, "weight_decay")
+    betas: tuple[float, float] = hyper(
+        (0.9, 0.99),
+        doc="the interpolation factors of the update and of the momentum",
+        check=betas_in(1.0, closed=True),
+        convert=pair_of_floats,
+    )
+    weight_decay: float = hyper(0.0, doc="decoupled weight decay", check=non_negative)
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the momentum m")
 
     def _update(
         self,

@@ -1,15 +1,21 @@
-"""What every pure optimizer shares: settings per parameter, freezing, the step around an update.
+"""What every pure optimizer shares: declared settings and state, the step around an update.
 
-A pure optimizer is a :class:`~diffprog.Parameterized` value whose fields are its
-hyper-parameters (plain numbers), its step ``count`` and its state: one tuple per kind of moment,
-aligned with ``flatten_parameters(model)``, holding a plain tensor for each trained parameter
-and ``None`` for each frozen one. Subclasses declare those fields and write ``_update``; this
-base does the rest.
+A pure optimizer is a :class:`~diffprog.Parameterized` value. Its class declares each
+hyper-parameter once, as a field with :func:`hyper` (default, meaning, check), and each kind of
+state once, with :func:`state` (one tuple per kind, aligned with ``flatten_parameters(model)``,
+a plain tensor for each trained parameter and ``None`` for each frozen one), and writes the
+math in ``_update``. From those declarations this base derives ``init`` (its keyword signature
+and defaults, for ``inspect.signature``), validation, per-parameter ``overrides``, the
+``repr``, the docs table (:func:`settings_table`) and the step around ``_update``: checks,
+groups, pieces, unused parameters, per-parameter counts, donation, complex numbers. The
+fields every optimizer has (``count``, ``param_counts``, ``settings``, ``donate``, ``lease``)
+are added to each subclass, after its hyper-parameters and around its state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,36 +34,173 @@ from diffprog.optim._optimizer import (
 )
 from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve_settings
 
-__all__ = ["PureOptimizer"]
+__all__ = [
+    "Lease",
+    "PureOptimizer",
+    "hyper",
+    "non_negative",
+    "settings_table",
+    "state",
+]
 
 Overrides = Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]]
+
+_HYPER = "diffprog.optim.hyper"
+_STATE = "diffprog.optim.state"
+
+Check = Callable[[str, Any], None]
+"""A hyper-parameter's check: ``check(name, value)`` raises ``ValueError`` (torch's words)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperParameter:
+    """What :func:`hyper` declares about a field (kept in its ``metadata``)."""
+
+    doc: str
+    check: Check | None = None
+    convert: Callable[[Any], Any] | None = None
+    settable: bool = True
+
+
+def hyper(
+    default: Any,
+    *,
+    doc: str,
+    check: Check | None = None,
+    convert: Callable[[Any], Any] | None = None,
+    settable: bool = True,
+) -> Any:
+    """Declare a hyper-parameter field of a :class:`PureOptimizer`: the one place it is written.
+
+    ``init``'s keyword argument (same name and default), its validation, per-parameter
+    ``overrides``, the ``repr`` and the docs table all come from this declaration, as torch's
+    ``defaults = dict(...)`` is the one place of a ``torch.optim`` optimizer's settings.
+
+    Args:
+        default: the default (torch.optim's, for an optimizer torch has).
+        doc: what it means, one phrase (the docs table and ``init``'s docstring show it).
+        check: raises ``ValueError`` for an invalid value, with torch.optim's message;
+            run at ``init`` on the value and on each group's override.
+        convert: normalises the value ``init`` is given (e.g. betas to a tuple of floats).
+        settable: ``False`` for a setting fixed by the class (AdamW's decoupled decay):
+            neither ``init`` nor ``overrides`` take it.
+
+    Returns:
+        A ``dataclasses.field`` carrying the declaration.
+
+    Example:
+        >>> class Step(PureOptimizer):
+        ...     scale: float = hyper(1.0, doc="multiplies the step", check=non_negative)
+        ...     def _update(self, hyper, lr, count, params, grads, state):
+        ...         return list(torch._foreach_add(params, grads, alpha=-lr * hyper["scale"]))
+        >>> list(inspect.signature(Step.init).parameters)
+        ['model', 'scale', 'overrides', 'freeze', 'donate']
+        >>> Step.init([torch.zeros(1)], scale=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid scale value: -1.0 (must be >= 0).
+    """
+    info = HyperParameter(doc, check, convert, settable)
+    return dataclasses.field(default=default, metadata={_HYPER: info})
+
+
+def state(*, doc: str) -> Any:
+    """Declare a kind of optimizer state (a moment): one tuple, a tensor per trained parameter.
+
+    Args:
+        doc: what it holds (torch.optim's ``state[name]`` it matches, where there is one).
+
+    Returns:
+        A ``dataclasses.field``, empty by default (``init`` fills it with the zero state).
+    """
+    return dataclasses.field(default=(), metadata={_STATE: doc})
+
+
+def non_negative(name: str, value: Any) -> None:
+    """The check of a hyper-parameter that must be at least 0, in torch.optim's words.
+
+    Example:
+        >>> non_negative("eps", -1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid epsilon value: -1.0 (must be >= 0).
+    """
+    if value < 0.0:
+        label = "epsilon" if name == "eps" else name  # torch.optim's word
+        raise ValueError(f"Invalid {label} value: {value} (must be >= 0).")
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+    """Who may update a donating optimizer's state in place: the optimizer that holds it.
+
+    A step with ``donate=True`` marks its optimizer's lease ``spent`` before it writes into the
+    state, and gives the optimizer it returns a fresh lease; a spent lease refuses to step
+    again (its state now belongs to the newer optimizer). The one mutable part of an
+    optimizer value, declared as its ``lease`` field so that it can be seen.
+    """
+
+    spent: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """What a :class:`PureOptimizer` subclass declares, read from its fields once."""
+
+    hyper: tuple[dataclasses.Field[Any], ...]
+    state: tuple[str, ...]
+    donates: bool
+    torch_options: tuple[str, ...]
+
+    @property
+    def settable(self) -> tuple[str, ...]:
+        """The hyper-parameters ``init`` and ``overrides`` take."""
+        return tuple(f.name for f in self.hyper if f.metadata[_HYPER].settable)
+
+
+_DECLARATIONS: dict[type, Declaration] = {}
+
+# The fields every pure optimizer has, added to each subclass (see _add_common_fields):
+# (name, type, default), the first two after the hyper-parameters, the rest after the state.
+_COMMON_BEFORE_STATE = (("count", int, 0), ("param_counts", tuple[int, ...], ()))
+_COMMON_AFTER_STATE = (
+    ("settings", ParamSettings | None, None),
+    ("donate", bool, False),
+    ("lease", Lease | None, None),
+)
+
+#: torch.optim options with no pure meaning, which ``init`` accepts where torch accepts them.
+TORCH_OPTIONS = ("foreach", "capturable", "differentiable", "fused")
 
 
 class PureOptimizer(Parameterized):
     """The base of the pure optimizers (``GD``, ``Adam``, ...): see the module docstring.
 
-    A subclass declares its fields (hyper-parameters, ``count``, one tuple per state kind,
-    ``settings``, ``donate``), sets ``_hyper`` (the hyper-parameter field names, which
-    ``overrides`` may set per parameter, besides ``lr_scale``) and ``_state_fields``, writes
-    ``_update`` (and, where needed, ``_check``, ``_state_names``, ``_init_state``), and builds
-    itself in its ``init`` with ``cls._build(model, hyper, overrides, freeze, donate)``.
+    A subclass declares its hyper-parameters with :func:`hyper` and its state with
+    :func:`state`, and writes ``_update(hyper, lr, count, params, grads, state)`` (and, where
+    needed, ``_check`` for checks across settings, ``_state_names``, ``_init_state``). The
+    class keyword ``torch_options=(...)`` names the torch.optim options (of
+    :data:`TORCH_OPTIONS`) that its ``init`` accepts and ignores. CONTRIBUTING.md has the
+    recipe.
 
     Example:
         >>> from diffprog.optim import GD, Lion
-        >>> isinstance(GD(), PureOptimizer), Lion._state_fields
+        >>> isinstance(GD(), PureOptimizer), Lion.declaration().state
         (True, ('exp_avg',))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = ()
-    _state_fields: ClassVar[tuple[str, ...]] = ()
     #: Whether ``_update`` takes sparse gradients (``EmbeddingSpec(sparse=True)``).
     _sparse_ok: ClassVar[bool] = False
 
-    if TYPE_CHECKING:  # every subclass declares these as dataclass fields, in its own order
+    if TYPE_CHECKING:  # added to every subclass as dataclass fields (see the module docstring)
 
         @property
         def count(self) -> int:
             """The number of steps taken."""
+
+        @property
+        def param_counts(self) -> tuple[int, ...]:
+            """The number of steps that updated each parameter (empty: all ``count``)."""
 
         @property
         def settings(self) -> ParamSettings | None:
@@ -67,16 +210,49 @@ class PureOptimizer(Parameterized):
         def donate(self) -> bool:
             """Whether a step may reuse this value's state."""
 
+        @property
+        def lease(self) -> Lease | None:
+            """With ``donate``, whether this value still holds its state."""
+
+        @classmethod
+        def init(cls, model: Any, **settings: Any) -> Self:
+            """Derived from the declared fields: see :func:`hyper`."""
+
+    def __init_subclass__(cls, torch_options: tuple[str, ...] = (), **kwargs: Any) -> None:
+        _add_common_fields(cls)
+        super().__init_subclass__(**kwargs)
+        unknown = set(torch_options) - set(TORCH_OPTIONS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unknown torch_options {sorted(unknown)}")
+        inherited = next(
+            (d.torch_options for b in cls.__mro__[1:] if (d := _DECLARATIONS.get(b))), ()
+        )
+        fields = dataclasses.fields(cls)
+        _DECLARATIONS[cls] = Declaration(
+            hyper=tuple(f for f in fields if _HYPER in f.metadata),
+            state=tuple(f.name for f in fields if _STATE in f.metadata),
+            donates=any(f.name == "donate" for f in fields),
+            torch_options=torch_options or inherited,
+        )
+        if "init" not in cls.__dict__:
+            cls.init = _derived_init(cls)  # type: ignore[method-assign, assignment]
+
+    @classmethod
+    def declaration(cls) -> Declaration:
+        """What this class declares: its hyper-parameter fields and state kinds, in order."""
+        return _DECLARATIONS[cls]
+
     # --- what a subclass provides -------------------------------------------------------------
 
     @classmethod
     def _check(cls, hyper: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` for invalid hyper-parameters (as torch.optim does)."""
+        """Raise ``ValueError`` for invalid settings together (each alone is its field's
+        ``check``), as torch.optim does."""
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
-        """The state a parameter needs under ``hyper``."""
-        return cls._state_fields
+        """The state a parameter needs under ``hyper`` (default: every declared kind)."""
+        return _DECLARATIONS[cls].state
 
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
@@ -95,14 +271,28 @@ class PureOptimizer(Parameterized):
         """Return new parameters and update ``state`` (fresh copies, or donated) in place.
 
         ``params`` and ``grads`` must be left unchanged. ``count`` is the number of steps taken
-        before this one.
+        before this one (by these parameters: per-parameter counts call this once per count).
         """
         raise NotImplementedError
 
-    # --- shared machinery ---------------------------------------------------------------------
+    # --- building -----------------------------------------------------------------------------
 
     def _defaults(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._hyper}
+        return {f.name: getattr(self, f.name) for f in _DECLARATIONS[type(self)].hyper}
+
+    @classmethod
+    def _hyper_defaults(cls) -> dict[str, Any]:
+        """The declared defaults of every hyper-parameter."""
+        return {f.name: f.default for f in _DECLARATIONS[cls].hyper}
+
+    @classmethod
+    def _validate(cls, hyper: Mapping[str, Any]) -> None:
+        """Each declared check, then the class's checks across settings."""
+        for f in _DECLARATIONS[cls].hyper:
+            check = f.metadata[_HYPER].check
+            if check is not None:
+                check(f.name, hyper[f.name])
+        cls._check(hyper)
 
     @classmethod
     def _build(
@@ -115,20 +305,23 @@ class PureOptimizer(Parameterized):
         count: int = 0,
     ) -> Self:
         """Resolve the settings against ``model`` and create the zero state."""
-        cls._check(hyper)
+        declared = _DECLARATIONS[cls]
+        cls._validate(hyper)
         settings, params = resolve_settings(
-            model, overrides, freeze, (*cls._hyper, "lr_scale"), cls.__name__
+            model, overrides, freeze, (*declared.settable, "lr_scale"), cls.__name__
         )
         for group in settings.groups:
-            cls._check({**hyper, **dict(group.overrides)})
+            cls._validate({**hyper, **dict(group.overrides)})
         state = cls._zero_state(settings, params, hyper)
-        fields = {
+        fields: dict[str, Any] = {
             name: tuple(values) if any(v is not None for v in values) else ()
             for name, values in state.items()
         }
-        if any(f.name == "donate" for f in dataclasses.fields(cls)):
-            fields["donate"] = donate  # type: ignore[assignment]
-        return cls(**hyper, count=count, settings=settings, **fields)  # type: ignore[call-arg]
+        if declared.donates:
+            fields["donate"] = donate
+            fields["lease"] = Lease() if donate else None
+        fields["count"], fields["settings"] = count, settings
+        return cls(**hyper, **fields)
 
     @classmethod
     def _zero_state(
@@ -140,7 +333,7 @@ class PureOptimizer(Parameterized):
     ) -> dict[str, list[torch.Tensor | None]]:
         """The initial state of each kind (``kinds``: every one), ``None`` where a parameter
         has none (frozen, or its group's settings do not need that kind)."""
-        kinds = cls._state_fields if kinds is None else kinds
+        kinds = _DECLARATIONS[cls].state if kinds is None else kinds
         state: dict[str, list[torch.Tensor | None]] = {
             name: [None] * settings.num_params for name in kinds
         }
@@ -158,6 +351,8 @@ class PureOptimizer(Parameterized):
     def trainable(self) -> tuple[bool, ...] | None:
         """For each parameter whether this optimizer trains it (``None``: all of them)."""
         return None if self.settings is None else self.settings.trainable
+
+    # --- stepping -----------------------------------------------------------------------------
 
     def step(
         self,
@@ -213,21 +408,50 @@ class PureOptimizer(Parameterized):
         consume: bool,
         used: Sequence[bool] | None = None,
     ) -> tuple[list[torch.Tensor], Self]:
-        """:meth:`step`; with ``consume``, the caller hands ``gradients`` over and each entry is
-        set to None as soon as its update is done (``run_step`` does this, to free them).
+        """:meth:`step` in four named parts: check, group (and piece), update, advance.
 
-        Why consume: the old parameters and state stay valid and the new ones are being
-        written, so a pure step holds 6 copies of the parameters besides the gradients. On a
-        large model the step runs piece by piece (:data:`PIECE_BYTES` at most, a larger tensor
-        alone) and drops each piece's gradients after its update, so that the peak is near 6
-        copies rather than 7. A small model is one piece: no cost. ``used`` is :meth:`step`'s.
+        With ``consume`` the caller hands ``gradients`` over (``run_step`` does): their
+        fit is known (autograd made them for these parameters) and each entry is set to None
+        as soon as its update is done. Why: the old parameters and state stay valid while the
+        new ones are written, so a pure step holds 6 copies of the parameters besides the
+        gradients; on a large model the step runs piece by piece (:data:`PIECE_BYTES` at
+        most) and drops each piece's gradients after its update, so that the peak is near 6
+        copies rather than 7. A small model is one piece: no cost.
         """
+        settings, mask = self._check_step(gradients, params, consume, used)
+        count = self.count
+        lr_now = learning_rate_at(lr, count)
+        defaults = self._defaults()
+        held = self._held_state(settings, params, defaults, mask)
+        if self.donate:
+            # From here on this value's state is being updated in place: if anything below
+            # fails halfway, stepping this value again must be refused, not half-repeated.
+            self._spend_lease()
+        pieces = pieces_of(params) if consume else None
+        new_params, new_state = self._update_groups(
+            settings, defaults, lr_now, params, gradients, held, mask, pieces, consume
+        )
+        return new_params, self._advanced(settings, mask, new_state)
+
+    def _check_step(
+        self,
+        gradients: list[Any],
+        params: list[torch.Tensor],
+        consume: bool,
+        used: Sequence[bool] | None,
+    ) -> tuple[ParamSettings, list[bool] | None]:
+        """Refuse a step this optimizer cannot take; return its settings and used mask."""
         owner = type(self).__name__
-        if self.__dict__.get("_donated", False):
+        if self.lease is not None and self.lease.spent:
             raise DiffprogError(
                 f"this {owner} was created with donate=True and has already "
                 "stepped, so its state now belongs to the optimizer that step returned. Step "
                 "that one instead, or init with donate=False to keep old optimizers valid."
+            )
+        if self.donate and self.lease is None:
+            raise DiffprogError(
+                f"this {owner} has donate=True but no lease, so a second step from it could "
+                f"not be refused. Build it with {owner}.init(model, donate=True)."
             )
         n = len(params)
         if len(gradients) != n:
@@ -250,67 +474,94 @@ class PureOptimizer(Parameterized):
             # run_step (consume) has its gradients from autograd for these very parameters,
             # so their shapes, dtypes and devices fit; but an Embedding may give sparse ones.
             raise self._sparse_error(next(i for i, g in enumerate(gradients) if g.is_sparse))
-        count = self.count
-        lr_now = learning_rate_at(lr, count)
-        # Per-parameter step counts, in an optimizer that keeps them (torch.optim's
-        # state["step"]): () while every trained parameter has taken all `count` steps.
-        counts: tuple[int, ...] | None = getattr(self, "param_counts", None)
-        pieces = self._pieces_of(params) if consume else None
-        defaults = self._defaults()
-        states = {name: getattr(self, name) for name in self._state_fields}
-        missing = [] if mask is None else [name for name, held in states.items() if not held]
+        return settings, mask
+
+    def _spend_lease(self) -> None:
+        assert self.lease is not None  # _check_step refused donate without a lease
+        self.lease.spent = True
+
+    def _held_state(
+        self,
+        settings: ParamSettings,
+        params: list[torch.Tensor],
+        defaults: Mapping[str, Any],
+        mask: list[bool] | None,
+    ) -> dict[str, tuple[torch.Tensor | None, ...]]:
+        """The state this optimizer holds, kind by kind."""
+        held = {name: getattr(self, name) for name in _DECLARATIONS[type(self)].state}
+        missing = [] if mask is None else [name for name, values in held.items() if not values]
         if missing:
             # Built without init: give every trained parameter its zero state now, so that a
             # parameter unused in this step has one when it is used later.
             for name, zero in self._zero_state(settings, params, defaults, missing).items():
                 if any(v is not None for v in zero):
-                    states[name] = tuple(zero)
-        new_params = list(params)
-        new_states: dict[str, list[torch.Tensor | None]] = {}
+                    held[name] = tuple(zero)
+        return held
+
+    def _update_groups(
+        self,
+        settings: ParamSettings,
+        defaults: dict[str, Any],
+        lr: float | torch.Tensor,
+        params: list[torch.Tensor],
+        gradients: list[Any],
+        held: Mapping[str, tuple[torch.Tensor | None, ...]],
+        mask: list[bool] | None,
+        pieces: list[int] | None,
+        consume: bool,
+    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor | None]]]:
+        """``_update`` on each batch of each group: the new parameters and the new state
+        (kind by kind, only the kinds some batch updated)."""
+        counts = self.param_counts
         whole = settings.is_plain and pieces is None and mask is None and not counts
-        if self.donate:
-            # From here on this value's state is being updated in place: if anything below
-            # fails halfway, stepping this value again must be refused, not half-repeated.
-            object.__setattr__(self, "_donated", True)
+        new_params = list(params)
+        new_state: dict[str, list[torch.Tensor | None]] = {}
         with torch.no_grad():
             for group in settings.groups:
                 hyper = {**defaults, **dict(group.overrides)} if group.overrides else defaults
                 scale = hyper.get("lr_scale", 1.0)
-                group_lr = lr_now if scale == 1.0 else lr_now * scale
-                for idx, steps in _batches(group.indices, pieces, mask, counts, count):
+                group_lr = lr if scale == 1.0 else lr * scale
+                for idx, steps in _batches(group.indices, pieces, mask, counts, self.count):
                     ps = params if whole else [params[i] for i in idx]
                     gs = gradients if whole else [gradients[i] for i in idx]
-                    work = self._state_for(hyper, states, idx, ps, whole)
+                    work = self._state_for(hyper, held, idx, ps, whole)
                     outs = self._run(hyper, group_lr, steps, ps, gs, work)
                     del gs
                     if consume:
                         for i in idx:
                             gradients[i] = None
                     if whole:
-                        new_params = outs
-                        new_states.update(work)  # type: ignore[arg-type]
-                        continue
-                    for i, out in zip(idx, outs):
+                        return outs, dict(work)  # type: ignore[arg-type]
+                    for i, out in zip(idx, outs, strict=True):
                         new_params[i] = out
                     for name, values in work.items():
                         # A parameter not in this batch keeps its state (unused: not advanced).
-                        before: list[torch.Tensor | None] = list(states[name]) or [None] * n
-                        target = new_states.setdefault(name, before)
-                        for i, v in zip(idx, values):
+                        before = list(held[name]) or [None] * len(params)
+                        target = new_state.setdefault(name, before)
+                        for i, v in zip(idx, values, strict=True):
                             target[i] = v
-        new = object.__new__(type(self))
+        return new_params, new_state
+
+    def _advanced(
+        self,
+        settings: ParamSettings,
+        mask: list[bool] | None,
+        new_state: Mapping[str, list[torch.Tensor | None]],
+    ) -> Self:
+        """This optimizer one step on: the count, per-parameter counts, state and lease."""
         fields = dict(self.__dict__)
-        fields.pop("_donated", None)
+        count = self.count
         fields["count"] = count + 1
-        if counts is not None and (mask is not None or counts):
-            fields["param_counts"] = _advanced(counts, count, settings, mask)
-        if consume:
-            fields["_pieces"] = pieces
-        for name in self._state_fields:
-            if name in new_states:
-                fields[name] = tuple(new_states[name])
+        if mask is not None or self.param_counts:
+            fields["param_counts"] = _counts_after(self.param_counts, count, settings, mask)
+        for name, values in new_state.items():
+            fields[name] = tuple(values)
+        if self.lease is not None:
+            fields["lease"] = Lease()
+        # Fields are copied, not re-checked: the __init__ checks ran when this value was built.
+        new = object.__new__(type(self))
         object.__setattr__(new, "__dict__", fields)
-        return new_params, new
+        return new
 
     def _check_gradients(
         self,
@@ -365,23 +616,15 @@ class PureOptimizer(Parameterized):
             work[name] = current if self.donate else clone_all(current)
         return work
 
-    def _pieces_of(self, params: list[torch.Tensor]) -> list[int] | None:
-        """The piece of each parameter (None: one piece), worked out once per optimizer line
-        and handed on to each new optimizer."""
-        known: list[int] | bool | None = self.__dict__.get("_pieces", False)
-        if known is None or (isinstance(known, list) and len(known) == len(params)):
-            return known
-        sizes = [p.numel() * p.element_size() for p in params]
-        if sum(sizes) <= PIECE_BYTES:
-            return None
-        pieces: list[int] = []
-        piece = filled = 0
-        for size in sizes:
-            if filled and filled + size > PIECE_BYTES:
-                piece, filled = piece + 1, 0
-            pieces.append(piece)
-            filled += size
-        return pieces
+    def _checked(self, outs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``outs`` if it has one tensor per parameter, else a clear error (not a parameter
+        silently left unstepped)."""
+        if len(outs) != len(params):
+            raise DiffprogError(
+                f"{type(self).__name__}._update returned {len(outs)} tensors for "
+                f"{len(params)} parameters. Return one new tensor per parameter, in order."
+            )
+        return outs
 
     def _run(
         self,
@@ -392,14 +635,15 @@ class PureOptimizer(Parameterized):
         grads: list[torch.Tensor],
         state: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
-        """``_update`` on real views of complex tensors (as torch.optim does)."""
+        """``_update`` on real views of complex tensors (as torch.optim does), its result
+        checked: one new tensor per parameter."""
         if not any(map(torch.Tensor.is_complex, params)):
-            return self._update(hyper, lr, count, params, grads, state)
+            return self._checked(self._update(hyper, lr, count, params, grads, state), params)
         real = torch.view_as_real
         r_params = [real(p) if p.is_complex() else p for p in params]
         r_grads = [real(g) if g.is_complex() else g for g in grads]
         r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
-        outs = self._update(hyper, lr, count, r_params, r_grads, r_state)
+        outs = self._checked(self._update(hyper, lr, count, r_params, r_grads, r_state), params)
         for name, values in r_state.items():
             # _update may have replaced a state tensor (by a copy in its parameter's layout,
             # see fused_layouts): hand the replacement on.
@@ -439,6 +683,29 @@ def consuming_step(optimizer: object) -> ConsumingStep | None:
 PIECE_BYTES = 64 * 2**20
 """Above this many parameter bytes, ``run_step`` steps a pure optimizer piece by piece (see
 ``PureOptimizer._diffprog_step``)."""
+
+
+def pieces_of(params: list[torch.Tensor]) -> list[int] | None:
+    """The piece of each parameter for a step piece by piece (None: one piece, the usual case).
+
+    Pieces hold :data:`PIECE_BYTES` of parameters at most (a larger tensor alone), in order.
+    Worked out on each step: one ``numel`` per parameter.
+
+    Example:
+        >>> pieces_of([torch.zeros(2)]) is None
+        True
+    """
+    sizes = [p.numel() * p.element_size() for p in params]
+    if sum(sizes) <= PIECE_BYTES:
+        return None
+    pieces: list[int] = []
+    piece = filled = 0
+    for size in sizes:
+        if filled and filled + size > PIECE_BYTES:
+            piece, filled = piece + 1, 0
+        pieces.append(piece)
+        filled += size
+    return pieces
 
 
 def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int, ...]]:
@@ -488,7 +755,7 @@ def _batches(
     return batches
 
 
-def _advanced(
+def _counts_after(
     counts: tuple[int, ...], count: int, settings: ParamSettings, mask: list[bool] | None
 ) -> tuple[int, ...]:
     """The per-parameter step counts after a step that updated the trained parameters
@@ -499,6 +766,154 @@ def _advanced(
             if mask is None or mask[i]:
                 after[i] += 1
     return tuple(after)
+
+
+def _add_common_fields(cls: type) -> None:
+    """Declare ``count``, ``param_counts``, ``settings``, ``donate`` and ``lease`` on ``cls``
+    (before it becomes a dataclass), where no base declares them yet: the hyper-parameters
+    first, then ``count`` and ``param_counts``, the state, and the rest, so that the ``repr``
+    reads settings, progress, state. A field the class declares itself (GD's ``donate`` as a
+    ``ClassVar``) is left as it is."""
+    if any("count" in getattr(base, "__dataclass_fields__", {}) for base in cls.__mro__[1:]):
+        return
+    own: dict[str, Any] = dict(inspect.get_annotations(cls))
+
+    def is_state(name: str) -> bool:
+        value = cls.__dict__.get(name)
+        return isinstance(value, dataclasses.Field) and _STATE in value.metadata
+
+    ordered = {k: v for k, v in own.items() if not is_state(k)}
+    for common in (_COMMON_BEFORE_STATE, None, _COMMON_AFTER_STATE):
+        if common is None:
+            ordered.update({k: v for k, v in own.items() if is_state(k)})
+            continue
+        for name, kind, default in common:
+            if name == "lease" and "donate" in own:
+                cls.lease = None  # type: ignore[attr-defined]  # nothing to donate, no lease
+                continue
+            if name in own:
+                continue
+            ordered[name] = kind
+            setattr(cls, name, default)
+    cls.__annotations__ = ordered
+
+
+def _derived_init(cls: type[PureOptimizer]) -> classmethod[Any, Any, Any]:
+    """``cls.init``, its keyword arguments the declared hyper-parameters with their defaults
+    (and ``overrides``, ``freeze``, ``donate``, and the accepted torch options)."""
+    declared = _DECLARATIONS[cls]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    settable = [f for f in declared.hyper if f.metadata[_HYPER].settable]
+    params = [
+        inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Any"),
+        *(
+            inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
+            for f in settable
+        ),
+        inspect.Parameter("overrides", keyword, default=(), annotation="Overrides"),
+        inspect.Parameter("freeze", keyword, default=None, annotation="Selection | None"),
+    ]
+    if declared.donates:
+        params.append(inspect.Parameter("donate", keyword, default=False, annotation="bool"))
+    for option in declared.torch_options:
+        default = False if option in ("capturable", "differentiable") else None
+        annotation = "bool" if default is False else "bool | None"
+        params.append(inspect.Parameter(option, keyword, default=default, annotation=annotation))
+    signature = inspect.Signature(params, return_annotation=cls.__name__)
+    fixed = {f.name: f.default for f in declared.hyper if not f.metadata[_HYPER].settable}
+
+    def init(cls: type[PureOptimizer], *args: Any, **kwargs: Any) -> PureOptimizer:
+        bound = signature.bind(cls, *args, **kwargs)
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        _check_torch_options(cls.__name__, {k: given.pop(k) for k in declared.torch_options})
+        settings: dict[str, Any] = dict(fixed)
+        for f in settable:
+            convert = f.metadata[_HYPER].convert
+            value = given[f.name]
+            settings[f.name] = value if convert is None else convert(value)
+        return cls._build(
+            given["model"],
+            settings,
+            given["overrides"],
+            given["freeze"],
+            given.get("donate", False),
+        )
+
+    init.__signature__ = signature  # type: ignore[attr-defined]
+    init.__name__ = "init"
+    init.__qualname__ = f"{cls.__qualname__}.init"
+    init.__module__ = cls.__module__
+    init.__doc__ = _init_doc(cls, settable)
+    return classmethod(init)
+
+
+def _check_torch_options(owner: str, options: Mapping[str, Any]) -> None:
+    """Refuse the torch.optim options that would ask for what a pure step cannot do."""
+    if options.get("differentiable"):
+        raise ValueError(
+            f"{owner}: differentiable=True asks for a step autograd can go through; a pure "
+            "step runs under torch.no_grad() (see docs/optim.md). Leave it False."
+        )
+    if options.get("fused") and options.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _init_doc(cls: type[PureOptimizer], settable: list[dataclasses.Field[Any]]) -> str:
+    """``init``'s docstring, from the declarations."""
+    declared = _DECLARATIONS[cls]
+    lines = [
+        f"{cls.__name__} for ``model``, its state at zero (derived from the declared fields).",
+        "",
+        "Args:",
+        "    model: the model, or a list of its parameters.",
+    ]
+    lines += [
+        f"    {f.name}: {f.metadata[_HYPER].doc} (default ``{f.default!r}``)." for f in settable
+    ]
+    lines += [
+        "    overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the",
+        "        above, and ``lr_scale``).",
+        "    freeze: the parameters not to train (no update, no state).",
+    ]
+    if declared.donates:
+        lines.append("    donate: let each step reuse this optimizer's state (see ``Adam``).")
+    if declared.torch_options:
+        names = ", ".join(f"``{o}``" for o in declared.torch_options)
+        lines.append(
+            f"    {names}: accepted as torch.optim accepts them; no effect (docs/optim.md)."
+        )
+    lines += [
+        "",
+        "Returns:",
+        "    The optimizer.",
+        "",
+        "Raises:",
+        "    ValueError: a hyper-parameter is out of range (torch.optim's message), or a",
+        "        selection matches nothing.",
+        "    TypeError: an unknown keyword argument.",
+    ]
+    return "\n".join(lines)
+
+
+def settings_table(cls: type[PureOptimizer]) -> str:
+    """The Markdown table of ``cls``'s hyper-parameters: name, default, meaning (docs/optim.md).
+
+    Example:
+        >>> from diffprog.optim import Lion
+        >>> print(settings_table(Lion))
+        | setting | default | meaning |
+        |---|---|---|
+        | `betas` | `(0.9, 0.99)` | the interpolation factors of the update and of the momentum |
+        | `weight_decay` | `0.0` | decoupled weight decay |
+        | `maximize` | `False` | ascend instead of descend |
+    """
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for f in _DECLARATIONS[cls].hyper:
+        if f.metadata[_HYPER].settable:
+            rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata[_HYPER].doc} |")
+    return "\n".join(rows)
 
 
 def require_non_negative(hyper: Mapping[str, Any], *names: str) -> None:

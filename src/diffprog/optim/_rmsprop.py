@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffprog.optim._pure import Overrides, PureOptimizer, require_non_negative
-from diffprog.optim._select import ParamSettings, Selection
+from diffprog.optim._pure import PureOptimizer, hyper, non_negative, state
 
 __all__ = ["RMSprop"]
 
 
-class RMSprop(PureOptimizer):
+class RMSprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiable")):
     """RMSprop (Hinton), exactly ``torch.optim.RMSprop``'s algorithm, as a value.
 
     ``v = alpha v + (1 - alpha) g^2``; the denominator is ``sqrt(v) + eps``, or with
@@ -37,77 +36,15 @@ class RMSprop(PureOptimizer):
         ([tensor([0.8000])], (tensor([1.]),))
     """
 
-    _hyper: ClassVar[tuple[str, ...]] = (
-        "alpha",
-        "eps",
-        "weight_decay",
-        "momentum",
-        "centered",
-        "maximize",
-    )
-    _state_fields: ClassVar[tuple[str, ...]] = ("square_avg", "momentum_buffer", "grad_avg")
-
-    alpha: float = 0.99
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    centered: bool = False
-    maximize: bool = False
-    count: int = 0
-    square_avg: tuple[torch.Tensor | None, ...] = ()
-    momentum_buffer: tuple[torch.Tensor | None, ...] = ()
-    grad_avg: tuple[torch.Tensor | None, ...] = ()
-    settings: ParamSettings | None = None
-    donate: bool = False
-
-    @classmethod
-    def init(
-        cls,
-        model: Any,
-        *,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        maximize: bool = False,
-        overrides: Overrides = (),
-        freeze: Selection | None = None,
-        donate: bool = False,
-    ) -> RMSprop:
-        """RMSprop for ``model``; the hyper-parameters are ``torch.optim.RMSprop``'s.
-
-        Args:
-            model: the model, or a list of its parameters.
-            alpha: the smoothing constant of ``square_avg``.
-            eps: added to the denominator.
-            weight_decay: L2 penalty added to the gradient.
-            momentum: the momentum factor.
-            centered: normalise by an estimate of the gradient's variance.
-            maximize: ascend instead of descend.
-            overrides: per-parameter settings, ``{selection: {name: value}}``.
-            freeze: the parameters not to train.
-            donate: let each step reuse this optimizer's state (see :class:`Adam`).
-
-        Returns:
-            The optimizer.
-
-        Raises:
-            ValueError: a hyper-parameter is out of range.
-        """
-        hyper = {
-            "alpha": alpha,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "centered": centered,
-            "maximize": maximize,
-        }
-        return cls._build(model, hyper, overrides, freeze, donate)
-
-    @classmethod
-    def _check(cls, hyper: Mapping[str, Any]) -> None:
-        require_non_negative(hyper, "alpha", "eps", "weight_decay", "momentum")
+    alpha: float = hyper(0.99, doc="the smoothing constant of ``square_avg``", check=non_negative)
+    eps: float = hyper(1e-8, doc="added to the denominator", check=non_negative)
+    weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
+    momentum: float = hyper(0.0, doc="the momentum factor", check=non_negative)
+    centered: bool = hyper(False, doc="normalise by an estimate of the gradient's variance")
+    maximize: bool = hyper(False, doc="ascend instead of descend")
+    square_avg: tuple[torch.Tensor | None, ...] = state(doc="the running average of g^2")
+    momentum_buffer: tuple[torch.Tensor | None, ...] = state(doc="with momentum > 0")
+    grad_avg: tuple[torch.Tensor | None, ...] = state(doc="with centered, the average of g")
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
