@@ -3,7 +3,18 @@
 from diffprog.optim._adagrad import Adagrad
 from diffprog.optim._adam import Adam, mk_adam
 from diffprog.optim._adamw import AdamW
-from diffprog.optim._clip import ClipGradNorm, clip_grad_norm
+from diffprog.optim._clip import (
+    Chain,
+    ClipByGlobalNorm,
+    ClipByValue,
+    ClipGradNorm,
+    GradientTransform,
+    chain,
+    clip_by_global_norm,
+    clip_by_value,
+    clip_grad_norm,
+    clip_grad_value,
+)
 from diffprog.optim._gd import GD
 from diffprog.optim._gdm import GDM
 from diffprog.optim._grad import (
@@ -56,6 +67,14 @@ __all__ = [
     "settings_table",
     "ClipGradNorm",
     "clip_grad_norm",
+    "clip_grad_value",
+    "Chain",
+    "chain",
+    "GradientTransform",
+    "ClipByGlobalNorm",
+    "ClipByValue",
+    "clip_by_global_norm",
+    "clip_by_value",
     "Schedule",
     "learning_rate_at",
     "constant_schedule",
