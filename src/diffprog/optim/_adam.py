@@ -9,8 +9,8 @@ import torch
 
 from diffprog.optim._pure import (
     TORCH_OPTIONS,
-    Check,
     PureOptimizer,
+    betas_in,
     clone_all,
     device_groups,
     fused_layouts,
@@ -18,37 +18,11 @@ from diffprog.optim._pure import (
     hyper,
     lr_on,
     non_negative,
+    pair_of_floats,
     state,
 )
 
 __all__ = ["Adam", "mk_adam"]
-
-
-def pair_of_floats(betas: Sequence[float]) -> tuple[float, float]:
-    """``betas`` as a tuple of two floats (a list, or 0-dim tensors, as torch takes them)."""
-    b1, b2 = betas
-    return (float(b1), float(b2))
-
-
-def betas_in(upper: float, *, closed: bool) -> Check:
-    """The check of ``betas``: each in ``[0, upper)`` (``closed``: ``[0, upper]``), torch's words.
-
-    Example:
-        >>> betas_in(1.0, closed=False)("betas", (0.9, 1.0))
-        Traceback (most recent call last):
-        ...
-        ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
-    """
-    bracket = "]" if closed else ")"
-
-    def check(name: str, betas: Any) -> None:
-        for i, b in enumerate(betas):
-            if not (0.0 <= b <= upper if closed else 0.0 <= b < upper):
-                raise ValueError(
-                    f"Invalid beta parameter at index {i}: {b} (must be in [0, {upper:g}{bracket})."
-                )
-
-    return check
 
 
 class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):

@@ -7,8 +7,14 @@ from typing import Any
 
 import torch
 
-from diffprog.optim._adam import betas_in, pair_of_floats
-from diffprog.optim._pure import PureOptimizer, hyper, non_negative, state
+from diffprog.optim._pure import (
+    PureOptimizer,
+    betas_in,
+    hyper,
+    non_negative,
+    pair_of_floats,
+    state,
+)
 
 __all__ = ["Lion"]
 

@@ -36,6 +36,8 @@ from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve
 
 __all__ = [
     "Lease",
+    "betas_in",
+    "pair_of_floats",
     "PureOptimizer",
     "hyper",
     "non_negative",
@@ -128,6 +130,33 @@ def non_negative(name: str, value: Any) -> None:
     if value < 0.0:
         label = "epsilon" if name == "eps" else name  # torch.optim's word
         raise ValueError(f"Invalid {label} value: {value} (must be >= 0).")
+
+
+def pair_of_floats(betas: Sequence[float]) -> tuple[float, float]:
+    """``betas`` as a tuple of two floats (a list, or 0-dim tensors, as torch takes them)."""
+    b1, b2 = betas
+    return (float(b1), float(b2))
+
+
+def betas_in(upper: float, *, closed: bool) -> Check:
+    """The check of ``betas``: each in ``[0, upper)`` (``closed``: ``[0, upper]``), torch's words.
+
+    Example:
+        >>> betas_in(1.0, closed=False)("betas", (0.9, 1.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
+    """
+    bracket = "]" if closed else ")"
+
+    def check(name: str, betas: Any) -> None:
+        for i, b in enumerate(betas):
+            if not (0.0 <= b <= upper if closed else 0.0 <= b < upper):
+                raise ValueError(
+                    f"Invalid beta parameter at index {i}: {b} (must be in [0, {upper:g}{bracket})."
+                )
+
+    return check
 
 
 @dataclasses.dataclass(eq=False)
@@ -695,6 +724,8 @@ def pieces_of(params: list[torch.Tensor]) -> list[int] | None:
         >>> pieces_of([torch.zeros(2)]) is None
         True
     """
+    if sum(map(torch.Tensor.numel, params)) * 16 <= PIECE_BYTES:  # 16: the widest element
+        return None  # the usual case, told with one numel() per parameter
     sizes = [p.numel() * p.element_size() for p in params]
     if sum(sizes) <= PIECE_BYTES:
         return None
