@@ -15,6 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import diffprog as dp
+import diffprog.optim._declare
 import diffprog.optim._pure
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
@@ -244,7 +245,7 @@ def test_torchs_options_without_pure_meaning_are_accepted_where_torch_accepts_th
     cls: type[PureOptimizer],
 ) -> None:
     torch_params = inspect.signature(TORCH[cls].__init__).parameters
-    options = [o for o in diffprog.optim._pure.TORCH_OPTIONS if o in torch_params]
+    options = [o for o in diffprog.optim._declare.TORCH_OPTIONS if o in torch_params]
     assert list(cls.declaration().torch_options) == [
         o for o in inspect.signature(cls.init).parameters if o in options
     ]

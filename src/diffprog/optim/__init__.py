@@ -15,6 +15,7 @@ from diffprog.optim._clip import (
     clip_grad_norm,
     clip_grad_value,
 )
+from diffprog.optim._declare import Lease, hyper, non_negative, settings_table, state
 from diffprog.optim._gd import GD
 from diffprog.optim._gdm import GDM
 from diffprog.optim._grad import (
@@ -35,7 +36,7 @@ from diffprog.optim._optimizer import (
     learning_rate_at,
     step,
 )
-from diffprog.optim._pure import Lease, PureOptimizer, hyper, non_negative, settings_table, state
+from diffprog.optim._pure import PureOptimizer
 from diffprog.optim._rmsprop import RMSprop
 from diffprog.optim._schedule import (
     constant_schedule,

@@ -7,16 +7,14 @@ from typing import Any
 
 import torch
 
+from diffprog.optim._declare import hyper, non_negative, state
 from diffprog.optim._pure import (
     PureOptimizer,
     clone_all,
     device_groups,
     fused_layouts,
     has_fused,
-    hyper,
     lr_on,
-    non_negative,
-    state,
 )
 
 __all__ = ["Adagrad"]

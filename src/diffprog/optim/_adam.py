@@ -7,19 +7,21 @@ from typing import Any
 
 import torch
 
-from diffprog.optim._pure import (
+from diffprog.optim._declare import (
     TORCH_OPTIONS,
-    PureOptimizer,
     betas_in,
+    hyper,
+    non_negative,
+    pair_of_floats,
+    state,
+)
+from diffprog.optim._pure import (
+    PureOptimizer,
     clone_all,
     device_groups,
     fused_layouts,
     has_fused,
-    hyper,
     lr_on,
-    non_negative,
-    pair_of_floats,
-    state,
 )
 
 __all__ = ["Adam", "mk_adam"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diffprog.optim._adam import Adam
-from diffprog.optim._pure import hyper, non_negative
+from diffprog.optim._declare import hyper, non_negative
 
 __all__ = ["AdamW"]
 

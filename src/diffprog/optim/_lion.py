@@ -7,14 +7,8 @@ from typing import Any
 
 import torch
 
-from diffprog.optim._pure import (
-    PureOptimizer,
-    betas_in,
-    hyper,
-    non_negative,
-    pair_of_floats,
-    state,
-)
+from diffprog.optim._declare import betas_in, hyper, non_negative, pair_of_floats, state
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["Lion"]
 

@@ -1,21 +1,14 @@
-"""What every pure optimizer shares: declared settings and state, the step around an update.
+"""What every pure optimizer shares: the step around its ``_update``.
 
-A pure optimizer is a :class:`~diffprog.Parameterized` value. Its class declares each
-hyper-parameter once, as a field with :func:`hyper` (default, meaning, check), and each kind of
-state once, with :func:`state` (one tuple per kind, aligned with ``flatten_parameters(model)``,
-a plain tensor for each trained parameter and ``None`` for each frozen one), and writes the
-math in ``_update``. From those declarations this base derives ``init`` (its keyword signature
-and defaults, for ``inspect.signature``), validation, per-parameter ``overrides``, the
-``repr``, the docs table (:func:`settings_table`) and the step around ``_update``: checks,
-groups, pieces, unused parameters, per-parameter counts, donation, complex numbers. The
-fields every optimizer has (``count``, ``param_counts``, ``settings``, ``donate``, ``lease``)
-are added to each subclass, after its hyper-parameters and around its state.
+A pure optimizer is a :class:`~diffprog.Parameterized` value whose class declares its settings
+with ``hyper()`` and its state with ``state()`` (see ``_declare.py``, which derives ``init``,
+validation, overrides and the docs table from them) and writes the math in ``_update``. This
+module holds the base class and the step: check, group and piece, update, advance (per-parameter
+counts, donation, complex numbers), and the helpers the fused kernels need.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +18,7 @@ import torch
 from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
+from diffprog.optim._declare import Declaration, Lease, add_common_fields, declaration_of, declare
 from diffprog.optim._optimizer import (
     Gradients,
     LearningRate,
@@ -34,172 +28,9 @@ from diffprog.optim._optimizer import (
 )
 from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve_settings
 
-__all__ = [
-    "Lease",
-    "betas_in",
-    "pair_of_floats",
-    "PureOptimizer",
-    "hyper",
-    "non_negative",
-    "settings_table",
-    "state",
-]
+__all__ = ["PureOptimizer", "consuming_step", "pieces_of"]
 
 Overrides = Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]]
-
-_HYPER = "diffprog.optim.hyper"
-_STATE = "diffprog.optim.state"
-
-Check = Callable[[str, Any], None]
-"""A hyper-parameter's check: ``check(name, value)`` raises ``ValueError`` (torch's words)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HyperParameter:
-    """What :func:`hyper` declares about a field (kept in its ``metadata``)."""
-
-    doc: str
-    check: Check | None = None
-    convert: Callable[[Any], Any] | None = None
-    settable: bool = True
-
-
-def hyper(
-    default: Any,
-    *,
-    doc: str,
-    check: Check | None = None,
-    convert: Callable[[Any], Any] | None = None,
-    settable: bool = True,
-) -> Any:
-    """Declare a hyper-parameter field of a :class:`PureOptimizer`: the one place it is written.
-
-    ``init``'s keyword argument (same name and default), its validation, per-parameter
-    ``overrides``, the ``repr`` and the docs table all come from this declaration, as torch's
-    ``defaults = dict(...)`` is the one place of a ``torch.optim`` optimizer's settings.
-
-    Args:
-        default: the default (torch.optim's, for an optimizer torch has).
-        doc: what it means, one phrase (the docs table and ``init``'s docstring show it).
-        check: raises ``ValueError`` for an invalid value, with torch.optim's message;
-            run at ``init`` on the value and on each group's override.
-        convert: normalises the value ``init`` is given (e.g. betas to a tuple of floats).
-        settable: ``False`` for a setting fixed by the class (AdamW's decoupled decay):
-            neither ``init`` nor ``overrides`` take it.
-
-    Returns:
-        A ``dataclasses.field`` carrying the declaration.
-
-    Example:
-        >>> class Step(PureOptimizer):
-        ...     scale: float = hyper(1.0, doc="multiplies the step", check=non_negative)
-        ...     def _update(self, hyper, lr, count, params, grads, state):
-        ...         return list(torch._foreach_add(params, grads, alpha=-lr * hyper["scale"]))
-        >>> list(inspect.signature(Step.init).parameters)
-        ['model', 'scale', 'overrides', 'freeze', 'donate']
-        >>> Step.init([torch.zeros(1)], scale=-1.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: Invalid scale value: -1.0 (must be >= 0).
-    """
-    info = HyperParameter(doc, check, convert, settable)
-    return dataclasses.field(default=default, metadata={_HYPER: info})
-
-
-def state(*, doc: str) -> Any:
-    """Declare a kind of optimizer state (a moment): one tuple, a tensor per trained parameter.
-
-    Args:
-        doc: what it holds (torch.optim's ``state[name]`` it matches, where there is one).
-
-    Returns:
-        A ``dataclasses.field``, empty by default (``init`` fills it with the zero state).
-    """
-    return dataclasses.field(default=(), metadata={_STATE: doc})
-
-
-def non_negative(name: str, value: Any) -> None:
-    """The check of a hyper-parameter that must be at least 0, in torch.optim's words.
-
-    Example:
-        >>> non_negative("eps", -1.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: Invalid epsilon value: -1.0 (must be >= 0).
-    """
-    if value < 0.0:
-        label = "epsilon" if name == "eps" else name  # torch.optim's word
-        raise ValueError(f"Invalid {label} value: {value} (must be >= 0).")
-
-
-def pair_of_floats(betas: Sequence[float]) -> tuple[float, float]:
-    """``betas`` as a tuple of two floats (a list, or 0-dim tensors, as torch takes them)."""
-    b1, b2 = betas
-    return (float(b1), float(b2))
-
-
-def betas_in(upper: float, *, closed: bool) -> Check:
-    """The check of ``betas``: each in ``[0, upper)`` (``closed``: ``[0, upper]``), torch's words.
-
-    Example:
-        >>> betas_in(1.0, closed=False)("betas", (0.9, 1.0))
-        Traceback (most recent call last):
-        ...
-        ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
-    """
-    bracket = "]" if closed else ")"
-
-    def check(name: str, betas: Any) -> None:
-        for i, b in enumerate(betas):
-            if not (0.0 <= b <= upper if closed else 0.0 <= b < upper):
-                raise ValueError(
-                    f"Invalid beta parameter at index {i}: {b} (must be in [0, {upper:g}{bracket})."
-                )
-
-    return check
-
-
-@dataclasses.dataclass(eq=False)
-class Lease:
-    """Who may update a donating optimizer's state in place: the optimizer that holds it.
-
-    A step with ``donate=True`` marks its optimizer's lease ``spent`` before it writes into the
-    state, and gives the optimizer it returns a fresh lease; a spent lease refuses to step
-    again (its state now belongs to the newer optimizer). The one mutable part of an
-    optimizer value, declared as its ``lease`` field so that it can be seen.
-    """
-
-    spent: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Declaration:
-    """What a :class:`PureOptimizer` subclass declares, read from its fields once."""
-
-    hyper: tuple[dataclasses.Field[Any], ...]
-    state: tuple[str, ...]
-    donates: bool
-    torch_options: tuple[str, ...]
-
-    @property
-    def settable(self) -> tuple[str, ...]:
-        """The hyper-parameters ``init`` and ``overrides`` take."""
-        return tuple(f.name for f in self.hyper if f.metadata[_HYPER].settable)
-
-
-_DECLARATIONS: dict[type, Declaration] = {}
-
-# The fields every pure optimizer has, added to each subclass (see _add_common_fields):
-# (name, type, default), the first two after the hyper-parameters, the rest after the state.
-_COMMON_BEFORE_STATE = (("count", int, 0), ("param_counts", tuple[int, ...], ()))
-_COMMON_AFTER_STATE = (
-    ("settings", ParamSettings | None, None),
-    ("donate", bool, False),
-    ("lease", Lease | None, None),
-)
-
-#: torch.optim options with no pure meaning, which ``init`` accepts where torch accepts them.
-TORCH_OPTIONS = ("foreach", "capturable", "differentiable", "fused")
 
 
 class PureOptimizer(Parameterized):
@@ -248,28 +79,14 @@ class PureOptimizer(Parameterized):
             """Derived from the declared fields: see :func:`hyper`."""
 
     def __init_subclass__(cls, torch_options: tuple[str, ...] = (), **kwargs: Any) -> None:
-        _add_common_fields(cls)
+        add_common_fields(cls)
         super().__init_subclass__(**kwargs)
-        unknown = set(torch_options) - set(TORCH_OPTIONS)
-        if unknown:
-            raise TypeError(f"{cls.__name__}: unknown torch_options {sorted(unknown)}")
-        inherited = next(
-            (d.torch_options for b in cls.__mro__[1:] if (d := _DECLARATIONS.get(b))), ()
-        )
-        fields = dataclasses.fields(cls)
-        _DECLARATIONS[cls] = Declaration(
-            hyper=tuple(f for f in fields if _HYPER in f.metadata),
-            state=tuple(f.name for f in fields if _STATE in f.metadata),
-            donates=any(f.name == "donate" for f in fields),
-            torch_options=torch_options or inherited,
-        )
-        if "init" not in cls.__dict__:
-            cls.init = _derived_init(cls)  # type: ignore[method-assign, assignment]
+        declare(cls, torch_options)
 
     @classmethod
     def declaration(cls) -> Declaration:
         """What this class declares: its hyper-parameter fields and state kinds, in order."""
-        return _DECLARATIONS[cls]
+        return declaration_of(cls)
 
     # --- what a subclass provides -------------------------------------------------------------
 
@@ -281,7 +98,7 @@ class PureOptimizer(Parameterized):
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
         """The state a parameter needs under ``hyper`` (default: every declared kind)."""
-        return _DECLARATIONS[cls].state
+        return declaration_of(cls).state
 
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
@@ -307,20 +124,17 @@ class PureOptimizer(Parameterized):
     # --- building -----------------------------------------------------------------------------
 
     def _defaults(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in _DECLARATIONS[type(self)].hyper}
+        return {f.name: getattr(self, f.name) for f in declaration_of(type(self)).hyper}
 
     @classmethod
     def _hyper_defaults(cls) -> dict[str, Any]:
         """The declared defaults of every hyper-parameter."""
-        return {f.name: f.default for f in _DECLARATIONS[cls].hyper}
+        return declaration_of(cls).defaults()
 
     @classmethod
     def _validate(cls, hyper: Mapping[str, Any]) -> None:
         """Each declared check, then the class's checks across settings."""
-        for f in _DECLARATIONS[cls].hyper:
-            check = f.metadata[_HYPER].check
-            if check is not None:
-                check(f.name, hyper[f.name])
+        declaration_of(cls).check(hyper)
         cls._check(hyper)
 
     @classmethod
@@ -334,7 +148,7 @@ class PureOptimizer(Parameterized):
         count: int = 0,
     ) -> Self:
         """Resolve the settings against ``model`` and create the zero state."""
-        declared = _DECLARATIONS[cls]
+        declared = declaration_of(cls)
         cls._validate(hyper)
         settings, params = resolve_settings(
             model, overrides, freeze, (*declared.settable, "lr_scale"), cls.__name__
@@ -362,7 +176,7 @@ class PureOptimizer(Parameterized):
     ) -> dict[str, list[torch.Tensor | None]]:
         """The initial state of each kind (``kinds``: every one), ``None`` where a parameter
         has none (frozen, or its group's settings do not need that kind)."""
-        kinds = _DECLARATIONS[cls].state if kinds is None else kinds
+        kinds = declaration_of(cls).state if kinds is None else kinds
         state: dict[str, list[torch.Tensor | None]] = {
             name: [None] * settings.num_params for name in kinds
         }
@@ -517,7 +331,7 @@ class PureOptimizer(Parameterized):
         mask: list[bool] | None,
     ) -> dict[str, tuple[torch.Tensor | None, ...]]:
         """The state this optimizer holds, kind by kind."""
-        held = {name: getattr(self, name) for name in _DECLARATIONS[type(self)].state}
+        held = {name: getattr(self, name) for name in declaration_of(type(self)).state}
         missing = [] if mask is None else [name for name, values in held.items() if not values]
         if missing:
             # Built without init: give every trained parameter its zero state now, so that a
@@ -797,154 +611,6 @@ def _counts_after(
             if mask is None or mask[i]:
                 after[i] += 1
     return tuple(after)
-
-
-def _add_common_fields(cls: type) -> None:
-    """Declare ``count``, ``param_counts``, ``settings``, ``donate`` and ``lease`` on ``cls``
-    (before it becomes a dataclass), where no base declares them yet: the hyper-parameters
-    first, then ``count`` and ``param_counts``, the state, and the rest, so that the ``repr``
-    reads settings, progress, state. A field the class declares itself (GD's ``donate`` as a
-    ``ClassVar``) is left as it is."""
-    if any("count" in getattr(base, "__dataclass_fields__", {}) for base in cls.__mro__[1:]):
-        return
-    own: dict[str, Any] = dict(inspect.get_annotations(cls))
-
-    def is_state(name: str) -> bool:
-        value = cls.__dict__.get(name)
-        return isinstance(value, dataclasses.Field) and _STATE in value.metadata
-
-    ordered = {k: v for k, v in own.items() if not is_state(k)}
-    for common in (_COMMON_BEFORE_STATE, None, _COMMON_AFTER_STATE):
-        if common is None:
-            ordered.update({k: v for k, v in own.items() if is_state(k)})
-            continue
-        for name, kind, default in common:
-            if name == "lease" and "donate" in own:
-                cls.lease = None  # type: ignore[attr-defined]  # nothing to donate, no lease
-                continue
-            if name in own:
-                continue
-            ordered[name] = kind
-            setattr(cls, name, default)
-    cls.__annotations__ = ordered
-
-
-def _derived_init(cls: type[PureOptimizer]) -> classmethod[Any, Any, Any]:
-    """``cls.init``, its keyword arguments the declared hyper-parameters with their defaults
-    (and ``overrides``, ``freeze``, ``donate``, and the accepted torch options)."""
-    declared = _DECLARATIONS[cls]
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    settable = [f for f in declared.hyper if f.metadata[_HYPER].settable]
-    params = [
-        inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Any"),
-        *(
-            inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
-            for f in settable
-        ),
-        inspect.Parameter("overrides", keyword, default=(), annotation="Overrides"),
-        inspect.Parameter("freeze", keyword, default=None, annotation="Selection | None"),
-    ]
-    if declared.donates:
-        params.append(inspect.Parameter("donate", keyword, default=False, annotation="bool"))
-    for option in declared.torch_options:
-        default = False if option in ("capturable", "differentiable") else None
-        annotation = "bool" if default is False else "bool | None"
-        params.append(inspect.Parameter(option, keyword, default=default, annotation=annotation))
-    signature = inspect.Signature(params, return_annotation=cls.__name__)
-    fixed = {f.name: f.default for f in declared.hyper if not f.metadata[_HYPER].settable}
-
-    def init(cls: type[PureOptimizer], *args: Any, **kwargs: Any) -> PureOptimizer:
-        bound = signature.bind(cls, *args, **kwargs)
-        bound.apply_defaults()
-        given = dict(bound.arguments)
-        _check_torch_options(cls.__name__, {k: given.pop(k) for k in declared.torch_options})
-        settings: dict[str, Any] = dict(fixed)
-        for f in settable:
-            convert = f.metadata[_HYPER].convert
-            value = given[f.name]
-            settings[f.name] = value if convert is None else convert(value)
-        return cls._build(
-            given["model"],
-            settings,
-            given["overrides"],
-            given["freeze"],
-            given.get("donate", False),
-        )
-
-    init.__signature__ = signature  # type: ignore[attr-defined]
-    init.__name__ = "init"
-    init.__qualname__ = f"{cls.__qualname__}.init"
-    init.__module__ = cls.__module__
-    init.__doc__ = _init_doc(cls, settable)
-    return classmethod(init)
-
-
-def _check_torch_options(owner: str, options: Mapping[str, Any]) -> None:
-    """Refuse the torch.optim options that would ask for what a pure step cannot do."""
-    if options.get("differentiable"):
-        raise ValueError(
-            f"{owner}: differentiable=True asks for a step autograd can go through; a pure "
-            "step runs under torch.no_grad() (see docs/optim.md). Leave it False."
-        )
-    if options.get("fused") and options.get("foreach"):
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-
-
-def _init_doc(cls: type[PureOptimizer], settable: list[dataclasses.Field[Any]]) -> str:
-    """``init``'s docstring, from the declarations."""
-    declared = _DECLARATIONS[cls]
-    lines = [
-        f"{cls.__name__} for ``model``, its state at zero (derived from the declared fields).",
-        "",
-        "Args:",
-        "    model: the model, or a list of its parameters.",
-    ]
-    lines += [
-        f"    {f.name}: {f.metadata[_HYPER].doc} (default ``{f.default!r}``)." for f in settable
-    ]
-    lines += [
-        "    overrides: per-parameter settings, ``{selection: {name: value}}`` (any of the",
-        "        above, and ``lr_scale``).",
-        "    freeze: the parameters not to train (no update, no state).",
-    ]
-    if declared.donates:
-        lines.append("    donate: let each step reuse this optimizer's state (see ``Adam``).")
-    if declared.torch_options:
-        names = ", ".join(f"``{o}``" for o in declared.torch_options)
-        lines.append(
-            f"    {names}: accepted as torch.optim accepts them; no effect (docs/optim.md)."
-        )
-    lines += [
-        "",
-        "Returns:",
-        "    The optimizer.",
-        "",
-        "Raises:",
-        "    ValueError: a hyper-parameter is out of range (torch.optim's message), or a",
-        "        selection matches nothing.",
-        "    TypeError: an unknown keyword argument.",
-    ]
-    return "\n".join(lines)
-
-
-def settings_table(cls: type[PureOptimizer]) -> str:
-    """The Markdown table of ``cls``'s hyper-parameters: name, default, meaning (docs/optim.md).
-
-    Example:
-        >>> from diffprog.optim import Lion
-        >>> print(settings_table(Lion))
-        | setting | default | meaning |
-        |---|---|---|
-        | `betas` | `(0.9, 0.99)` | the interpolation factors of the update and of the momentum |
-        | `weight_decay` | `0.0` | decoupled weight decay |
-        | `maximize` | `False` | ascend instead of descend |
-    """
-    rows = ["| setting | default | meaning |", "|---|---|---|"]
-    for f in _DECLARATIONS[cls].hyper:
-        if f.metadata[_HYPER].settable:
-            rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata[_HYPER].doc} |")
-    return "\n".join(rows)
 
 
 def require_non_negative(hyper: Mapping[str, Any], *names: str) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from diffprog.optim._pure import PureOptimizer, hyper, non_negative, state
+from diffprog.optim._declare import hyper, non_negative, state
+from diffprog.optim._pure import PureOptimizer
 
 __all__ = ["RMSprop"]
 
