@@ -111,7 +111,7 @@ def compare(
 def ratio(samples: dict[str, list[float]], ours: str, base: str) -> float:
     """The median over rounds of ``ours / base`` in the same round: pairing the two cancels
     the machine's slow changes in speed, which a ratio of two medians does not."""
-    return statistics.median(a / b for a, b in zip(samples[ours], samples[base]))
+    return statistics.median(a / b for a, b in zip(samples[ours], samples[base], strict=True))
 
 
 def bench_flatten_replace() -> None:
@@ -183,7 +183,7 @@ def bench_training_step() -> None:
         torch.nn.Linear(64, 1),
     )
     with torch.no_grad():
-        for ours, theirs in zip(model, [reference[0], reference[2], reference[4]]):
+        for ours, theirs in zip(model, [reference[0], reference[2], reference[4]], strict=True):
             theirs.weight.copy_(ours.weight)
             theirs.bias.copy_(ours.bias)
     sgd = torch.optim.SGD(reference.parameters(), lr=1e-3)

@@ -127,7 +127,7 @@ def time_case(name: str, sizes: list[int], batch: int, rounds: int, reps: int) -
     print(f"\n{name} ({'-'.join(map(str, sizes))}, batch {batch}); {rounds} rounds of {reps} steps")
     result = {}
     for k, ts in times.items():
-        ratio = statistics.median(t / b for t, b in zip(ts, base))
+        ratio = statistics.median(t / b for t, b in zip(ts, base, strict=True))
         result[k] = ratio
         print(f"  {k:20s} {statistics.median(ts) * 1e6:9.1f} us/step   {ratio:5.3f}x fused")
     return result

@@ -120,7 +120,7 @@ def test_grad_twice_on_one_loss_gives_equal_results() -> None:
     params = dp.flatten_parameters(model)
     first = dp.grad(loss, params)
     second = dp.grad(loss, params)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     expected = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
     torch.testing.assert_close(first[:2], list(expected[:2]))
 
@@ -136,7 +136,9 @@ def test_grad_then_run_step_on_the_same_loss() -> None:
         expected, _ = run_step(reference, make(reference), fresh_loss, 0.1)
         assert all(
             torch.equal(a, b)
-            for a, b in zip(dp.flatten_parameters(stepped), dp.flatten_parameters(expected))
+            for a, b in zip(
+                dp.flatten_parameters(stepped), dp.flatten_parameters(expected), strict=True
+            )
         )
         assert torch.equal(grads[2], torch.zeros(2))
 

@@ -69,7 +69,7 @@ def test_init_from_global_generator_matches_torch() -> None:
     reference = torch_layer(3, torch.float32, 6, 3, add_bias_kv=True)
     torch.manual_seed(3)
     ours = dp.sample(MultiheadAttentionSpec(6, 3, add_bias_kv=True))
-    for (_, a), (_, b) in zip(dp.named_parameters(ours), reference.named_parameters()):
+    for (_, a), (_, b) in zip(dp.named_parameters(ours), reference.named_parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -175,7 +175,7 @@ def _compare(
     theirs_params = list(reference.parameters())
     theirs_grads = torch.autograd.grad((ref_out * probe).sum(), [*theirs_params, *inputs])
     assert len(ours_grads) == len(theirs_grads)
-    for a, b in zip(ours_grads, theirs_grads):
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
         assert_close(a, b, **tol(dtype))
 
 

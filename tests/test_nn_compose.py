@@ -42,7 +42,7 @@ def load_into(module: torch.nn.Module, model: Any) -> None:
 
 def param_grads(model: Any, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     names = [n for n, _ in dp.named_parameters(model)]
-    return dict(zip(names, dp.grad(loss, dp.flatten_parameters(model))))
+    return dict(zip(names, dp.grad(loss, dp.flatten_parameters(model)), strict=True))
 
 
 def torch_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,7 +66,7 @@ class TorchFanOut(torch.nn.ModuleList):
 
 class TorchParallel(torch.nn.ModuleList):
     def forward(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(m(x) for m, x in zip(self, xs))
+        return tuple(m(x) for m, x in zip(self, xs, strict=True))
 
 
 class Concat(torch.nn.Module):
@@ -87,7 +87,7 @@ def test_sequential_spec_matches_torch_init_and_keys() -> None:
     torch.manual_seed(11)
     ref = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     assert [n for n, _ in dp.named_parameters(ours)] == list(ref.state_dict())
-    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values()):
+    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -190,7 +190,7 @@ def test_mlp_spec_matches_torch_sequential(sizes: list[int], seed: int, bias: bo
             modules.append(torch.nn.Tanh())
     ref = torch.nn.Sequential(*modules)
     assert [n for n, _ in dp.named_parameters(ours)] == list(ref.state_dict())
-    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values()):
+    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values(), strict=True):
         assert torch.equal(p, q)
     x = torch.randn(3, sizes[0], generator=gen(seed + 1))
     assert_close(ours(x), ref(x))
@@ -255,7 +255,7 @@ def test_residual_matches_torch(dtype: torch.dtype) -> None:
         torch.nn.Linear(4, 2, bias=False, dtype=dtype),
     )
     assert [n for n, _ in dp.named_parameters(ours)] == list(ref.state_dict())
-    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values()):
+    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values(), strict=True):
         assert torch.equal(p, q)
     x = torch.randn(5, 4, dtype=dtype, generator=gen(8))
     out, out_ref = ours(x), ref(x)
@@ -291,7 +291,7 @@ def test_fan_out_and_parallel_match_torch(dtype: torch.dtype) -> None:
         torch.nn.Linear(4, 1, dtype=dtype),
     )
     assert [n for n, _ in dp.named_parameters(ours)] == list(ref.state_dict())
-    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values()):
+    for (_, p), q in zip(dp.named_parameters(ours), ref.state_dict().values(), strict=True):
         assert torch.equal(p, q)
     x = torch.randn(6, 3, dtype=dtype, generator=gen(10), requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
@@ -354,10 +354,10 @@ def test_flatten_replace_round_trip_through_combinators() -> None:
     new = [dp.make_independent(torch.full_like(p, float(i))) for i, p in enumerate(params)]
     rebuilt = dp.replace_parameters(model, new)
     assert type(rebuilt) is Sequential and type(rebuilt[1]) is Residual
-    assert all(a is b for a, b in zip(dp.flatten_parameters(rebuilt), new))
+    assert all(a is b for a, b in zip(dp.flatten_parameters(rebuilt), new, strict=True))
     assert rebuilt[4] is cat and rebuilt[3][0] is torch.tanh  # functions are kept
     # the original is unchanged
-    assert all(a is b for a, b in zip(dp.flatten_parameters(model), params))
+    assert all(a is b for a, b in zip(dp.flatten_parameters(model), params, strict=True))
     with pytest.raises(dp.ParameterCountError):
         dp.replace_parameters(model, new[:-1])
 
@@ -401,7 +401,9 @@ def test_run_step_matches_torch_sgd() -> None:
         opt.zero_grad()
         torch.nn.functional.mse_loss(ref(x), y).backward()
         opt.step()
-    for (name, p), (ref_name, q) in zip(dp.named_parameters(state[0]), ref.named_parameters()):
+    for (name, p), (ref_name, q) in zip(
+        dp.named_parameters(state[0]), ref.named_parameters(), strict=True
+    ):
         assert name == ref_name
         assert_close(p, q)
 

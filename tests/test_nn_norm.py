@@ -60,7 +60,7 @@ def torch_twin(layer: Any, module: torch.nn.Module) -> torch.nn.Module:
 def grads_of(layer: Any, loss: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
     names = [n for n, _ in dp.named_parameters(layer)]
     found = dp.grad(loss, [x, *dp.flatten_parameters(layer)])
-    return {"input": found[0], **dict(zip(names, found[1:]))}
+    return {"input": found[0], **dict(zip(names, found[1:], strict=True))}
 
 
 def torch_grads_of(module: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -447,7 +447,7 @@ def test_containers_of_layers_are_updated() -> None:
     assert isinstance(new["a"][1], tuple)
     assert isinstance(new["d"], tuple)
     assert new["a"][1][1] is model["a"][1][1]
-    for old, layer in zip(bns, layers):
+    for old, layer in zip(bns, layers, strict=True):
         assert layer is not old
         assert layer.num_batches_tracked.item() == 4
         expected = 0.9 * old.running_mean + 0.1 * x.mean(0)
@@ -528,7 +528,7 @@ def test_state_works_under_torch_func_grad() -> None:
 
     grads, running_mean = torch.func.grad(loss_of, has_aux=True)(params)
     loss, new = nn.training(lambda m: (m(x) - y).pow(2).mean(), model)
-    for found, expected in zip(grads, dp.grad(loss, dp.flatten_parameters(model))):
+    for found, expected in zip(grads, dp.grad(loss, dp.flatten_parameters(model)), strict=True):
         assert_close(found, expected)
     assert_close(running_mean, new.bn.running_mean)
 
@@ -550,7 +550,7 @@ def test_training_inside_vmap_gives_per_member_statistics() -> None:
         return y, new.running_mean, new.running_var
 
     ys, means, variances = torch.func.vmap(member)(xs)
-    for x, y, mean, var in zip(xs, ys, means, variances):
+    for x, y, mean, var in zip(xs, ys, means, variances, strict=True):
         y_ref, new = nn.training(lambda m, x: m(x), bn, x)
         assert_close(y, y_ref)
         assert_close(mean, new.running_mean)

@@ -109,12 +109,12 @@ def _check_parity(
     out_ours = _flat(ours(x, hx))
     out_ref = _flat(ref(x, hx))
     assert [o.shape for o in out_ours] == [o.shape for o in out_ref]
-    for a, b in zip(out_ours, out_ref):
+    for a, b in zip(out_ours, out_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in out_ref]
-    loss_ours = sum((o * w).sum() for o, w in zip(out_ours, weights))
-    loss_ref = sum((o * w).sum() for o, w in zip(out_ref, weights))
+    loss_ours = sum((o * w).sum() for o, w in zip(out_ours, weights, strict=True))
+    loss_ref = sum((o * w).sum() for o, w in zip(out_ref, weights, strict=True))
     inputs = [_flat(x)[0]] if grad_input else []
     grads_ours = torch.autograd.grad(loss_ours, [*inputs, *states, *dp.flatten_parameters(ours)])  # type: ignore[arg-type]
     grads_ref = torch.autograd.grad(loss_ref, [*inputs, *states, *ref.parameters()])  # type: ignore[arg-type]
@@ -362,7 +362,8 @@ def test_training_dropout_masks_and_gradients_match_torch_in_every_layout(
     expected = _flat(ref(x))
     cotangents = [torch.randn_like(o) for o in expected]
     grads_ref = torch.autograd.grad(
-        sum((o * c).sum() for o, c in zip(expected, cotangents)), [x, *ref.parameters()]
+        sum((o * c).sum() for o, c in zip(expected, cotangents, strict=True)),
+        [x, *ref.parameters()],
     )
 
     def run_with(generator: torch.Generator | None) -> tuple[Any, ...]:
@@ -370,7 +371,7 @@ def test_training_dropout_masks_and_gradients_match_torch_in_every_layout(
             torch.manual_seed(seed)  # torch's global generator, as torch.nn
         got, _ = training(lambda m, x: m(x), ours, x, generator=generator)
         outs = _flat(got)
-        loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
+        loss = sum((o * c).sum() for o, c in zip(outs, cotangents, strict=True))
         return tuple(outs), torch.autograd.grad(loss, [x, *dp.flatten_parameters(ours)])
 
     for generator in (None, torch.Generator().manual_seed(seed)):

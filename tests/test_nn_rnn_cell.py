@@ -70,15 +70,15 @@ def _check_parity(ours: Any, ref: torch.nn.Module, inputs: list[torch.Tensor], l
     assert len(out_ours) == len(out_ref)
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in out_ref]
-    loss_ours = sum((o * w).sum() for o, w in zip(out_ours, weights))
-    loss_ref = sum((o * w).sum() for o, w in zip(out_ref, weights))
+    loss_ours = sum((o * w).sum() for o, w in zip(out_ours, weights, strict=True))
+    loss_ref = sum((o * w).sum() for o, w in zip(out_ref, weights, strict=True))
     wrt_ours = [x, *states, *dp.flatten_parameters(ours)]
     wrt_ref = [x, *states, *ref.parameters()]
-    for a, b in zip(out_ours, out_ref):
+    for a, b in zip(out_ours, out_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     grads_ours = torch.autograd.grad(loss_ours, wrt_ours)  # type: ignore[arg-type]
     grads_ref = torch.autograd.grad(loss_ref, wrt_ref)  # type: ignore[arg-type]
-    for a, b in zip(grads_ours, grads_ref):
+    for a, b in zip(grads_ours, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -115,7 +115,10 @@ def test_global_generator_is_torch_manual_seed(
     ref = torch_cls(2, 3, **extra)
     torch.manual_seed(3)
     ours = dp.sample(spec_cls(2, 3, **extra))
-    assert all(torch.equal(p, q) for p, q in zip(dp.flatten_parameters(ours), ref.parameters()))
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(dp.flatten_parameters(ours), ref.parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize(("spec_cls", "torch_cls", "extra"), CELLS, ids=CELL_IDS)
@@ -125,7 +128,9 @@ def test_meta_device_gives_shapes(
 ) -> None:
     ours = dp.sample(spec_cls(4, 7, **extra), device="meta", dtype=dtype)
     ref = torch_cls(4, 7, device="meta", dtype=dtype, **extra)
-    for (name, p), (ref_name, q) in zip(dp.named_parameters(ours), ref.named_parameters()):
+    for (name, p), (ref_name, q) in zip(
+        dp.named_parameters(ours), ref.named_parameters(), strict=True
+    ):
         assert name == ref_name and p.is_meta and p.shape == q.shape and p.dtype == dtype
 
 
@@ -196,7 +201,7 @@ def test_unrolled_sequences_match_torch(
     for x in xs:
         state_ours = ours(x, state_ours)
         state_ref = ref(x, state_ref)
-    for a, b in zip(_flat(state_ours), _flat(state_ref)):
+    for a, b in zip(_flat(state_ours), _flat(state_ref), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -93,7 +93,7 @@ def check_grads(
     theirs = [*reference.parameters(), *inputs]
     theirs_grads = torch.autograd.grad((ref_out * probe).sum(), theirs)
     assert len(ours_grads) == len(theirs_grads)
-    for a, b in zip(ours_grads, theirs_grads):
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
         assert_close(a, b, **tol(dtype))
 
 

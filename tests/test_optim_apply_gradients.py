@@ -150,8 +150,11 @@ def test_accumulating_four_micro_batches_equals_one_step_on_the_whole_batch() ->
     model = make_model()
     whole, _ = run_step(model, Adam.init(model), loss_of(model, x, y), 1e-2)
     # the docs recipe (docs/training.md)
-    grads = [value_and_grad(loss_of)(model, xb, yb)[1] for xb, yb in zip(x.chunk(4), y.chunk(4))]
-    mean = [sum(gs) / 4 for gs in zip(*(flatten_like(model, g) for g in grads))]
+    grads = [
+        value_and_grad(loss_of)(model, xb, yb)[1]
+        for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True)
+    ]
+    mean = [sum(gs) / 4 for gs in zip(*(flatten_like(model, g) for g in grads), strict=True)]
     accumulated, _ = apply_gradients(model, Adam.init(model), mean, 1e-2)
     assert_close(values(accumulated), values(whole))
 

@@ -300,7 +300,7 @@ def _our_run(
             params = [make_independent(p) for p in new]
             continue
         loss = sum(
-            (_Inject.apply(p, g) for p, g in zip(params, grads) if g is not None),
+            (_Inject.apply(p, g) for p, g in zip(params, grads, strict=True) if g is not None),
             torch.zeros(()),
         )
         params, opt = run_step(params, opt, loss, LR)
@@ -326,7 +326,7 @@ def _torch_run(
         ]
     opt = cls(groups, lr=LR, **options)
     for grads in steps:
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.clone()
         if clip:
             torch.nn.utils.clip_grad_norm_(trained, max_norm=0.5)
@@ -459,7 +459,7 @@ def test_parameters_given_in_another_layout_than_at_init_still_match_torch(
         ]
         new, opt = opt.step(LR, [g.t().contiguous().t().contiguous() for g in grads], params)
         params = [make_independent(p) for p in new]
-        for p, g in zip(reference, grads):
+        for p, g in zip(reference, grads, strict=True):
             p.grad = g.clone()
         topt.step()
     torch.testing.assert_close([p.detach() for p in params], [p.detach() for p in reference])
@@ -496,10 +496,10 @@ def test_built_without_init_an_unused_parameter_gets_zero_state_when_first_used(
     theirs = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in (a, b)], lr=LR)
     params: list[torch.Tensor] = [a, b]
     for used in ([True, False], [True, True], [False, True]):
-        grads = [torch.full_like(p, 0.5) if u else None for p, u in zip(params, used)]
+        grads = [torch.full_like(p, 0.5) if u else None for p, u in zip(params, used, strict=True)]
         new, ours = ours.step(LR, grads, params, used=used)
         params = [make_independent(p) for p in new]
-        for p, g in zip(theirs.param_groups[0]["params"], grads):
+        for p, g in zip(theirs.param_groups[0]["params"], grads, strict=True):
             p.grad = g
         theirs.step()
     expected = [p.detach() for p in theirs.param_groups[0]["params"]]
@@ -632,7 +632,9 @@ def test_an_invalid_learning_rate_is_refused_as_torch_refuses_it(
     with pytest.raises(ValueError, match=message):
         opt.step(lr, [torch.ones(2, 3), torch.ones(100_000)], params)
     if not callable(lr):
-        assert all(torch.equal(p, q) for p, q in zip(params, before))  # nothing written
+        assert all(
+            torch.equal(p, q) for p, q in zip(params, before, strict=True)
+        )  # nothing written
     with pytest.raises(ValueError, match=message):  # torch.optim says the same at init
         torch.optim.SGD(params, lr=lr(1) if callable(lr) else lr)
 

@@ -169,7 +169,10 @@ def test_apply_updates_list_and_tree_forms() -> None:
     tree = dp.replace_parameters(model, as_list)
     by_tree = apply_updates(model, tree)
     assert_close(values(by_list), values(by_tree))
-    assert_close(values(by_list), [p - 0.1 * g for p, g in zip(before, flatten_like(model, grads))])
+    assert_close(
+        values(by_list),
+        [p - 0.1 * g for p, g in zip(before, flatten_like(model, grads), strict=True)],
+    )
     assert_close(values(model), before)  # out of place
     assert all(p.is_leaf and p.requires_grad for p in dp.flatten_parameters(by_tree))
     with pytest.raises(dp.DiffprogError, match="structure"):

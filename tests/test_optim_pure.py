@@ -64,7 +64,7 @@ def _torch_run(
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = cls(ps, lr=lr, **options)
     for gs in grads:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         opt.step()
     return [p.detach() for p in ps], opt
@@ -294,7 +294,7 @@ def test_step_is_pure(
     after = (_snapshot(params), _snapshot(grads), _snapshot(opt), opt.count)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert new_opt is not opt and new_opt.count == opt.count + 1
-    assert all(not torch.equal(a, b) for a, b in zip(new, params))
+    assert all(not torch.equal(a, b) for a, b in zip(new, params, strict=True))
     # A second step from the same old state gives the same answer: nothing was consumed.
     again, _ = opt.step(0.1, grads, params)
     torch.testing.assert_close(again, new, rtol=0, atol=0)
@@ -379,7 +379,9 @@ def test_mk_adam_is_hasktorchs_constructor() -> None:
     params = [make_independent(p) for p in _params()]
     opt = mk_adam(0, 0.8, 0.99, params)
     assert (opt.betas, opt.count, opt.eps) == ((0.8, 0.99), 0, 1e-8)
-    assert all(torch.equal(m, torch.zeros_like(p)) for m, p in zip(opt.exp_avg, params))
+    assert all(
+        torch.equal(m, torch.zeros_like(p)) for m, p in zip(opt.exp_avg, params, strict=True)
+    )
     grads = _grads()
     expected, _ = _torch_run(torch.optim.Adam, {"betas": (0.8, 0.99)}, _params(), grads, 0.01)
     got, _ = _our_run(opt, _params(), grads, 0.01)
@@ -459,7 +461,7 @@ def _mlp_pair(seed: int = 0) -> tuple[MLP, torch.nn.Sequential]:
     ours = MLP(tuple(dp.sample(LinearSpec(a, b), generator=gen) for a, b in [(5, 8), (8, 3)]))
     theirs = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     with torch.no_grad():
-        for t, p in zip(theirs.parameters(), flatten_parameters(ours)):
+        for t, p in zip(theirs.parameters(), flatten_parameters(ours), strict=True):
             t.copy_(p)
     return ours, theirs
 
@@ -504,7 +506,7 @@ def test_run_step_training_matches_torch(ours: Any, theirs: Any, options: dict[s
 def test_clip_grad_norm_matches_torch(norm_type: float) -> None:
     grads = [g * 10 for g in _grads()[0]]
     ps = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-    for p, g in zip(ps, grads):
+    for p, g in zip(ps, grads, strict=True):
         p.grad = g.clone()
     expected_norm = torch.nn.utils.clip_grad_norm_(ps, 1.5, norm_type)
     clipped, norm = clip_grad_norm(grads, 1.5, norm_type)
@@ -530,7 +532,7 @@ def test_clipping_wraps_any_optimizer_like_clip_grad_norm_(
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     topt = (theirs or torch.optim.SGD)(ps, lr=0.01, **options)
     for gs in grads:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         torch.nn.utils.clip_grad_norm_(ps, 2.0)
         topt.step()
@@ -546,7 +548,7 @@ def test_clipping_ignores_frozen_parameters() -> None:
     trained = [torch.nn.Parameter(p.clone()) for p in params[1:]]
     topt = torch.optim.Adam(trained, lr=0.01)
     for gs in grads:
-        for p, g in zip(trained, gs[1:]):
+        for p, g in zip(trained, gs[1:], strict=True):
             p.grad = g.clone()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         topt.step()
@@ -602,7 +604,7 @@ def test_stepping_in_pieces_changes_no_number(
         assert (pieces is None) == (piece_bytes == 2**40)
         # the pieces are worked out per step, not kept in the value: only declared fields
         assert set(opt.__dict__) == {f.name for f in dataclasses.fields(opt)}
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 class _Probe(Adam):

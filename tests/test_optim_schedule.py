@@ -143,7 +143,7 @@ def test_adam_with_a_schedule_matches_torch_with_a_scheduler() -> None:
     topt = torch.optim.AdamW(ps, lr=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(topt, T_max=50, eta_min=0.001)
     for gs in grads:
-        for p, g in zip(ps, gs):
+        for p, g in zip(ps, gs, strict=True):
             p.grad = g.clone()
         topt.step()
         scheduler.step()

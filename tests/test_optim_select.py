@@ -50,7 +50,7 @@ def _pair() -> tuple[Net, torch.nn.Sequential]:
     )
     theirs = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     with torch.no_grad():
-        for t, p in zip(theirs.parameters(), flatten_parameters(ours)):
+        for t, p in zip(theirs.parameters(), flatten_parameters(ours), strict=True):
             t.copy_(p)
     return ours, theirs
 

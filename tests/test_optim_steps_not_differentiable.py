@@ -99,7 +99,9 @@ def test_a_hand_written_inner_step_does_carry_the_meta_gradient() -> None:
     def outer_loss(params: list[torch.Tensor]) -> torch.Tensor:
         current = dp.replace_parameters(model, params)
         inner = torch.autograd.grad(loss_of(current), params, create_graph=True)
-        return loss_of(dp.replace_parameters(model, [p - 0.1 * g for p, g in zip(params, inner)]))
+        return loss_of(
+            dp.replace_parameters(model, [p - 0.1 * g for p, g in zip(params, inner, strict=True)])
+        )
 
     meta = dp.grad(outer_loss(old), old)
     expected = torch.func.grad(outer_loss)([p.detach().requires_grad_() for p in old])

@@ -43,7 +43,7 @@ def forward(model: Model, x: torch.Tensor) -> torch.Tensor:
 def torch_copy(model: Model) -> torch.nn.Sequential:
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     with torch.no_grad():
-        for ours, theirs in zip(model, [net[0], net[2]]):
+        for ours, theirs in zip(model, [net[0], net[2]], strict=True):
             theirs.weight.copy_(ours.weight)
             theirs.bias.copy_(ours.bias)
     return net
@@ -264,11 +264,14 @@ def test_aliasing_the_model_is_updated_in_place() -> None:
     new_model, new_opt = run_step(model, opt, loss_of(model, x, y), None)
     # The same value, the same Parameter objects, holding the new values.
     assert new_model is model
-    assert all(a is b for a, b in zip(dp.flatten_parameters(new_model), old_params))
+    assert all(a is b for a, b in zip(dp.flatten_parameters(new_model), old_params, strict=True))
     assert new_model[0].weight is old_weight
     assert not torch.equal(old_weight, before[0])
     assert torch.equal(view, old_weight[0])
-    assert all(torch.equal(a, b) for a, b in zip(dp.flatten_parameters(same_params), old_params))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(dp.flatten_parameters(same_params), old_params, strict=True)
+    )
     # The optimizer: one torch optimizer whose state moved in place.
     assert new_opt is opt
     assert opt.optimizer.state[old_weight]["step"].item() == 1
@@ -325,7 +328,7 @@ def test_generic_protocol_path_matches_run_step() -> None:
         gradients = dp.grad(loss_of(model_b, x, y), params)
         new_params, new_opt_b = opt_b.step(None, gradients, params)
         assert new_opt_b is opt_b
-        assert all(a is b for a, b in zip(new_params, params))
+        assert all(a is b for a, b in zip(new_params, params, strict=True))
         model_b = dp.replace_parameters(model_b, [dp.make_independent(p) for p in new_params])
     assert_close(values(model_a), values(model_b))
     # The first model shares storage with the latest one: it saw every update.

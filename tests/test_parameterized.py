@@ -171,7 +171,7 @@ def test_replace_round_trip_and_purity() -> None:
     assert type(m2) is Everything
     assert [id(p) for p in dp.flatten_parameters(m2)] == [id(p) for p in new]
     # the old value is unchanged and still works
-    for p, b in zip(dp.flatten_parameters(m), before):
+    for p, b in zip(dp.flatten_parameters(m), before, strict=True):
         assert torch.equal(p, b)
     assert torch.equal(m.child(torch.ones(3)), torch.full((3,), 5.0))
     assert torch.equal(m2.child(torch.ones(3)), torch.full((3,), 7.0))
@@ -465,7 +465,7 @@ def test_nothing_is_half_applied_on_error() -> None:
     params[5] = param(7)
     with pytest.raises(dp.ParameterShapeError):
         dp.replace_parameters(m, params)
-    assert all(torch.equal(p, b) for p, b in zip(dp.flatten_parameters(m), before))
+    assert all(torch.equal(p, b) for p, b in zip(dp.flatten_parameters(m), before, strict=True))
 
 
 def test_a_cycle_is_reported_with_its_path() -> None:
@@ -575,7 +575,9 @@ def test_an_ensemble_runs_under_vmap_through_replace_parameters() -> None:
     members = [
         dp.sample(LinearSpec(3, 2), generator=torch.Generator().manual_seed(i)) for i in range(4)
     ]
-    stacked = [torch.stack(ps) for ps in zip(*[dp.flatten_parameters(m) for m in members])]
+    stacked = [
+        torch.stack(ps) for ps in zip(*[dp.flatten_parameters(m) for m in members], strict=True)
+    ]
     x = torch.randn(5, 3)
 
     def member_output(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ def test_round_trip_and_purity(model: Any) -> None:
     assert [n for n, _ in dp.named_parameters(replaced)] == names
     # the old model still holds its old parameters, unchanged
     assert [id(p) for p in dp.flatten_parameters(model)] == [id(p) for p in old]
-    assert all(torch.equal(p, v) for p, v in zip(old, old_values))
+    assert all(torch.equal(p, v) for p, v in zip(old, old_values, strict=True))
 
 
 @settings(max_examples=100, deadline=None)

@@ -16,7 +16,8 @@ def test_same_generator_seed_gives_the_same_model_bit_for_bit() -> None:
     b = dp.sample(LinearSpec(5, 4), generator=torch.Generator().manual_seed(3))
     c = dp.sample(LinearSpec(5, 4), generator=torch.Generator().manual_seed(4))
     assert all(
-        torch.equal(p, q) for p, q in zip(dp.flatten_parameters(a), dp.flatten_parameters(b))
+        torch.equal(p, q)
+        for p, q in zip(dp.flatten_parameters(a), dp.flatten_parameters(b), strict=True)
     )
     assert not torch.equal(a.weight, c.weight)
 
@@ -89,7 +90,7 @@ class MLPSpec:
     ) -> tuple[Linear, ...]:
         return tuple(
             dp.sample(LinearSpec(i, o), generator=generator, device=device, dtype=dtype)
-            for i, o in zip(self.sizes, self.sizes[1:])
+            for i, o in zip(self.sizes[:-1], self.sizes[1:], strict=True)
         )
 
 

@@ -332,7 +332,9 @@ def test_every_kind_of_node_rebuilds_again_and_again() -> None:
         new = fresh(value)
         value = dp.replace_parameters(value, new)
         got = dp.flatten_parameters(value)
-        assert all(a is b for a, b in zip(got[:8], new[:8])), step  # Copying keeps copies
+        assert all(a is b for a, b in zip(got[:8], new[:8], strict=True)), (
+            step
+        )  # Copying keeps copies
         assert got[9] is new[9] and got[8] is not new[8]
         assert [p.shape[0] for p in dp.flatten_parameters(value)] == list(range(1, 11))
     with pytest.raises(dp.ParameterShapeError) as info:

@@ -155,7 +155,7 @@ def assert_same_state(a: Any, b: Any) -> None:
             assert_same_state(a[key], b[key])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert_same_state(x, y)
     else:
         assert a == b or (a != a and b != b)  # nan == nan for a plateau's best

@@ -150,7 +150,9 @@ def gradients(
             create_graph=create_graph,
             retain_graph=retain_graph,
         )
-        for i, g in zip(wanted, computed):
+        for i, g in zip(wanted, computed, strict=True):
             out[i] = g
     used = [g is not None for g in out]
-    return [g if g is not None else torch.zeros_like(p) for g, p in zip(out, params)], used
+    return [
+        g if g is not None else torch.zeros_like(p) for g, p in zip(out, params, strict=True)
+    ], used

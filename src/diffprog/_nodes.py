@@ -546,7 +546,7 @@ def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
             *((("attr", f"__kwdefaults__[{k!r}]"), d) for k, d in (v.__kwdefaults__ or {}).items()),
             *(
                 (("attr", f"<closure {name}>"), _cell_contents(cell))
-                for name, cell in zip(v.__code__.co_freevars, cells)
+                for name, cell in zip(v.__code__.co_freevars, cells, strict=True)
             ),
             *((("attr", k), c) for k, c in vars(v).items()),
         ]

@@ -116,7 +116,7 @@ def draw(results: dict[str, tuple[float, Coord, Path]], ax: Any) -> None:
         if "in place" in name:
             continue  # the same path as the pure Adam's
         color, width, order, marker = styles.get(name.split()[0], ("black", 1.0, 5, "D"))
-        px, py = zip(*path)
+        px, py = zip(*path, strict=True)
         alpha = 0.45 if width > 2 else 1.0
         ax.plot(
             px,
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     in_place = results["Adam, in place (torch.optim.Adam)"][1]
     gap = max(
         abs(float(a.detach() - b.detach()))
-        for a, b in zip((pure.x, pure.y), (in_place.x, in_place.y))
+        for a, b in zip((pure.x, pure.y), (in_place.x, in_place.y), strict=True)
     )
     print(f"Adam in place vs pure: largest difference {gap:.1e}")
     file = pathlib.Path(args.plot)

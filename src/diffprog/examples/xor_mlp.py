@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden, seed=args.seed
     )
     print("Final model:")
-    for (a, b), y in zip(INPUTS.tolist(), predict(model).tolist()):
+    for (a, b), y in zip(INPUTS.tolist(), predict(model).tolist(), strict=True):
         print(f"{a:.0f}, {b:.0f} => {y:.4f}")
 
 

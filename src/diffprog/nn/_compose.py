@@ -237,7 +237,7 @@ class MLPSpec:
     ) -> Sequential:
         """Sample the Linear layers in order and wire them with the activations."""
         parts: list[Any] = []
-        pairs = list(zip(self.sizes[:-1], self.sizes[1:]))
+        pairs = list(zip(self.sizes[:-1], self.sizes[1:], strict=True))
         for index, (n_in, n_out) in enumerate(pairs):
             spec = LinearSpec(n_in, n_out, bias=self.bias)
             parts.append(sample(spec, generator=generator, device=device, dtype=dtype))
@@ -437,7 +437,7 @@ class Parallel(Parameterized, init=False):
                 f"Parallel has {len(self.branches)} branches but got {len(inputs)} inputs; "
                 "pass one input per branch."
             )
-        return tuple(branch(x) for branch, x in zip(self.branches, inputs))
+        return tuple(branch(x) for branch, x in zip(self.branches, inputs, strict=True))
 
     def __getitem__(self, index: int) -> Any:
         """The branch at ``index``."""

@@ -241,7 +241,7 @@ def _reversed_padding(layer: _ConvNd) -> list[int]:
     if padding == "valid":
         return [0, 0] * len(kernel)
     out: list[int] = []  # "same": the total d * (k - 1), the odd one more on the right
-    for d, k in zip(reversed(layer.dilation), reversed(kernel)):
+    for d, k in zip(reversed(layer.dilation), reversed(kernel), strict=True):
         total = d * (k - 1)
         out += [total // 2, total - total // 2]
     return out
@@ -390,14 +390,14 @@ class _ConvTranspose(_ConvNd):
             + 1
             for d in range(n)
         ]
-        highest = [low + s - 1 for low, s in zip(lowest, self.stride)]
-        if any(not lo <= s <= hi for s, lo, hi in zip(size, lowest, highest)):
+        highest = [low + s - 1 for low, s in zip(lowest, self.stride, strict=True)]
+        if any(not lo <= s <= hi for s, lo, hi in zip(size, lowest, highest, strict=True)):
             raise ValueError(
                 f"{type(self).__name__}: requested an output size of {size}, but valid sizes "
                 f"range from {lowest} to {highest} (for an input of "
                 f"{list(input.shape[leading:])})."
             )
-        return tuple(s - lo for s, lo in zip(size, lowest))
+        return tuple(s - lo for s, lo in zip(size, lowest, strict=True))
 
 
 class ConvTranspose1d(_ConvTranspose):

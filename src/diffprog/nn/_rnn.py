@@ -286,7 +286,7 @@ class _RNNBase(Parameterized):
                 torch.zeros(rows, batch, size, dtype=data.dtype, device=data.device)
                 for size in state_sizes
             )
-        for index, (h, size) in enumerate(zip(hx, state_sizes)):
+        for index, (h, size) in enumerate(zip(hx, state_sizes, strict=True)):
             expected = (rows, batch, size)
             if tuple(h.shape) != expected:
                 what = f"hidden[{index}]" if lstm else "hidden"
@@ -346,7 +346,7 @@ class _RNNBase(Parameterized):
                     kernel_train,
                 )
                 finals.append(states)
-            h_n = tuple(torch.cat(parts) for parts in zip(*finals))
+            h_n = tuple(torch.cat(parts) for parts in zip(*finals, strict=True))
 
         if isinstance(input, PackedSequence):
             if unsorted is not None:

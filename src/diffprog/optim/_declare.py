@@ -189,7 +189,7 @@ class Declaration:
 
 _DECLARATIONS: dict[type, Declaration] = {}
 
-# The fields every pure optimizer has, added to each subclass (see _add_common_fields):
+# The fields every pure optimizer has, added to each subclass (see add_common_fields):
 # (name, type, default), the first two after the hyper-parameters, the rest after the state.
 _COMMON_BEFORE_STATE = (("count", int, 0), ("param_counts", tuple[int, ...], ()))
 _COMMON_AFTER_STATE = (
@@ -248,19 +248,26 @@ def add_common_fields(cls: type) -> None:
         return isinstance(value, dataclasses.Field) and _STATE in value.metadata
 
     ordered = {k: v for k, v in own.items() if not is_state(k)}
-    for common in (_COMMON_BEFORE_STATE, None, _COMMON_AFTER_STATE):
-        if common is None:
-            ordered.update({k: v for k, v in own.items() if is_state(k)})
-            continue
-        for name, kind, default in common:
-            if name == "lease" and "donate" in own:
-                cls.lease = None  # type: ignore[attr-defined]  # nothing to donate, no lease
-                continue
-            if name in own:
-                continue
-            ordered[name] = kind
-            setattr(cls, name, default)
+    ordered.update(_common(cls, own, _COMMON_BEFORE_STATE))
+    ordered.update({k: v for k, v in own.items() if is_state(k)})
+    ordered.update(_common(cls, own, _COMMON_AFTER_STATE))
     cls.__annotations__ = ordered
+
+
+def _common(
+    cls: type, own: Mapping[str, Any], common: tuple[tuple[str, Any, Any], ...]
+) -> dict[str, Any]:
+    """The annotations of the ``common`` fields ``cls`` does not declare itself, their defaults
+    set on ``cls``. A class whose ``donate`` is a ``ClassVar`` (GD: no state to donate) gets no
+    ``lease`` field, only ``lease = None``."""
+    added: dict[str, Any] = {}
+    for name, kind, default in common:
+        if name == "lease" and "ClassVar" in str(own.get("donate", "")):
+            setattr(cls, name, None)
+        elif name not in own:
+            added[name] = kind
+            setattr(cls, name, default)
+    return added
 
 
 def _derived_init(cls: Any) -> classmethod[Any, Any, Any]:

@@ -272,7 +272,7 @@ def nonfinite_error(
     names = [name for name, _ in named_parameters(model)]
     bad = [
         names[i] if i < len(names) else str(i)
-        for i, g in zip(indices, grads)
+        for i, g in zip(indices, grads, strict=True)
         if g is not None and not bool(torch.isfinite(_dense_values(g)).all())
     ]
     return NonFiniteError(float(loss.detach().reshape(-1)[0]), bad)
@@ -356,7 +356,7 @@ def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
     model_leaves = list(walk(model))
     tree_leaves = list(walk(tree))
     if len(model_leaves) != len(tree_leaves) or any(
-        a[0] != b[0] for a, b in zip(model_leaves, tree_leaves)
+        a[0] != b[0] for a, b in zip(model_leaves, tree_leaves, strict=True)
     ):
         raise DiffprogError(
             f"the tree does not have the model's structure ({type(tree).__name__} with "
@@ -366,7 +366,7 @@ def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
         )
     out: list[torch.Tensor] = []
     seen: set[int] = set()
-    for (_, leaf), (_, value) in zip(model_leaves, tree_leaves):
+    for (_, leaf), (_, value) in zip(model_leaves, tree_leaves, strict=True):
         if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
             seen.add(id(leaf))
             if not isinstance(value, torch.Tensor):

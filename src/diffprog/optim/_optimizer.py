@@ -297,6 +297,6 @@ def step_with_used(
         return optimizer.step(lr, gradients, params, used=used)  # type: ignore[no-any-return]
     filled = [
         torch.zeros_like(p) if g is None and not u else g
-        for g, p, u in zip(gradients, params, used)
+        for g, p, u in zip(gradients, params, used, strict=True)
     ]
     return optimizer.step(lr, filled, params)  # type: ignore[no-any-return]

@@ -492,9 +492,13 @@ class PureOptimizer(Parameterized):
             # see fused_layouts): hand the replacement on.
             held = state[name]
             held[:] = [
-                torch.view_as_complex(r) if t.is_complex() else r for r, t in zip(values, held)
+                torch.view_as_complex(r) if t.is_complex() else r
+                for r, t in zip(values, held, strict=True)
             ]
-        return [torch.view_as_complex(o) if p.is_complex() else o for o, p in zip(outs, params)]
+        return [
+            torch.view_as_complex(o) if p.is_complex() else o
+            for o, p in zip(outs, params, strict=True)
+        ]
 
 
 ConsumingStep = Callable[

@@ -107,7 +107,7 @@ class JoinedSchedules:
         """The learning rate after ``count`` steps."""
         start = 0
         chosen = self.schedules[0]
-        for boundary, schedule in zip(self.boundaries, self.schedules[1:]):
+        for boundary, schedule in zip(self.boundaries, self.schedules[1:], strict=True):
             if count < boundary:
                 break
             start, chosen = boundary, schedule

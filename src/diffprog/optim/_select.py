@@ -230,7 +230,7 @@ def resolve_settings(
             frozen.append(i)
         else:
             by_key.setdefault(key, []).append(i)
-    for (selection, _), was_used in zip(pairs, used):
+    for (selection, _), was_used in zip(pairs, used, strict=True):
         if not was_used:
             raise ValueError(
                 f"the override for {selection!r} selects no parameter of the model; "

@@ -304,7 +304,7 @@ class TorchOptimizer:
             if mask is None or mask[i]:
                 check_gradient("TorchOptimizer", i, gradients[i], params[i])
         with torch.no_grad():
-            for p, i in zip(trained, self._trained):
+            for p, i in zip(trained, self._trained, strict=True):
                 if mask is None or mask[i]:
                     # torch.autograd.grad may return expanded gradients (of a sum, say), which
                     # the fused kernels misread (torch 2.13, CPU): give them p's layout.
@@ -391,7 +391,7 @@ class TorchOptimizer:
         """Make the torch optimizer hold ``params``: after ``make_independent`` or a reload the
         model has new tensor objects in the places of the old ones (state moves with them)."""
         old = self._params
-        if len(params) == len(old) and all(a is b for a, b in zip(params, old)):
+        if len(params) == len(old) and all(a is b for a, b in zip(params, old, strict=True)):
             return
         if len(params) != len(old):
             raise DiffprogError(
@@ -399,14 +399,14 @@ class TorchOptimizer:
                 f"model given has {len(params)}. Build it from this model: "
                 "TorchOptimizer.init(model, torch.optim.X, ...)."
             )
-        for i, (a, b) in enumerate(zip(params, old)):
+        for i, (a, b) in enumerate(zip(params, old, strict=True)):
             if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
                 raise DiffprogError(
                     f"parameter {i} of the model given has shape {tuple(a.shape)} ({a.dtype}, "
                     f"{a.device}) but this TorchOptimizer holds {tuple(b.shape)} ({b.dtype}, "
                     f"{b.device}) there. Use the optimizer with the model it was built from."
                 )
-        moved = {id(b): a for a, b in zip(params, old)}
+        moved = {id(b): a for a, b in zip(params, old, strict=True)}
         for group in self._optimizer.param_groups:
             # In place: LBFGS keeps a reference to its first group's list.
             group["params"][:] = [moved.get(id(p), p) for p in group["params"]]
@@ -445,8 +445,9 @@ class TorchOptimizer:
                 result = None
                 self._optimizer.step()
         finally:
-            for group, old in zip(groups, saved):
-                group["lr"] = old
+            if saved:  # empty when lr is None: no group's lr was set
+                for group, old in zip(groups, saved, strict=True):
+                    group["lr"] = old
         self._count += 1
         if self._scheduler is not None:
             if isinstance(self._scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -515,7 +516,7 @@ class TorchOptimizer:
 def _take_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """The ``.grad`` of each of ``params`` (usually ``None``), now cleared for a backward pass."""
     saved = [p.grad for p in params]
-    for p, g in zip(params, saved):
+    for p, g in zip(params, saved, strict=True):
         if g is not None:
             p.grad = None
     return saved
@@ -527,7 +528,7 @@ def _put_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None] | No
         for p in params:
             p.grad = None
     else:
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
 
 
