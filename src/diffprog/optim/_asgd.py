@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from diffprog.optim._declare import hyper, non_negative, state
-from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._pure import PureOptimizer, scalar_dtype
 
 __all__ = ["ASGD"]
 
@@ -69,7 +69,7 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
             return torch.zeros_like(param, memory_format=torch.preserve_format)
         # eta is set at the parameter's first update, to the learning rate then.
         fill = 0.0 if name == "eta" else 1.0
-        return torch.full((), fill, dtype=_step_dtype(), device=param.device)
+        return torch.full((), fill, dtype=scalar_dtype(), device=param.device)
 
     def _update(
         self,
@@ -95,11 +95,6 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
         else:
             _single_tensor_asgd(hyper, lr, step, new, grads, axs, etas, mus)
         return new
-
-
-def _step_dtype() -> torch.dtype:
-    """The dtype of torch.optim's step-like state (``_get_scalar_dtype``)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _single_tensor_asgd(

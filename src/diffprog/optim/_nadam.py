@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from diffprog.optim._declare import betas_in, hyper, non_negative, pair_of_floats, state
-from diffprog.optim._pure import PureOptimizer, clone_all, device_groups
+from diffprog.optim._pure import PureOptimizer, clone_all, device_groups, scalar_dtype
 
 __all__ = ["NAdam"]
 
@@ -93,12 +93,6 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         for _, (ps, gs, ms, vs, mus) in device_groups(*lists):
             _foreach_nadam(hyper, float(lr), count + 1, ps, gs, ms, vs, mus)
         return new
-
-
-def scalar_dtype() -> torch.dtype:
-    """The dtype torch.optim gives its scalar state (``step``, ``mu_product``): float64 under
-    a float64 default dtype, else float32."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _foreach_nadam(

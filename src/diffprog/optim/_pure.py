@@ -617,21 +617,6 @@ def _counts_after(
     return tuple(after)
 
 
-def require_non_negative(hyper: Mapping[str, Any], *names: str) -> None:
-    """Raise torch.optim's ``ValueError`` for the first of ``names`` that is negative.
-
-    Example:
-        >>> require_non_negative({"eps": -1.0}, "eps")
-        Traceback (most recent call last):
-        ...
-        ValueError: Invalid epsilon value: -1.0 (must be >= 0).
-    """
-    for name in names:
-        if hyper[name] < 0.0:
-            label = "epsilon" if name == "eps" else name  # torch.optim's word
-            raise ValueError(f"Invalid {label} value: {hyper[name]} (must be >= 0).")
-
-
 def clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Fresh copies of ``tensors`` (strides kept), in one multi-tensor call."""
     return list(torch._foreach_clone(tensors)) if tensors else []
@@ -740,3 +725,9 @@ def has_fused(op: str, device: torch.device) -> bool:
         )
         _FUSED_CACHE[key] = found
     return found
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives its scalar state (``step``, ``mu_product``): float64 under
+    a float64 default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
