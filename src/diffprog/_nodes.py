@@ -468,6 +468,28 @@ class _ModuleNode(Node):
         return value
 
 
+# Values that hold nothing: static in a model, and leaves of the hidden-parameter scan.
+_PLAIN_VALUES: tuple[type, ...] = (
+    int,
+    float,
+    complex,
+    bool,
+    str,
+    bytes,
+    type(None),
+    type(Ellipsis),
+    type(NotImplemented),
+    slice,
+    range,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+    torch.layout,
+    torch.memory_format,
+    torch.Generator,
+)
+
+
 # What an opaque value holds is looked at completely (no budget, no depth limit), each time the
 # value is flattened or replaced: a Parameter that a fixed budget missed would silently not be
 # trained. A value met twice (sharing, cycles) is looked at once.
@@ -479,23 +501,7 @@ class _ModuleNode(Node):
 # field, checked at every step), and looked into (``__self__``) inside an opaque value.
 _SCAN_LEAVES: frozenset[type] = frozenset(
     {
-        int,
-        float,
-        complex,
-        bool,
-        str,
-        bytes,
-        type(None),
-        type(Ellipsis),
-        type(NotImplemented),
-        slice,
-        range,
-        torch.dtype,
-        torch.device,
-        torch.Size,
-        torch.layout,
-        torch.memory_format,
-        torch.Generator,
+        *_PLAIN_VALUES,
         types.ModuleType,
         types.CodeType,
         types.FrameType,
@@ -691,23 +697,7 @@ _METHOD_ADVICE = (
 )
 
 _STATIC_TYPES: set[type] = {
-    int,
-    float,
-    complex,
-    bool,
-    str,
-    bytes,
-    type(None),
-    type(Ellipsis),
-    type(NotImplemented),
-    slice,
-    range,
-    torch.dtype,
-    torch.device,
-    torch.Size,
-    torch.layout,
-    torch.memory_format,
-    torch.Generator,
+    *_PLAIN_VALUES,
     # torch.tanh and the like: the most common field of all, static on the hot path (see
     # _SCAN_LEAVES). Python functions and bound methods are not static: they are looked into.
     types.BuiltinFunctionType,
