@@ -526,3 +526,62 @@ def test_repr_of_a_deep_chain_folds_instead_of_recursing(depth: int) -> None:
     text = repr(value)
     assert text.startswith("Wrap(\n  inner=Wrap(") and "Wrap(...)" in text
     assert text.count("Wrap(") == 33 and len(text) < 5000
+
+
+# --- found by the end-of-session review ------------------------------------------------------
+
+
+def test_a_list_of_specs_for_a_tuple_field_or_a_tuple_for_a_list_field_is_refused() -> None:
+    import diffprog.nn as dnn
+
+    class Tupled(dp.Parameterized):
+        layers: tuple[Linear, ...]
+
+    class Listed(dp.Parameterized):
+        layers: list[Linear]
+
+    with pytest.raises(dp.UnsampledSpecError, match=r"field `layers\[0\]` of .*Tupled"):
+        Tupled([LinearSpec(4, 16)])  # type: ignore[arg-type]
+    with pytest.raises(dp.UnsampledSpecError, match=r"field `layers\[0\]` of .*Listed"):
+        Listed((LinearSpec(4, 16),))  # type: ignore[arg-type]
+    with pytest.raises(dp.UnsampledSpecError, match="TransformerEncoderLayerSpec"):
+        dnn.TransformerEncoder(layers=[dnn.TransformerEncoderLayerSpec(8, 2, 16)])  # type: ignore[arg-type]
+
+
+def test_a_builtin_method_bound_to_a_parameter_is_reported_and_plain_builtins_stay_static() -> None:
+    class Holder(dp.Parameterized):
+        fn: Any
+
+    w = dp.make_independent(torch.ones(3))
+    for bound in (w.mul, w.__add__):
+        with pytest.raises(dp.HiddenParameterError) as error:
+            dp.flatten_parameters(Holder(bound))
+        assert error.value.path == "fn.__self__"
+    for plain in (torch.tanh, abs, F.relu, [].append):
+        model = Holder(plain)
+        assert dp.flatten_parameters(model) == []
+        assert dp.replace_parameters(model, []) is model
+
+
+def test_a_torch_rnn_module_in_a_field_gets_the_torch_module_error() -> None:
+    class Holder(dp.Parameterized):
+        module: Any
+
+    # torch's RNN modules have a flatten_parameters method of their own (cuDNN's)
+    with pytest.raises(dp.HiddenParameterError, match=r"torch.nn.Module \(LSTM\)"):
+        dp.flatten_parameters(Holder(torch.nn.LSTM(2, 3)))
+
+
+def test_a_parameter_in_a_private_attribute_of_a_torch_module_is_reported() -> None:
+    class Cached(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._cache = [torch.nn.Parameter(torch.zeros(2))]
+
+    class Holder(dp.Parameterized):
+        module: Any
+
+    with pytest.raises(dp.HiddenParameterError) as error:
+        dp.flatten_parameters(Holder(Cached()))
+    assert error.value.path == "module._cache[0]"
+    assert dp.flatten_parameters(Holder(torch.nn.ReLU())) == []  # its bookkeeping holds nothing

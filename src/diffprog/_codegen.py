@@ -31,6 +31,16 @@ from diffprog._errors import ModelError, PathKey
 __all__ = ["make_flatten", "make_rebuild", "make_replace"]
 
 
+def _plain(name: str) -> str:
+    """The test, in generated code, that the field value ``name`` (of type ``t``) is static: a
+    static type, a plain Python function (checked once, then remembered), or a builtin bound
+    to no object (``torch.tanh``)."""
+    return (
+        f"t in STATIC or (t is FUNCTION and {name} in PLAIN)"
+        f" or (t is BUILTIN and type({name}.__self__) in UNBOUND)"
+    )
+
+
 def make_flatten(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> Callable[..., None]:
     """``flatten(value, out)`` for instances of ``cls``, whose fields (in ``__dict__``) are
     ``keys`` (``("attr", name)`` or ``("inline", name)``): appends their parameters to ``out``."""
@@ -43,7 +53,7 @@ def make_flatten(cls: type, keys: tuple[PathKey, ...], env: dict[str, Any]) -> C
             "        t = type(child)",
             "        if t is Parameter:",
             "            out.append(child)",
-            "        elif not (t in STATIC or (t is FUNCTION and child in PLAIN)):",
+            f"        elif not ({_plain('child')}):",
             "            (CACHE.get(t) or node_for(t)).flatten(child, out)",
         ]
     lines += _error_path(keys)
@@ -71,7 +81,7 @@ def make_replace(
             f"        t = type({old})",
             "        if t is Parameter:",
             f"            {new} = take({old})",
-            f"        elif t in STATIC or (t is FUNCTION and {old} in PLAIN):",
+            f"        elif {_plain(old)}:",
             f"            {new} = {old}",
             "        else:",
             f"            {new} = (CACHE.get(t) or node_for(t)).replace({old}, stream)",

@@ -41,6 +41,7 @@ _SEQUENCES: dict[Any, type] = {
     collections.abc.Sequence: collections.abc.Sequence,
     collections.abc.MutableSequence: collections.abc.MutableSequence,
 }
+_SEQUENCE_KINDS = frozenset(_SEQUENCES.values())
 _MAPPINGS: dict[Any, type] = {
     dict: dict,
     collections.OrderedDict: collections.OrderedDict,
@@ -174,7 +175,11 @@ def _union(members: tuple[Any, ...], layer: type) -> Checker | None:
         if isinstance(value, accepted):
             return None
         for kind, items in containers:
-            if isinstance(value, kind):
+            # A list given for a tuple[...] field (or the reverse) is looked into all the same:
+            # what matters is whether a spec sits where a layer belongs, not the container.
+            if isinstance(value, kind) or (
+                kind in _SEQUENCE_KINDS and isinstance(value, (list, tuple))
+            ):
                 return items(value)
         return ([], value, expected) if _is_spec(value) else None
 

@@ -51,6 +51,10 @@ __all__ = [
 
 Parameter = torch.nn.Parameter
 _FUNCTION = types.FunctionType
+_BUILTIN = types.BuiltinFunctionType  # torch.tanh, abs; and a method of a C object, p.mul
+# The owners (``__self__``) of builtins that are plain functions: None (torch.tanh), a module
+# (abs, math.sin). A builtin bound to anything else (a Parameter's p.mul) is looked into.
+_UNBOUND: frozenset[type] = frozenset({type(None), types.ModuleType})
 
 
 class Node:
@@ -207,6 +211,8 @@ class FieldsNode(Node):
                 "node_for": node_for,
                 "FUNCTION": _FUNCTION,
                 "PLAIN": PLAIN_FUNCTIONS,
+                "BUILTIN": _BUILTIN,
+                "UNBOUND": _UNBOUND,
             }
             self.flatten = make_flatten(cls, self.field_keys, env)  # type: ignore[method-assign]
             self.replace = make_replace(cls, self.field_keys, self.cached, env)  # type: ignore[method-assign]
@@ -528,9 +534,10 @@ def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
     if isinstance(v, torch.nn.Module):
         for name, _ in v.named_parameters():
             return f"a torch.nn.Module with parameter {name!r}"
-        # what torch does not register: public attributes (a list of tensors), and those of
+        # what torch does not register: the module's own attributes (a list of tensors, a
+        # `_cache`), not the bookkeeping every Module has (hooks, `_buffers`: constants), and
         # the sub-modules
-        return [(("attr", k), c) for k, c in vars(v).items() if not k.startswith("_")] + [
+        return [(("attr", k), c) for k, c in vars(v).items() if k not in _MODULE_INTERNALS] + [
             (("attr", k), m) for k, m in v._modules.items() if m is not None
         ]
     if isinstance(v, (list, tuple, set, frozenset, deque)):
@@ -566,6 +573,11 @@ def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
         # A C object: what it refers to, as the garbage collector sees it.
         children = [(("attr", f"<referent {i}>"), c) for i, c in enumerate(gc.get_referents(v))]
     return children
+
+
+# The attributes torch.nn.Module.__init__ gives every module: its bookkeeping, not the module's
+# own data.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 
 
 def _cell_contents(cell: Any) -> Any:
@@ -672,6 +684,18 @@ class _FunctionNode(_OpaqueNode):
         super()._check(value)
 
 
+class _BuiltinNode(_OpaqueNode):
+    """A builtin (``torch.tanh``, ``abs``) or a method of a C object (``p.mul``, ``p.__add__``):
+    static unless it is bound to something holding a parameter."""
+
+    __slots__ = ()
+
+    def _check(self, value: Any) -> None:
+        if type(getattr(value, "__self__", None)) in _UNBOUND:
+            return
+        super()._check(value)
+
+
 # Python functions found to hold nothing (no closure, no keyword defaults, no attributes,
 # defaults of immutable static types): functions are common fields (activations), and
 # looking into one at every flatten and replace would cost as much as the rest of a small
@@ -698,11 +722,9 @@ _METHOD_ADVICE = (
 
 _STATIC_TYPES: set[type] = {
     *_PLAIN_VALUES,
-    # torch.tanh and the like: the most common field of all, static on the hot path (see
-    # _SCAN_LEAVES). Python functions and bound methods are not static: they are looked into.
-    types.BuiltinFunctionType,
-    types.BuiltinMethodType,
-    types.MethodWrapperType,
+    # Python functions, builtins (torch.tanh: the most common field of all) and bound methods
+    # are not static: they are looked into (the hot loops skip a plain one quickly, see
+    # PLAIN_FUNCTIONS and _UNBOUND).
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
     types.ModuleType,
@@ -780,6 +802,10 @@ def _resolve(t: type) -> Node:
         return registered[1]
     if t in _STATIC_TYPES or issubclass(t, (enum.Enum, type)):
         return STATIC
+    if issubclass(t, torch.nn.Module):
+        # Before the hand-written check: torch's RNN modules have a flatten_parameters method
+        # of their own (cuDNN's weight layout), which is not diffprog's.
+        return _ModuleNode()
     if hand_flatten and hand_replace:
         return HandWrittenNode(
             t,
@@ -808,16 +834,14 @@ def _resolve(t: type) -> Node:
     if t in torch_pytree.SUPPORTED_NODES:
         entry = torch_pytree.SUPPORTED_NODES[t]
         return _PytreeNode(entry.flatten_fn, entry.unflatten_fn)
-    if issubclass(t, torch.nn.Module):
-        return _ModuleNode()
     if issubclass(t, (set, frozenset)):
         return _OpaqueNode(_SET_ADVICE)
     if t is types.FunctionType:
         return _FunctionNode(_FUNCTION_ADVICE)
     if t is types.MethodType:
         return _OpaqueNode(_METHOD_ADVICE)
-    if issubclass(t, types.BuiltinFunctionType):
-        return STATIC
+    if t is types.BuiltinFunctionType or t is types.MethodWrapperType:
+        return _BuiltinNode(_METHOD_ADVICE)
     return _OpaqueNode(_OBJECT_ADVICE)
 
 
