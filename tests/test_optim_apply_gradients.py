@@ -193,3 +193,17 @@ def test_a_donated_optimizer_refuses_to_step_again_after_apply_gradients() -> No
     assert new_opt.count == 1
     with pytest.raises(dp.DiffprogError, match="donate=True and has already stepped"):
         apply_gradients(model, opt, grads, 0.1)
+
+
+def test_two_different_gradients_for_one_tied_parameter_are_refused() -> None:
+    # Found by review: flatten_like kept the first and silently dropped the second.
+    lin = dp.sample(LinearSpec(2, 2), generator=torch.Generator().manual_seed(0))
+    model = {"enc": lin, "dec": lin}
+    ga = dp.replace_parameters(lin, [torch.ones(2, 2), torch.ones(2)])
+    gb = dp.replace_parameters(lin, [10 * torch.ones(2, 2), 10 * torch.ones(2)])
+    with pytest.raises(dp.DiffprogError, match=r"at enc.weight and dec.weight"):
+        apply_gradients(model, GD(), {"enc": ga, "dec": gb}, 1.0)
+    # the same tensors at both places (as value_and_grad gives them) are one gradient
+    new, _ = apply_gradients(model, GD(), {"enc": ga, "dec": ga}, 1.0)
+    assert new["enc"] is new["dec"]
+    assert torch.equal(new["enc"].weight, lin.weight - 1.0)

@@ -13,7 +13,9 @@ from torch.testing import assert_close
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    GD,
     GDM,
+    SGD,
     Adam,
     Chain,
     ClipByGlobalNorm,
@@ -208,3 +210,41 @@ def test_clip_grad_value_is_torchs_out_of_place() -> None:
     before = [g.clone() for g in grads]
     assert_close(clip_grad_value(grads, 0.3), [p.grad for p in ps], rtol=0, atol=0)
     assert_close(grads, before, rtol=0, atol=0)
+
+
+class _BadTransform(dp.Parameterized):
+    """A user transform with a bug: what it returns does not fit the parameters."""
+
+    kind: str
+
+    def transform(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> Any:
+        if self.kind == "row mean":  # forgot keepdim
+            return [g.mean(0) for g in grads], self
+        if self.kind == "transposed":
+            return [g.reshape(g.shape[::-1]) for g in grads], self
+        if self.kind == "none":
+            return [None for _ in grads], self
+        if self.kind == "float64":
+            return [g.double() for g in grads], self
+        return grads[:-1], self  # "too few"
+
+
+@pytest.mark.parametrize("kind", ["row mean", "transposed", "none", "float64", "too few"])
+@pytest.mark.parametrize("inner", [lambda p: GD(), lambda p: Adam.init(p), lambda p: SGD.init(p)])
+@pytest.mark.parametrize("route", ["run_step", "step"])
+def test_what_a_transform_returns_is_checked_on_every_route(
+    kind: str, inner: Callable[[Any], Any], route: str
+) -> None:
+    # Under run_step the gradients come from autograd and are not checked again; a transform's
+    # output must be, or a fused kernel reads past a tensor's end (found by review: garbage
+    # values of 1e14 in the new parameters).
+    p = [dp.make_independent(torch.zeros(3, 4)), dp.make_independent(torch.zeros(2, 5))]
+    opt = chain(_BadTransform(kind), inner(p))
+    loss = (p[0] * torch.arange(12.0).reshape(3, 4)).sum() + p[1].sum()
+    grads = dp.grad(loss, p)
+
+    def take_the_step() -> object:
+        return run_step(p, opt, loss, 1.0) if route == "run_step" else opt.step(1.0, grads, p)
+
+    with pytest.raises((ValueError, TypeError, dp.DiffprogError), match="_BadTransform"):
+        take_the_step()

@@ -674,3 +674,13 @@ def test_the_free_step_passes_used_on() -> None:
     a, b = make_independent(torch.ones(2)), make_independent(torch.ones(3))
     (_, new_b), opt = step(LR, [torch.ones(2), None], [a, b], Adam.init([a, b]), used=[True, False])
     assert new_b is b and opt.param_counts == (1, 0)
+
+
+@pytest.mark.parametrize("make", PURE[:-1], ids=PURE_IDS[:-1])  # TorchOptimizer keeps its lr
+def test_a_one_element_tensor_learning_rate_steps_as_its_float(make: Any) -> None:
+    # Found by review: GD's kernel refused a [1]-shaped lr that the check had accepted.
+    p = [make_independent(torch.linspace(-1.0, 1.0, 6).reshape(2, 3))]
+    grads = [torch.linspace(0.5, -0.5, 6).reshape(2, 3)]
+    with_tensor, _ = _opt(make, p).step(torch.tensor([0.01]), grads, p)
+    with_float, _ = _opt(make, p).step(0.01, grads, p)
+    torch.testing.assert_close(with_tensor[0], with_float[0], rtol=0, atol=1e-7)

@@ -225,6 +225,10 @@ class Chained(Generic[OptT]):
         transforms = []
         for t in self._transforms():
             chosen, t = t.transform(chosen, [params[i] for i in read])
+            # What a transform returns is checked as a direct step's gradients are, whatever
+            # the caller: a fused kernel given a gradient of another shape would read past its
+            # end (the caller's gradients came from autograd, a transform's need not fit).
+            _check_transformed(type(self).__name__, t, chosen, read, params)
             transforms.append(t)
         new_grads = _scattered(grads, read, chosen)
         del chosen  # no name left holding a transformed gradient: the step frees them
@@ -270,6 +274,20 @@ class Chained(Generic[OptT]):
     def count(self) -> int:
         """The inner optimizer's step count."""
         return int(getattr(self.inner, "count", 0))
+
+
+def _check_transformed(
+    owner: str, transform: object, grads: Sequence[Any], read: list[int], params: list[torch.Tensor]
+) -> None:
+    """Raise unless ``transform`` returned one fitting gradient per parameter it was given."""
+    where = f"{owner} (after {type(transform).__name__}.transform)"
+    if len(grads) != len(read):
+        raise DiffprogError(
+            f"{where} got {len(grads)} gradients for {len(read)} parameters: a transform must "
+            "return one gradient per gradient it is given, in the same order."
+        )
+    for i, g in zip(read, grads, strict=True):
+        check_gradient(where, i, g, params[i])
 
 
 def _scattered(grads: list[Any], read: list[int], chosen: list[torch.Tensor]) -> list[Any]:

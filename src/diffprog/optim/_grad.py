@@ -365,17 +365,36 @@ def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
             "replace_parameters(model, tensors)."
         )
     out: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for (_, leaf), (_, value) in zip(model_leaves, tree_leaves, strict=True):
-        if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
-            seen.add(id(leaf))
-            if not isinstance(value, torch.Tensor):
+    # id(parameter) -> (its first path, the tensor the tree holds there)
+    first: dict[int, tuple[tuple[Any, ...], Any]] = {}
+    for (path, leaf), (_, value) in zip(model_leaves, tree_leaves, strict=True):
+        if not isinstance(leaf, torch.nn.Parameter):
+            continue
+        if id(leaf) in first:
+            # A tied parameter: the tree must hold the same tensor at each of its places (as
+            # value_and_grad's trees do); two different ones would silently lose one.
+            first_path, kept = first[id(leaf)]
+            if value is not kept:
                 raise DiffprogError(
-                    f"the tree holds a {type(value).__name__} where the model has a parameter; "
-                    "every parameter's place needs a tensor."
+                    f"the tree holds two different tensors for one tied parameter, at "
+                    f"{_path_text(first_path)} and {_path_text(path)}; only one would be used. "
+                    "Put their sum at both places (the gradient of a tied parameter is the "
+                    "sum over its uses), or pass a list in flatten_parameters order."
                 )
-            out.append(value)
+            continue
+        first[id(leaf)] = (path, value)
+        if not isinstance(value, torch.Tensor):
+            raise DiffprogError(
+                f"the tree holds a {type(value).__name__} where the model has a parameter; "
+                "every parameter's place needs a tensor."
+            )
+        out.append(value)
     return out
+
+
+def _path_text(path: tuple[Any, ...]) -> str:
+    """``walk``'s path keys as a ``state_dict``-style name (``layers.0.weight``)."""
+    return ".".join(str(key[1]) for key in path) or "the top"
 
 
 def apply_updates(model: M, updates: Any) -> M:

@@ -158,7 +158,7 @@ def check_learning_rate(lr: object) -> float | torch.Tensor:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}.")
         if lr.device.type == "cpu" and not float(lr.detach()) >= 0.0:
             raise ValueError(f"Invalid learning rate: {float(lr.detach())}")
-        return lr
+        return lr.reshape(())  # a [1] tensor too, as torch.optim takes it: the kernels want 0-dim
     if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
         value = float(lr)
         if not value >= 0.0:  # NaN too (torch.optim lets NaN through)
