@@ -585,3 +585,27 @@ def test_a_parameter_in_a_private_attribute_of_a_torch_module_is_reported() -> N
         dp.flatten_parameters(Holder(Cached()))
     assert error.value.path == "module._cache[0]"
     assert dp.flatten_parameters(Holder(torch.nn.ReLU())) == []  # its bookkeeping holds nothing
+
+
+def test_a_sub_model_shared_by_a_hand_written_instance_and_a_field_stays_one_object() -> None:
+    # Found by review: the hand-written instance's own stream rebuilt the shared sub-model a
+    # second time, so the result held two objects (and their state would then diverge).
+    class Aff(dp.Parameterized):
+        w: dp.Parameter
+
+    class Hand(dp.Parameterized):
+        sub: Aff
+
+        def flatten_parameters(self) -> list[torch.Tensor]:
+            return dp.flatten_parameters(self.sub)
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> Hand:
+            return Hand(stream.replace(self.sub))
+
+    a = Aff(dp.make_independent(torch.zeros(2)))
+    for model in ((a, Hand(a)), (Hand(a), a)):  # either one rebuilt first
+        new = dp.replace_parameters(model, [dp.make_independent(torch.ones(2))])
+        inner = new[1].sub if isinstance(new[1], Hand) else new[0].sub
+        outer = new[0] if isinstance(new[0], Aff) else new[1]
+        assert inner is outer
+        assert torch.equal(outer.w, torch.ones(2))

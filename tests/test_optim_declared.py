@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -387,3 +388,27 @@ def test_the_derived_init_builds_the_same_optimizer_as_before() -> None:
     assert (opt.eps, opt.weight_decay, opt.amsgrad, opt.maximize) == (1e-6, 0.1, True, False)
     assert len(opt.max_exp_avg_sq) == 4 and opt.count == 0 and not opt.donate
     assert math.isclose(AdamW.init(model).weight_decay, 1e-2)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: Adam(betas=(2.0, 0.9)), ValueError, "Invalid beta parameter at index 0"),
+        (lambda: Adam(eps=-1.0), ValueError, "Invalid epsilon value"),
+        (lambda: SGD(nesterov=True), ValueError, "Nesterov momentum requires a momentum"),
+        (lambda: Rprop(etas=(1.5, 0.5)), ValueError, "Invalid eta values"),
+        (lambda: ASGD(weight_decay=-1.0), ValueError, "Invalid weight_decay value"),
+        (lambda: AdamW(decoupled_weight_decay=False), TypeError, "is fixed at True"),
+        (
+            lambda: dataclasses.replace(Adam.init(make_model()), betas=(1.5, 0.9)),
+            ValueError,
+            "Invalid beta parameter at index 0",
+        ),
+    ],
+)
+def test_a_value_built_directly_is_checked_as_init_checks(
+    build: Callable[[], Any], error: type[Exception], message: str
+) -> None:
+    # Found by review: Adam(betas=(2.0, 0.9)) built without init stepped without complaint.
+    with pytest.raises(error, match=message):
+        build()

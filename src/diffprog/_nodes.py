@@ -388,14 +388,12 @@ class HandWrittenNode(Node):
         old = self.own(value)
         if not [p for p in old if isinstance(p, Parameter)]:  # nothing to replace
             return value
-        return stream.keep(value, self._run(value, _take_listed(old, stream)))
+        return stream.keep(value, self._run(value, stream.substream(_take_listed(old, stream))))
 
-    def _run(self, value: Any, new: list[torch.Tensor]) -> Any:
-        """The instance's own replace, reading ``new`` from a stream of its own, checked to
-        read them all and to keep the value's type."""
-        from diffprog._stream import ParamStream
-
-        own = ParamStream(new)
+    def _run(self, value: Any, own: ParamStream) -> Any:
+        """The instance's own replace, reading its new parameters from ``own`` (a stream of
+        its own), checked to read them all and to keep the value's type."""
+        new = own.params
         name = self.cls.__name__
         try:
             result = self.replace_fn(value, own)

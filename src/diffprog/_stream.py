@@ -49,6 +49,24 @@ class ParamStream:
         self._alive: list[Any] = []
 
     @property
+    def params(self) -> list[Any]:
+        """The parameters this stream hands out, in order."""
+        return self._params
+
+    def substream(self, params: Iterable[torch.Tensor]) -> ParamStream:
+        """A stream over ``params`` (a hand-written instance's own list) that shares this
+        stream's record of rebuilt values (see :meth:`keep`).
+
+        Why: a sub-model reachable both inside a hand-written instance and at another path
+        must stay one object in the result (its state, BatchNorm's running statistics, stays
+        shared), whichever of the two is rebuilt first.
+        """
+        sub = ParamStream(params)
+        sub._built = self._built
+        sub._alive = self._alive
+        return sub
+
+    @property
     def remaining(self) -> int:
         """How many parameters are left to consume."""
         return len(self._params) - len(self._olds)

@@ -175,6 +175,11 @@ class Declaration:
         """The hyper-parameters ``init`` and ``overrides`` take."""
         return tuple(f.name for f in self.hyper if f.metadata[_HYPER].settable)
 
+    @property
+    def fixed(self) -> tuple[tuple[str, Any], ...]:
+        """``(name, value)`` of each hyper-parameter a class fixes (``settable=False``)."""
+        return tuple((f.name, f.default) for f in self.hyper if not f.metadata[_HYPER].settable)
+
     def defaults(self) -> dict[str, Any]:
         """The declared default of every hyper-parameter."""
         return {f.name: f.default for f in self.hyper}

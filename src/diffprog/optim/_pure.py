@@ -123,6 +123,17 @@ class PureOptimizer(Parameterized):
 
     # --- building -----------------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        # A value built directly (Adam(betas=...), dataclasses.replace) is checked as init's
+        # are; a step builds its successor without __init__, so it does not pay for this.
+        for name, value in declaration_of(type(self)).fixed:
+            if getattr(self, name) != value:
+                raise TypeError(
+                    f"{type(self).__name__}.{name} is fixed at {value!r}, got "
+                    f"{getattr(self, name)!r}."
+                )
+        type(self)._validate(self._defaults())
+
     def _defaults(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in declaration_of(type(self)).hyper}
 
