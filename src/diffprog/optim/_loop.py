@@ -140,9 +140,12 @@ def apply_gradients(
     """One optimizer step with gradients you computed: ``run_step`` without the backward pass.
 
     optax's ``apply_updates`` after ``update``, for gradients accumulated over micro-batches,
-    computed with ``torch.func``, or averaged across processes: the same checks, the same
-    treatment of unused and frozen parameters, non-finite check, donation and rebuilt model as
-    :func:`run_step`, with no flatten/replace by hand.
+    computed with ``torch.func``, or averaged across processes: the same checks, treatment of
+    frozen parameters, non-finite check, donation and rebuilt model as :func:`run_step`, with
+    no flatten/replace by hand. Which parameters the loss did not reach is known only from
+    ``None`` entries of a list: a model-shaped tree (``value_and_grad``'s) holds zeros there,
+    so such a parameter is stepped on a zero gradient (momentum, weight decay) unless you
+    pass the list form with ``None`` for it.
 
     Args:
         model: the model the gradients are for.
