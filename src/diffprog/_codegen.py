@@ -36,8 +36,8 @@ def _plain(name: str) -> str:
     static type, a plain Python function (checked once, then remembered), or a builtin bound
     to no object (``torch.tanh``)."""
     return (
-        f"t in STATIC or (t is FUNCTION and {name} in PLAIN)"
-        f" or (t is BUILTIN and type({name}.__self__) in UNBOUND)"
+        f"t in STATIC or (t is BUILTIN and type({name}.__self__) in UNBOUND)"
+        f" or (t is FUNCTION and {name} in PLAIN)"
     )
 
 
