@@ -202,3 +202,25 @@ def test_counts_equal_calls(calls: list[int]) -> None:
     assert [layer.count for layer in new] == [calls.count(i) for i in range(4)]
     if not calls:
         assert new is layers
+
+
+def test_a_stateful_layer_also_held_inside_a_hand_written_instance_is_refused() -> None:
+    # Found by review: the pass updated the layer at its plain place only, silently leaving
+    # the copy inside the hand-written instance behind.
+    class Holder(dp.Parameterized):
+        bn: Any
+
+        def flatten_parameters(self) -> list[torch.Tensor]:
+            return dp.flatten_parameters(self.bn)
+
+        def replace_own_parameters(self, stream: dp.ParamStream) -> Holder:
+            return Holder(stream.replace(self.bn))
+
+    bn = dp.sample(nn.BatchNorm1dSpec(3), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(nn.StateUpdateError, match="held inside a hand-written instance"):
+        nn.training(lambda m, x: m[0](x).sum(), (bn, Holder(bn)), x)
+    # a hand-written instance holding only layers the pass does not update is fine
+    lin = dp.sample(nn.LinearSpec(3, 3), generator=torch.Generator().manual_seed(2))
+    _, new = nn.training(lambda m, x: m[0](x).sum(), (bn, Holder(lin)), x)
+    assert not torch.equal(new[0].running_mean, bn.running_mean)

@@ -228,14 +228,21 @@ def _walk(
         active.discard(id(v))
 
 
-def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None = None) -> T:
+def substitute(
+    value: T,
+    replacements: Mapping[int, Any],
+    found: set[int] | None = None,
+    unreachable: set[int] | None = None,
+) -> T:
     """``value`` with each sub-value whose ``id`` is a key of ``replacements`` swapped for the
     mapped value; containers on the way are rebuilt, everything else is shared.
 
     The primitive behind state updates (a BatchNorm layer handing back its new running
     statistics): the caller holds the originals alive while the ids are in use. If ``found``
     is given, the ids that were found (and so replaced) are added to it; a sub-value inside a
-    hand-written instance or an opaque object is not looked for.
+    hand-written instance or an opaque object is not looked for. If ``unreachable`` is given,
+    the ids of ``replacements`` that sit inside a hand-written instance (and so could not be
+    replaced there) are added to it.
 
     Example:
         >>> a, b = [1], [2]
@@ -245,11 +252,15 @@ def substitute(value: T, replacements: Mapping[int, Any], found: set[int] | None
     if not replacements:
         return value
     built: dict[int, Any] = {}  # a container shared at several paths is rebuilt once
-    return _substitute(value, replacements, found, built)  # type: ignore[no-any-return]
+    return _substitute(value, replacements, found, unreachable, built)  # type: ignore[no-any-return]
 
 
 def _substitute(
-    v: Any, replacements: Mapping[int, Any], found: set[int] | None, built: dict[int, Any]
+    v: Any,
+    replacements: Mapping[int, Any],
+    found: set[int] | None,
+    unreachable: set[int] | None,
+    built: dict[int, Any],
 ) -> Any:
     new = replacements.get(id(v), _MISSING)
     if new is not _MISSING:
@@ -257,12 +268,16 @@ def _substitute(
             found.add(id(v))
         return new
     node = node_for(type(v))
-    if node.static or isinstance(node, HandWrittenNode):
+    if isinstance(node, HandWrittenNode):
+        if unreachable is not None:
+            unreachable.update(_held_inside(v, replacements))
+        return v
+    if node.static:
         return v
     if id(v) in built:
         return built[id(v)]
     children = node.children(v)
-    rebuilt = [_substitute(child, replacements, found, built) for _, child in children]
+    rebuilt = [_substitute(child, replacements, found, unreachable, built) for _, child in children]
     if all(n is c for n, (_, c) in zip(rebuilt, children, strict=True)):
         return v
     result = built[id(v)] = node.rebuild(v, rebuilt)
@@ -270,6 +285,28 @@ def _substitute(
 
 
 _MISSING = object()
+
+
+def _held_inside(value: Any, ids: Mapping[int, Any]) -> set[int]:
+    """The keys of ``ids`` that are ids of objects anywhere inside ``value`` (its attributes,
+    containers, and theirs), ``value`` itself not counted. Depth first, each object once."""
+    inside: set[int] = set()
+    seen: set[int] = {id(value)}
+    stack: list[Any] = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or isinstance(v, torch.Tensor):
+            continue
+        seen.add(id(v))
+        if id(v) in ids:
+            inside.add(id(v))
+        if isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            stack.extend(vars(v).values())
+    return inside
 
 
 def _located(error: ModelError, path: tuple[PathKey, ...], root: Any) -> ModelError:

@@ -184,7 +184,22 @@ def training(
     if not active.own:
         return result, model
     found: set[int] = set()
-    updated = substitute(model, {k: new for k, (_, new) in active.updates.items()}, found)
+    unreachable: set[int] = set()
+    replacements = {k: new for k, (_, new) in active.updates.items()}
+    updated = substitute(model, replacements, found, unreachable)
+    hidden = [active.updates[k][0] for k in active.own if k in unreachable and k in found]
+    if hidden:
+        # Updated where the model holds it plainly but not inside the hand-written instance
+        # that holds it too: the two places would silently disagree. (A layer held only
+        # inside one is not found at all: the error below.)
+        names = ", ".join(sorted({type(layer).__name__ for layer in hidden}))
+        raise StateUpdateError(
+            f"{len(hidden)} stateful layer(s) ({names}) updated their state in this training "
+            "pass but are held inside a hand-written instance (flatten_parameters / "
+            "replace_own_parameters methods), which training cannot rebuild, so the update "
+            "would be lost there. Hold stateful layers in fields of Parameterized classes, "
+            "lists, tuples or dicts."
+        )
     lost = [active.updates[k][0] for k in active.own if k not in found]
     if lost:
         names = ", ".join(sorted({type(layer).__name__ for layer in lost}))
