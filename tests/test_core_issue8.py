@@ -609,3 +609,24 @@ def test_a_sub_model_shared_by_a_hand_written_instance_and_a_field_stays_one_obj
         outer = new[0] if isinstance(new[0], Aff) else new[1]
         assert inner is outer
         assert torch.equal(outer.w, torch.ones(2))
+
+
+def test_a_parameter_stored_outside_the_fields_by_post_init_is_refused_at_construction() -> None:
+    # Found by review: flatten skipped it and replace copied the old one unchanged.
+    class Cached(dp.Parameterized):
+        n: int
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "w", dp.make_independent(torch.zeros(self.n)))
+
+    with pytest.raises(dp.HiddenParameterError) as error:
+        Cached(3)
+    assert error.value.path == "w"
+
+    class Constant(dp.Parameterized):  # a plain tensor (a constant) there is fine
+        n: int
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "cache", torch.zeros(self.n))
+
+    assert dp.flatten_parameters(Constant(2)) == []

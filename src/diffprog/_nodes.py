@@ -46,6 +46,7 @@ __all__ = [
     "node_for",
     "register_parameterized",
     "replace_value",
+    "scan_hidden",
     "unique",
 ]
 
@@ -454,7 +455,7 @@ class _ModuleNode(Node):
                 f"a torch.nn.Module ({type(value).__name__}) holding parameter {name!r}",
                 self._FIX,
             )
-        found = _scan_hidden(value)  # attributes torch does not register (a list of them)
+        found = scan_hidden(value)  # attributes torch does not register (a list of them)
         if found is not None:
             path, what = found
             err = HiddenParameterError(
@@ -591,7 +592,7 @@ def _slot_names(cls: type) -> tuple[str, ...]:
     return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
-def _scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
+def scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
     """Look for a Parameter inside an opaque value; return its path and what holds it.
 
     Depth first with an explicit stack (no recursion limit), each object once.
@@ -628,7 +629,7 @@ def _scan_path(records: list[tuple[int, PathKey | None]], index: int) -> list[Pa
 class _OpaqueNode(Node):
     """A value diffprog does not traverse: a plain object, a set, a ``functools.partial``.
 
-    It is kept as it is, after checking (completely, see ``_scan_hidden``) that no Parameter
+    It is kept as it is, after checking (completely, see ``scan_hidden``) that no Parameter
     hides inside.
     """
 
@@ -638,7 +639,7 @@ class _OpaqueNode(Node):
         self.advice = advice
 
     def _check(self, value: Any) -> None:
-        found = _scan_hidden(value)
+        found = scan_hidden(value)
         if found is not None:
             path, what = found
             err = HiddenParameterError(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from typing_extensions import Self, dataclass_transform
 
-from diffprog._errors import InstanceError
+from diffprog._errors import HiddenParameterError, InstanceError
 from diffprog._layer_fields import install_check
-from diffprog._nodes import INLINE, fields_node, unique
+from diffprog._nodes import INLINE, fields_node, scan_hidden, unique
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 
@@ -96,6 +97,7 @@ class Parameterized:
             )
         dataclasses.dataclass(cls, frozen=True, eq=False, repr=False, **options)
         install_check(cls)  # a spec where a layer belongs is refused at construction
+        _refuse_parameters_outside_fields(cls)
 
     def flatten_parameters(self) -> list[Any]:
         """This value's parameters, depth first in field order (the derived default).
@@ -114,6 +116,39 @@ class Parameterized:
 
     def __repr__(self) -> str:
         return tree_repr(self)
+
+
+def _refuse_parameters_outside_fields(cls: type) -> None:
+    """Make construction refuse a Parameter that ``__post_init__`` stores outside the fields.
+
+    Such an attribute (a cache, a derived tensor) is neither flattened nor replaced, so a
+    Parameter there would silently not be trained. Only a class with a ``__post_init__`` can
+    have one (the value is frozen), so only such a class pays for the check.
+    """
+    init = vars(cls).get("__init__")
+    if init is None or not any("__post_init__" in vars(c) for c in cls.__mro__):
+        return
+    names = frozenset(f.name for f in dataclasses.fields(cls))
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for name, value in self.__dict__.items():
+            if name not in names:
+                found = scan_hidden(value)
+                if found is not None:
+                    path, what = found
+                    error = HiddenParameterError(
+                        f"{what} in attribute {name!r}, which is not a field",
+                        "Declare it as a field (field(init=False) if __post_init__ computes "
+                        "it), so that it is flattened and replaced like the others.",
+                    )
+                    for key in reversed([("attr", name), *path]):
+                        error.push(*key)
+                    error.root = type(self).__name__
+                    raise error
+
+    type.__setattr__(cls, "__init__", __init__)
 
 
 Parameterized.flatten_parameters.__diffprog_default__ = True  # type: ignore[attr-defined]
