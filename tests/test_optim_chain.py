@@ -189,6 +189,11 @@ def test_chain_refuses_parts_in_the_wrong_place() -> None:
         chain(clip_by_value(1.0))
     with pytest.raises(TypeError, match="needs an optimizer"):
         chain()
+    # found by review: the class instead of a value failed later with an unrelated error
+    with pytest.raises(TypeError, match=r"got Adam \(a class\): build it first"):
+        chain(clip_by_value(1.0), Adam)
+    with pytest.raises(TypeError, match="an optimizer value"):
+        chain(clip_by_value(1.0), "Adam")
 
 
 def test_apply_gradients_goes_through_the_chain() -> None:

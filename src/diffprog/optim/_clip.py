@@ -355,6 +355,13 @@ def chain(*parts: Any) -> Chain[Any]:
             )
     if isinstance(inner, GradientTransform):
         raise TypeError("chain's last argument must be the optimizer, not a transform.")
+    if isinstance(inner, type) or not callable(getattr(inner, "step", None)):
+        what = inner.__name__ if isinstance(inner, type) else type(inner).__name__
+        raise TypeError(
+            f"chain's last argument must be an optimizer value (with a step method), got "
+            f"{what}{' (a class)' if isinstance(inner, type) else ''}: build it first, e.g. "
+            "Adam.init(model)."
+        )
     return Chain(tuple(transforms), inner)
 
 
