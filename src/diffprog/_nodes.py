@@ -46,6 +46,7 @@ __all__ = [
     "node_for",
     "register_parameterized",
     "replace_value",
+    "scan_children",
     "scan_hidden",
     "unique",
 ]
@@ -518,7 +519,7 @@ _SCAN_LEAVES: frozenset[type] = frozenset(
 )
 
 
-def _scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
+def scan_children(v: Any) -> list[tuple[PathKey, Any]] | str | None:
     """What the scan looks at inside ``v``: its children with their path keys, or a text
     saying that ``v`` is itself a parameter holder (found), or None for a leaf.
 
@@ -608,7 +609,7 @@ def scan_hidden(value: Any) -> tuple[list[PathKey], str] | None:
             continue
         seen[id(v)] = v
         records.append((parent, key))
-        found = _scan_children(v)
+        found = scan_children(v)
         if found is None:
             continue
         if isinstance(found, str):

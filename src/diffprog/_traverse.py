@@ -17,7 +17,15 @@ from diffprog._errors import (
     render_path,
     state_dict_path,
 )
-from diffprog._nodes import _CACHE, HandWrittenNode, fields_node, node_for, replace_value, unique
+from diffprog._nodes import (
+    _CACHE,
+    HandWrittenNode,
+    fields_node,
+    node_for,
+    replace_value,
+    scan_children,
+    unique,
+)
 from diffprog._stream import CheckingStream, ParamStream
 
 __all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
@@ -288,24 +296,21 @@ _MISSING = object()
 
 
 def _held_inside(value: Any, ids: Mapping[int, Any]) -> set[int]:
-    """The keys of ``ids`` that are ids of objects anywhere inside ``value`` (its attributes,
-    containers, and theirs), ``value`` itself not counted. Depth first, each object once."""
+    """The keys of ``ids`` that are ids of objects anywhere inside ``value`` (``value`` itself
+    not counted), looked for as the hidden-parameter scan looks (``scan_children``)."""
     inside: set[int] = set()
-    seen: set[int] = {id(value)}
-    stack: list[Any] = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    seen: set[int] = set()
+    stack: list[Any] = [value]
     while stack:
         v = stack.pop()
-        if id(v) in seen or isinstance(v, torch.Tensor):
+        if id(v) in seen:
             continue
         seen.add(id(v))
-        if id(v) in ids:
+        if id(v) in ids and v is not value:
             inside.add(id(v))
-        if isinstance(v, (list, tuple, set, frozenset)):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif hasattr(v, "__dict__") and not isinstance(v, type):
-            stack.extend(vars(v).values())
+        children = scan_children(v)
+        if isinstance(children, list):
+            stack.extend(child for _, child in children)
     return inside
 
 

@@ -26,7 +26,7 @@ from diffprog import (
     replace_parameters,
     walk,
 )
-from diffprog._errors import render_path
+from diffprog._errors import render_path, state_dict_path
 
 __all__ = [
     "NonFiniteError",
@@ -377,7 +377,8 @@ def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
             if value is not kept:
                 raise DiffprogError(
                     f"the tree holds two different tensors for one tied parameter, at "
-                    f"{_path_text(first_path)} and {_path_text(path)}; only one would be used. "
+                    f"{state_dict_path(first_path)} and {state_dict_path(path)}; only one "
+                    "would be used. "
                     "Put their sum at both places (the gradient of a tied parameter is the "
                     "sum over its uses), or pass a list in flatten_parameters order."
                 )
@@ -390,11 +391,6 @@ def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
             )
         out.append(value)
     return out
-
-
-def _path_text(path: tuple[Any, ...]) -> str:
-    """``walk``'s path keys as a ``state_dict``-style name (``layers.0.weight``)."""
-    return ".".join(str(key[1]) for key in path) or "the top"
 
 
 def apply_updates(model: M, updates: Any) -> M:
