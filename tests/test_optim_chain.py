@@ -235,7 +235,17 @@ class _BadTransform(dp.Parameterized):
 
 
 @pytest.mark.parametrize("kind", ["row mean", "transposed", "none", "float64", "too few"])
-@pytest.mark.parametrize("inner", [lambda p: GD(), lambda p: Adam.init(p), lambda p: SGD.init(p)])
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda p: GD(),
+        lambda p: Adam.init(p),
+        lambda p: Adam.init(p, donate=True),
+        lambda p: SGD.init(p),
+        lambda p: TorchOptimizer.init(p, torch.optim.Adam, fused=True),
+    ],
+    ids=["GD", "Adam", "Adam-donate", "SGD", "TorchOptimizer"],
+)
 @pytest.mark.parametrize("route", ["run_step", "step"])
 def test_what_a_transform_returns_is_checked_on_every_route(
     kind: str, inner: Callable[[Any], Any], route: str
