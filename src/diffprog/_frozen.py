@@ -38,10 +38,10 @@ class Frozen(torch.Tensor):
         return torch.Tensor._make_subclass(cls, data.detach(), False)
 
     # As torch.nn.Parameter: operations see a plain tensor and return plain tensors.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
-    def __repr__(self) -> str:
-        return "Frozen containing:\n" + super().__repr__()
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return "Frozen containing:\n" + str(torch.Tensor.__repr__(self))  # type: ignore[no-untyped-call]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Frozen:
         if id(self) in memo:
