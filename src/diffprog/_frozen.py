@@ -40,7 +40,7 @@ class Frozen(torch.Tensor):
     # As torch.nn.Parameter: operations see a plain tensor and return plain tensors.
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return "Frozen containing:\n" + str(torch.Tensor.__repr__(self))  # type: ignore[no-untyped-call]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Frozen:
