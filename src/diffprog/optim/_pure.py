@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -460,14 +461,21 @@ class PureOptimizer(Parameterized):
         """The state the update of parameters ``idx`` writes: fresh copies of the held state
         (the held state itself when donated), or zero state where none is held yet."""
         work: dict[str, list[torch.Tensor]] = {}
+        copied: list[str] = []
         for name in self._state_names(hyper):
             held = states[name]
             if not held:  # built without init: state starts at zero on the first step
                 work[name] = [self._init_state(name, p, hyper) for p in params]
                 continue
             # Every trained parameter has state of each kind its group needs: no None here.
-            current: list[torch.Tensor] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
-            work[name] = current if self.donate else clone_all(current)
+            work[name] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
+            copied.append(name)
+        if copied and not self.donate:
+            # Every kind copied in one multi-tensor call: one dispatch rather than one per kind
+            # (a small model's step is dominated by such per-call costs).
+            copies = clone_all([t for name in copied for t in work[name]])
+            for k, name in enumerate(copied):
+                work[name] = copies[k * len(params) : (k + 1) * len(params)]
         return work
 
     def _checked(self, outs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -530,12 +538,21 @@ def consuming_step(optimizer: object) -> ConsumingStep | None:
         (True, None)
     """
     cls = type(optimizer)
+    consumes = _CONSUMES.get(cls)
+    if consumes is None:
+        consumes = _CONSUMES[cls] = _consumes(cls)
+    return optimizer._diffprog_step if consumes else None  # type: ignore[attr-defined, no-any-return]
+
+
+# Whether a class's step is its _diffprog_step, per class: looked up on every training step.
+_CONSUMES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _consumes(cls: type) -> bool:
     for base in cls.__mro__:
         if "_diffprog_step" in vars(base):
-            if getattr(cls, "step", None) is not vars(base).get("step"):
-                return None
-            return optimizer._diffprog_step  # type: ignore[attr-defined, no-any-return]
-    return None
+            return getattr(cls, "step", None) is vars(base).get("step")
+    return False
 
 
 PIECE_BYTES = 64 * 2**20
