@@ -541,7 +541,7 @@ def consuming_step(optimizer: object) -> ConsumingStep | None:
     consumes = _CONSUMES.get(cls)
     if consumes is None:
         consumes = _CONSUMES[cls] = _consumes(cls)
-    return optimizer._diffprog_step if consumes else None  # type: ignore[attr-defined, no-any-return]
+    return optimizer._diffprog_step if consumes else None  # type: ignore[attr-defined]
 
 
 # Whether a class's step is its _diffprog_step, per class: looked up on every training step.
