@@ -6,6 +6,7 @@ it from new ones. Everything else (optimizers, layers, training loops) is built 
 """
 
 from diffprog._autograd import IndependentTensor, Parameter, grad, make_independent, to_dependent
+from diffprog._compare import Comparison, allclose, tree_equal
 from diffprog._errors import (
     CycleError,
     DiffprogError,
@@ -29,6 +30,10 @@ from diffprog._traverse import flatten_parameters, named_parameters, replace_par
 __version__ = "0.1.0"
 
 __all__ = [
+    # inspecting: comparing models, summaries
+    "Comparison",
+    "allclose",
+    "tree_equal",
     "CycleError",
     "DeviceLike",
     "DiffprogError",
