@@ -179,11 +179,10 @@ class _Comparer:
         return Comparison(True)
 
     def compare(self, a: Any, b: Any, path: tuple[PathKey, ...]) -> None:
-        if a is b and not isinstance(a, torch.Tensor):
-            # The same object (a shared sub-model): equal, except that its tensors may be tied
-            # to others differently on each side, which the walk below would find.
-            if node_for(type(a)).static:
-                return
+        # The same static object is equal; the same sub-model is still walked, as its tensors
+        # may be tied to others differently on each side.
+        if a is b and not isinstance(a, torch.Tensor) and node_for(type(a)).static:
+            return
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             self.tensors(a, b, path)
             return
@@ -305,7 +304,7 @@ def _by_attributes(value: Any) -> bool:
     if isinstance(value, torch.nn.Module):
         return True
     return (
-        type(value).__eq__ is object.__eq__
+        type(value).__eq__ is object.__eq__  # type: ignore[comparison-overlap]
         and hasattr(value, "__dict__")
         and not isinstance(value, _BY_IDENTITY)
         and type(value).__module__ != "builtins"
