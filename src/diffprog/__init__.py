@@ -25,6 +25,7 @@ from diffprog._parameterized import Parameterized, field
 from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
+from diffprog._summary import Summary, SummaryRow, summary
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
 
 __version__ = "0.1.0"
@@ -32,7 +33,10 @@ __version__ = "0.1.0"
 __all__ = [
     # inspecting: comparing models, summaries
     "Comparison",
+    "Summary",
+    "SummaryRow",
     "allclose",
+    "summary",
     "tree_equal",
     "CycleError",
     "DeviceLike",
