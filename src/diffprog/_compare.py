@@ -312,7 +312,14 @@ def _by_attributes(value: Any) -> bool:
 
 
 def _attributes(value: Any) -> list[tuple[PathKey, Any]]:
-    return [(("attr", name), v) for name, v in vars(value).items()]
+    """An object's attributes: its ``__dict__``, then its slots (those that are set)."""
+    out = [(("attr", name), v) for name, v in getattr(value, "__dict__", {}).items()]
+    for cls in type(value).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                out.append((("attr", name), getattr(value, name)))
+    return out
 
 
 def _values_differ(a: torch.Tensor, b: torch.Tensor, tol: _Tolerance) -> str | None:
@@ -344,7 +351,9 @@ def _describe(a: torch.Tensor, b: torch.Tensor, differ: torch.Tensor, tol: _Tole
     ranked = torch.where(differ, gap.nan_to_num(nan=inf, posinf=inf), torch.zeros_like(gap))
     flat = int(ranked.flatten().argmax())
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
-    largest = gap.flatten()[flat]
+    largest = gap.flatten()[flat].item()
+    if not (a.is_floating_point() or a.is_complex()):
+        largest = int(largest)
     text = (
         f"values differ: {int(differ.sum())} of {a.numel()} elements, largest |a - b| = "
         f"{_item(largest)} at index {index} ({_item(a.flatten()[flat])} vs "

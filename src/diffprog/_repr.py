@@ -121,7 +121,9 @@ class _Renderer:
             text = leaf_text(value)
             return _clip(text, max(self.width - col - tail, 20))
         # The children as every traversal sees them; the node's kind decides the brackets.
-        items = [(self.label(key), v) for key, v in node.children(value)]
+        # a long label (a dict key) is clipped to leave at least 12 columns for its value
+        room = max(8, self.width - indent - 2 - 12)
+        items = [(self.label(key, room), v) for key, v in node.children(value)]
         if isinstance(node, (FieldsNode, _NamedTupleNode)):
             opening, closing = f"{type(value).__name__}(", ")"
         elif isinstance(node, _DictNode):
@@ -132,7 +134,11 @@ class _Renderer:
             opening, closing = "(", ",)" if len(items) == 1 else ")"
         if id(value) in self.active:
             return "<cycle>"
-        if items and (indent >= 2 * _MAX_DEPTH or self.width - indent < _MIN_ROOM):
+        if items and (
+            indent >= 2 * _MAX_DEPTH
+            or self.width - indent < _MIN_ROOM
+            or col + len(opening) + 4 > self.width  # a long label: no room for the opening
+        ):
             return f"{opening}...{closing.lstrip(',')}"
         self.active.add(id(value))
         try:
@@ -190,12 +196,13 @@ class _Renderer:
         return out
 
     @staticmethod
-    def label(key: PathKey) -> str:
-        """What stands before a child: ``name=`` for a field, ``'k': `` for a dict key."""
+    def label(key: PathKey, room: int) -> str:
+        """What stands before a child: ``name=`` for a field, ``'k': `` for a dict key; at
+        most ``room`` columns (and 42 for a dict key)."""
         kind, name = key
         if kind == "key":
-            return f"{_clip(repr(name), 40)}: "
-        return "" if kind == "index" else f"{name}="
+            return f"{_clip(repr(name), min(40, room - 2))}: "
+        return "" if kind == "index" else f"{_clip(str(name), room - 1)}="
 
 
 def _same(a: Any, text_a: str, b: Any, text_b: str) -> bool:
