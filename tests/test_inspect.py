@@ -185,7 +185,7 @@ def test_summary_leaves_out_the_frozen_and_buffer_columns_when_there_are_none() 
 def test_summary_depth_groups_rows_by_path_prefix() -> None:
     model = dp.sample(dnn.SequentialSpec(LinearSpec(3, 4), dnn.BatchNorm1dSpec(4)))
     s = dp.summary(model, depth=1)
-    header, body, total = s.table()
+    _, body, total = s.table()
     assert [cells[0] for cells in body] == ["0", "1"]  # the inline field adds no part
     assert [cells[1] for cells in body] == ["Linear", "BatchNorm1d"]
     assert body[1][2] == "5 tensors" and body[1][3] == "float32, int64"
@@ -248,7 +248,7 @@ def test_summary_renders_with_rich_when_installed() -> None:
 def test_summary_html_is_a_table_with_escaped_text() -> None:
     page = dp.summary({"<b>": param(2)})._repr_html_()
     assert page.startswith("<table>") and "&lt;b&gt;.0" not in page
-    assert "&lt;b&gt;" in page and "<b>" not in page.replace("<b>", "", 0)
+    assert "&lt;b&gt;" in page and "<b>" not in page
     assert page.count("<tr>") == 3  # header, one row, totals
 
 
