@@ -348,7 +348,7 @@ def _groups(
             _Group(
                 path=state_dict_path(prefix),
                 type=_type_name(values.get(prefix, model)),
-                shape=f"{len(group)} tensor{'s' if len(group) > 1 else ''}",
+                shape=_tensor_count(group),
                 dtype=_common(str(row.dtype).removeprefix("torch.") for row in group),
                 device=_common(str(row.device) for row in group),
                 counts=counts,
@@ -356,6 +356,13 @@ def _groups(
             )
         )
     return tuple(out)
+
+
+def _tensor_count(group: list[SummaryRow]) -> str:
+    """``3 tensors``, ``2 tensors (1 tied)``: how many tensors a group row stands for."""
+    text = f"{len(group)} tensor{'s' if len(group) > 1 else ''}"
+    tied = sum(row.tied_to is not None for row in group)
+    return f"{text} ({tied} tied)" if tied else text
 
 
 def _common(texts: Iterator[str]) -> str:
