@@ -493,7 +493,14 @@ def test_repr_folds_only_runs_of_the_same_structure() -> None:
     text = dp.tree_repr(items)
     assert "(0-1): 2 x Block(" in text and "(2): Block(" in text and "(3): Block(" in text
     assert "(4): Block(" in text and "(5-7): 3 x Block(" in text
-    assert "f32[4,4]" in text and "f64[8,8]" in text and "const f32[8]" in text
+    assert "f32[4,4]" in text and "f64[8,8]" in text and "bias=frozen f32[8]" in text
+
+
+def test_repr_tells_parameters_buffers_and_frozen_parameters_apart() -> None:
+    text = repr(policy())
+    assert "'frozen': frozen f32[2]" in text  # a frozen parameter
+    assert "running_mean=const f32[4]" in text  # a buffer
+    assert "'tied': f32[4,3]" in text  # a Parameter
 
 
 def test_a_short_sequence_is_not_folded() -> None:

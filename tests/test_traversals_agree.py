@@ -137,7 +137,7 @@ def records_in(value: Any) -> list[Any]:
 
 def shapes_in_repr(value: Any) -> list[int]:
     """The sizes of the parameters ``repr`` shows, in its order (constants left out)."""
-    found = re.finditer(r"(const )?f32\[(\d+)\]", dp.tree_repr(value, fold=False))
+    found = re.finditer(r"(const |frozen )?f32\[(\d+)\]", dp.tree_repr(value, fold=False))
     return [int(m.group(2)) for m in found if not m.group(1)]
 
 

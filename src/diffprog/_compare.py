@@ -365,4 +365,15 @@ def _describe(a: torch.Tensor, b: torch.Tensor, differ: torch.Tensor, tol: _Tole
 
 
 def _item(value: Any) -> Any:
-    return value.item() if isinstance(value, torch.Tensor) else value
+    """A number to show: a float with 6 significant digits (a message, not a record)."""
+    number = value.item() if isinstance(value, torch.Tensor) else value
+    if isinstance(number, float):
+        return _float(number)
+    if isinstance(number, complex):
+        return f"({_float(number.real)}{'+' if number.imag >= 0 else ''}{_float(number.imag)}j)"
+    return number
+
+
+def _float(x: float) -> str:
+    text = f"{x:.6g}"
+    return text if any(c in text for c in ".eni") else text + ".0"  # 1.0, not 1

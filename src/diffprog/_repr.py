@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from diffprog._errors import PathKey
+from diffprog._frozen import Frozen
 from diffprog._nodes import (
     FieldsNode,
     HandWrittenNode,
@@ -39,7 +40,8 @@ _DTYPES = {
 
 
 def tensor_summary(t: torch.Tensor) -> str:
-    """``f32[1,3]``: dtype and shape; ``const`` marks a non-Parameter tensor, ``@`` a device.
+    """``f32[1,3]``: dtype and shape; ``const`` marks a constant (buffer), ``frozen`` a frozen
+    parameter, ``@`` a device.
 
     Example:
         >>> tensor_summary(torch.zeros(2, 3, dtype=torch.float64))
@@ -49,7 +51,9 @@ def tensor_summary(t: torch.Tensor) -> str:
     text = f"{dtype}[{','.join(str(d) for d in t.shape)}]"
     if t.device.type != "cpu":
         text += f"@{t.device}"
-    if not isinstance(t, torch.nn.Parameter):
+    if isinstance(t, Frozen):
+        text = "frozen " + text
+    elif not isinstance(t, torch.nn.Parameter):
         text = "const " + text
     return text
 
