@@ -534,3 +534,17 @@ def test_repr_of_a_tie_and_a_hand_written_instance_in_a_folded_list() -> None:
     cell = Cell(param(2, 3), param(2, 2))
     text = dp.tree_repr([cell] * 30)
     assert text == "[(0-29): 30 x Cell(weight_ih=f32[2,3], weight_hh=f32[2,2], hidden=2)]"
+
+
+def test_a_sub_value_shared_at_many_paths_is_rendered_and_compared_once() -> None:
+    shared: Any = param(1)
+    for _ in range(16):  # 3**16 paths: visiting each would not finish
+        shared = [shared, shared, shared]
+    assert dp.tree_repr(shared).count("f32[1]") == 3
+    assert dp.tree_equal(shared, shared)
+    same: Any = param(1)
+    changed: Any = param(1, value=1)
+    for _ in range(16):
+        same, changed = [same, same, same], [changed, changed, changed]
+    assert dp.tree_equal(shared, same)
+    assert dp.tree_equal(shared, changed).path == "[0]" * 16

@@ -169,6 +169,9 @@ class _Comparer:
         self.first_b: dict[int, tuple[PathKey, ...]] = {}
         # pairs (id(a), id(b)) of containers being compared, to stop at a cycle
         self.active: set[tuple[int, int]] = set()
+        # pairs found equal: a sub-model shared at several paths on both sides is compared
+        # once (its tensors were met at the same first paths on both sides, so its ties agree)
+        self.equal: set[tuple[int, int]] = set()
 
     def run(self, a: Any, b: Any) -> Comparison:
         try:
@@ -187,14 +190,14 @@ class _Comparer:
             self.tensors(a, b, path)
             return
         if type(a) is not type(b):
-            raise _Difference(f"type {type(a).__qualname__} vs {type(b).__qualname__}")
+            raise _Difference(f"type {_type_names(type(a), type(b))}")
         children = self.children(a, b)
         if children is None:
             self.static(a, b)
             return
         pair = (id(a), id(b))
-        if pair in self.active:
-            return  # a cycle: met again while comparing it
+        if pair in self.active or pair in self.equal:
+            return  # a cycle (met again while comparing it), or a pair found equal before
         self.active.add(pair)
         try:
             for key, x, y in children:
@@ -205,6 +208,7 @@ class _Comparer:
                     raise
         finally:
             self.active.discard(pair)
+        self.equal.add(pair)
 
     def children(self, a: Any, b: Any) -> list[tuple[PathKey, Any, Any]] | None:
         """The children of ``a`` and ``b`` (of one type) paired by key, or ``None`` for leaves.
@@ -267,6 +271,13 @@ class _Comparer:
         at_b = self.first_b.setdefault(id(b), path)
         if at_a != at_b:
             raise _Difference(f"ties differ: {_tie(at_a, path)} in a, {_tie(at_b, path)} in b")
+
+
+def _type_names(a: type, b: type) -> str:
+    """``Linear vs Identity``; with the modules where the names alone are the same."""
+    if a.__qualname__ != b.__qualname__:
+        return f"{a.__qualname__} vs {b.__qualname__}"
+    return f"{a.__module__}.{a.__qualname__} vs {b.__module__}.{b.__qualname__}"
 
 
 def _tie(first: tuple[PathKey, ...], path: tuple[PathKey, ...]) -> str:

@@ -112,12 +112,25 @@ class _Renderer:
         self.width = width
         self.fold = fold
         self.active: set[int] = set()
+        # A sub-value shared at several paths is rendered once per place on the line: without
+        # this, a list holding one list three times, twelve levels deep, takes 3**12 renders.
+        self.done: dict[tuple[int, int, int, int], str] = {}
 
     def render(self, value: Any, col: int, indent: int, tail: int) -> str:
         """``value``'s text, whose first line starts at column ``col`` (after its label) and
         whose other lines are indented by ``indent``; ``tail`` columns follow it (a comma)."""
         if isinstance(value, torch.Tensor):
             return tensor_summary(value)
+        key = (id(value), col, indent, tail)
+        text = self.done.get(key)
+        if text is None:
+            text = self.render_value(value, col, indent, tail)
+            if "<cycle>" not in text:  # (a cycle's text depends on where it is entered)
+                self.done[key] = text
+        return text
+
+    def render_value(self, value: Any, col: int, indent: int, tail: int) -> str:
+        """:meth:`render`, not remembered."""
         node = node_for(type(value))
         if isinstance(node, HandWrittenNode) and dataclasses.is_dataclass(value):
             node = fields_node(type(value))  # show a hand-written instance by its fields
