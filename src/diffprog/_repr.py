@@ -20,7 +20,7 @@ from diffprog._nodes import (
     node_for,
 )
 
-__all__ = ["tensor_summary", "tree_repr"]
+__all__ = ["leaf_text", "tensor_summary", "tree_repr"]
 
 _WIDTH = 88
 _DTYPES = {
@@ -137,8 +137,8 @@ class _Renderer:
         if not isinstance(node, (FieldsNode, _NamedTupleNode, _SequenceNode, _DictNode)):
             text = leaf_text(value)
             return _clip(text, max(self.width - col - tail, 20))
-        # The children as every traversal sees them; the node's kind decides the brackets.
-        # a long label (a dict key) is clipped to leave at least 12 columns for its value
+        # The children as every traversal sees them; the node's kind decides the brackets. A
+        # long label (a dict key) is clipped to leave at least 12 columns for its value.
         room = max(8, self.width - indent - 2 - 12)
         items = [(self.label(key, room), v) for key, v in node.children(value)]
         if isinstance(node, (FieldsNode, _NamedTupleNode)):
