@@ -548,3 +548,16 @@ def test_a_sub_value_shared_at_many_paths_is_rendered_and_compared_once() -> Non
         same, changed = [same, same, same], [changed, changed, changed]
     assert dp.tree_equal(shared, same)
     assert dp.tree_equal(shared, changed).path == "[0]" * 16
+
+
+@pytest.mark.cuda
+def test_cuda_models_summarise_compare_and_print_their_device() -> None:
+    model = policy(device="cuda")
+    s = dp.summary(model)
+    assert {row.device.type for row in s.rows} == {"cuda", "cpu"}  # Cell, Foreign stay on cpu
+    assert s.total_bytes == dp.summary(policy()).total_bytes
+    assert "cuda:0" in str(s)
+    assert dp.tree_equal(model, policy(device="cuda"))
+    result = dp.tree_equal(policy(), model)
+    assert result.path == "trunk[0].weight" and result.reason == "device cpu vs cuda:0"
+    assert "f32[4,3]@cuda:0" in repr(model)
