@@ -197,6 +197,48 @@ def test_summary_depth_groups_rows_by_path_prefix() -> None:
         dp.summary(model, depth=-1)
 
 
+def test_summary_folds_identical_blocks_into_one_row_per_tensor_torch_style() -> None:
+    model = Model(dp.sample(dnn.EmbeddingSpec(10, 8)), blocks(24), linear(8, 2))
+    s = dp.summary(model)
+    _, body, total = s.table()
+    paths = [cells[0] for cells in body]
+    assert paths == [
+        "embed.weight",
+        "layers.0-23.attn.weight",
+        "layers.0-23.attn.bias",
+        "layers.0-23.mlp.0-1.weight",  # the pair inside each block is folded too
+        "layers.0-23.mlp.0-1.bias",
+        "layers.0-23.norm.weight",
+        "layers.0-23.norm.bias",
+        "head.weight",
+        "head.bias",
+    ]
+    attn = body[1]
+    assert attn[1:5] == ["24 x Linear", "[8, 8]", "float32", "cpu"]
+    assert attn[5] == f"{24 * 64:,}"  # the 24 tensors' elements together
+    assert body[3][1] == "48 x Linear" and body[3][5] == f"{48 * 64:,}"
+    assert len(s.rows) == 1 + 24 * 8 + 2  # rows keep every tensor
+    unfolded = dp.summary(model, fold=False).table()
+    assert len(unfolded[1]) == len(s.rows) and unfolded[2] == total
+    _, by_block, _ = dp.summary(model, depth=2).table()
+    assert [cells[:3] for cells in by_block[1:2]] == [["layers.0-23", "24 x Block", "192 tensors"]]
+
+
+def test_summary_folds_only_items_alike_in_kind_shape_and_ties() -> None:
+    layers = [linear(8, 8, seed=i) for i in range(10)]
+    layers[3] = linear(8, 4)  # another shape
+    frozen = {i: dataclasses.replace(layers[i], bias=Frozen(layers[i].bias)) for i in (5, 6)}
+    layers[5], layers[6] = frozen[5], frozen[6]
+    layers[8] = layers[7]  # a tie: the same layer twice
+    _, body, _ = dp.summary(tuple(layers), depth=1).table()
+    assert [cells[0] for cells in body] == ["0-2", "3", "4", "5-6", "7", "8", "9"]
+    assert body[3][1] == "2 x Linear" and body[5][2] == "2 tensors (2 tied)"
+    p = param(3)
+    _, body, _ = dp.summary([p, p, p, param(3)], depth=1).table()
+    assert [cells[0] for cells in body] == ["0", "1-2", "3"]  # the tied two, then another
+    assert body[1][2] == "[3] (2 tied)" and body[1][5] == "-"
+
+
 def test_summary_group_of_a_tie_counts_it_once() -> None:
     w = param(3, 3)
     s = dp.summary({"a": {"x": w, "y": w}, "b": {"z": w}}, depth=1)

@@ -59,7 +59,7 @@ class SummaryRow:
     tied_to: str | None = None
 
 
-def summary(model: Any, *, depth: int | None = None) -> Summary:
+def summary(model: Any, *, depth: int | None = None, fold: bool = True) -> Summary:
     """A table of the tensors of ``model``: paths, layers, shapes, dtypes, devices, counts.
 
     Reads no tensor values, so it works on a ``meta`` model. Each tensor has a row at each path
@@ -72,6 +72,10 @@ def summary(model: Any, *, depth: int | None = None) -> Summary:
         depth: show only the first ``depth`` parts of each path, one row per group with its
             totals (``depth=1``: one row per top-level layer). ``None``: one row per tensor.
             Only the rendering depends on it; ``rows`` always lists every tensor.
+        fold: show the rows of a run of identical items of a list or tuple (the 24 blocks
+            of a transformer: same type, same tensor names, kinds, shapes, dtypes, devices and
+            ties) once, as ``repr`` does: ``layers.0-23.linear.weight``, ``24 x Linear``, with
+            the totals of the 24. ``False``: every row. ``rows`` always lists every tensor.
 
     Returns:
         A :class:`Summary`.
@@ -116,7 +120,9 @@ def summary(model: Any, *, depth: int | None = None) -> Summary:
                 tied_to=tied_to,
             )
         )
-    groups = _groups(rows, values, depth, model) if depth is not None else None
+    # Without a depth, every tensor is a group of its own (so only the folding groups them).
+    deepest = max((len(row.keys) for row in rows), default=0)
+    groups = _groups(rows, values, deepest if depth is None else depth, model, fold)
     return Summary(_type_name(model), tuple(rows), depth, groups)
 
 
@@ -328,39 +334,145 @@ def _tensor(row: SummaryRow) -> _Group:
     )
 
 
+# A group of the table: its path prefix and its rows.
+_Entry = tuple[tuple[PathKey, ...], list[SummaryRow]]
+# A row of the table: its path (with ("index", "0-23") where items are folded) and the groups
+# it stands for (one, or the same group of each of several identical items).
+_Line = tuple[tuple[PathKey, ...], list[_Entry]]
+
+
 def _groups(
-    rows: list[SummaryRow], values: dict[tuple[PathKey, ...], Any], depth: int, model: Any
+    rows: list[SummaryRow],
+    values: dict[tuple[PathKey, ...], Any],
+    depth: int,
+    model: Any,
+    fold: bool,
 ) -> tuple[_Group, ...]:
-    """The rows grouped by the first ``depth`` parts of their paths, with their totals."""
+    """The rows grouped by the first ``depth`` parts of their paths, with their totals; with
+    ``fold``, the groups of a run of identical items of a list or tuple (``layers.0``,
+    ``layers.1``...) shown once (``layers.0-23``)."""
     members: dict[tuple[PathKey, ...], list[SummaryRow]] = {}
     for row in rows:
         members.setdefault(_prefix(row.keys, depth), []).append(row)
-    out: list[_Group] = []
-    for prefix, group in members.items():
-        if len(group) == 1 and group[0].keys == prefix:  # a tensor at most depth parts deep
-            out.append(_tensor(group[0]))
-            continue
-        counts: dict[Kind, int] = {}
-        for row in group:
-            if row.tied_to is None:
-                counts[row.kind] = counts.get(row.kind, 0) + row.numel
-        out.append(
-            _Group(
-                path=state_dict_path(prefix),
-                type=_type_name(values.get(prefix, model)),
-                shape=_tensor_count(group),
-                dtype=_common(str(row.dtype).removeprefix("torch.") for row in group),
-                device=_common(str(row.device) for row in group),
-                counts=counts,
-                nbytes=sum(row.nbytes for row in group if row.tied_to is None),
-            )
-        )
-    return tuple(out)
+    entries = list(members.items())
+    lines = (
+        _fold(entries, 0, values) if fold else [(prefix, [(prefix, g)]) for prefix, g in entries]
+    )
+    return tuple(_group_row(path, together, values, model) for path, together in lines)
+
+
+def _fold(entries: list[_Entry], level: int, values: dict[tuple[PathKey, ...], Any]) -> list[_Line]:
+    """The lines of ``entries`` (which share their first ``level`` path keys), with each run of
+    identical neighbouring items of a list or tuple shown once, at every level."""
+    # the children of the node at ``level``, each with its entries (None: the node's own)
+    children: list[tuple[PathKey | None, list[_Entry]]] = []
+    for entry in entries:
+        key = entry[0][level] if len(entry[0]) > level else None
+        if key is not None and children and children[-1][0] == key:
+            children[-1][1].append(entry)
+        else:
+            children.append((key, [entry]))
+    lines: list[_Line] = []
+    start = 0
+    while start < len(children):
+        end = start + 1
+        while end < len(children) and _alike(children[end - 1], children[end], level, values):
+            end += 1
+        run = children[start:end]
+        first, last = run[0][0], run[-1][0]
+        if first is None or last is None:  # an entry at this very level
+            lines.extend((prefix, [(prefix, group)]) for prefix, group in run[0][1])
+        elif len(run) == 1:
+            lines.extend(_fold(run[0][1], level + 1, values))
+        else:
+            # identical items give the same lines; each line stands for its group in all
+            folded = [_fold(group, level + 1, values) for _, group in run]
+            span: PathKey = ("index", f"{first[1]}-{last[1]}")  # torch's 0-23
+            for position, (path, _) in enumerate(folded[0]):
+                together = [entry for lines_of in folded for entry in lines_of[position][1]]
+                lines.append(((*path[:level], span, *path[level + 1 :]), together))
+        start = end
+    return lines
+
+
+def _alike(
+    before: tuple[PathKey | None, list[_Entry]],
+    here: tuple[PathKey | None, list[_Entry]],
+    level: int,
+    values: dict[tuple[PathKey, ...], Any],
+) -> bool:
+    """Whether ``here`` is the item after ``before`` in the same list or tuple, of the same
+    type, with tensors of the same names, kinds, shapes, dtypes, devices and ties."""
+    (key_before, entries_before), (key_here, entries_here) = before, here
+    if key_before is None or key_here is None:
+        return False
+    if key_before[0] != "index" or key_here[0] != "index" or key_here[1] != key_before[1] + 1:
+        return False
+    return _structure(entries_before, level, values) == _structure(entries_here, level, values)
+
+
+def _structure(
+    entries: list[_Entry], level: int, values: dict[tuple[PathKey, ...], Any]
+) -> list[Any]:
+    """What must agree for two items to be shown once: the item's type, and each group's path
+    below the item, type, and tensors."""
+    item = entries[0][0][: level + 1]
+    return [
+        type(values.get(item)),
+        *[
+            (prefix[level + 1 :], type(values.get(prefix)), _signature(prefix, rows))
+            for prefix, rows in entries
+        ],
+    ]
+
+
+def _group_row(
+    path: tuple[PathKey, ...],
+    together: list[_Entry],
+    values: dict[tuple[PathKey, ...], Any],
+    model: Any,
+) -> _Group:
+    """One row of the table: a group, or the same group of several identical items."""
+    prefix, group = together[0]
+    tensor_row = _is_tensor_row(prefix, group)
+    if len(together) == 1 and tensor_row:  # a tensor at most depth parts deep
+        return _tensor(group[0])
+    every = [row for _, rows in together for row in rows]
+    kind = group[0].layer_type if tensor_row else _type_name(values.get(prefix, model))
+    shape = str(list(group[0].shape)) if tensor_row else _tensor_count(every)
+    if len(together) > 1:  # torch's way: 24 x Block
+        kind = f"{len(together)} x {kind}"
+        tied = sum(row.tied_to is not None for row in every)
+        if tensor_row and tied:
+            shape += f" ({tied} tied)"
+    counts: dict[Kind, int] = {}
+    for row in every:
+        if row.tied_to is None:
+            counts[row.kind] = counts.get(row.kind, 0) + row.numel
+    return _Group(
+        path=state_dict_path(path),
+        type=kind,
+        shape=shape,
+        dtype=_common(str(row.dtype).removeprefix("torch.") for row in every),
+        device=_common(str(row.device) for row in every),
+        counts=counts,
+        nbytes=sum(row.nbytes for row in every if row.tied_to is None),
+    )
+
+
+def _is_tensor_row(prefix: tuple[PathKey, ...], group: list[SummaryRow]) -> bool:
+    return len(group) == 1 and group[0].keys == prefix
+
+
+def _signature(prefix: tuple[PathKey, ...], rows: list[SummaryRow]) -> list[Any]:
+    return [
+        (r.keys[len(prefix) :], r.kind, r.shape, r.dtype, r.device, r.tied_to is None) for r in rows
+    ]
 
 
 def _tensor_count(group: list[SummaryRow]) -> str:
     """``3 tensors``, ``2 tensors (1 tied)``: how many tensors a group row stands for."""
-    text = f"{len(group)} tensor{'s' if len(group) > 1 else ''}"
+    text = f"{len(group):,} tensor{'s' if len(group) > 1 else ''}"
     tied = sum(row.tied_to is not None for row in group)
     return f"{text} ({tied} tied)" if tied else text
 
