@@ -64,8 +64,10 @@ def summary(model: Any, *, depth: int | None = None, fold: bool = True) -> Summa
 
     Reads no tensor values, so it works on a ``meta`` model. Each tensor has a row at each path
     where it is reachable; a tied one is counted once, where it is first met (``flatten``
-    order). ``str()`` (and ``repr()``) of the result is a plain-text table; ``rich`` and Jupyter
-    render it as a table (``__rich__``, ``_repr_html_``).
+    order). The table shows a run of identical items of a list or tuple once, as ``repr``
+    does (``layers.0-23.linear.weight``, ``24 x Linear``). ``str()`` (and ``repr()``) of the
+    result is a plain-text table; ``rich`` and Jupyter render it as a table (``__rich__``,
+    ``_repr_html_``).
 
     Args:
         model: any value diffprog traverses (a Parameterized model, a dict of them...).
