@@ -536,7 +536,8 @@ def test_repr_shows_structure_shapes_and_dtypes_never_contents() -> None:
 
 
 def test_repr_of_nested_model_is_an_indented_tree() -> None:
-    assert repr(net()) == (
+    # every item shown (fold=False); repr itself folds the three identical blocks (issue 11)
+    assert dp.tree_repr(net(), fold=False) == (
         "Net(\n"
         "  blocks=[\n"
         "    Block(linear=Linear(weight=f32[2,2], bias=f32[2])),\n"
@@ -544,6 +545,9 @@ def test_repr_of_nested_model_is_an_indented_tree() -> None:
         "    Block(linear=Linear(weight=f32[2,2], bias=f32[2])),\n"
         "  ],\n"
         ")"
+    )
+    assert (
+        repr(net()) == "Net(blocks=[(0-2): 3 x Block(linear=Linear(weight=f32[2,2], bias=f32[2]))])"
     )
 
 

@@ -9,6 +9,7 @@ properties check, on random models, that they cannot disagree.
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import traceback
@@ -137,7 +138,7 @@ def records_in(value: Any) -> list[Any]:
 
 def shapes_in_repr(value: Any) -> list[int]:
     """The sizes of the parameters ``repr`` shows, in its order (constants left out)."""
-    found = re.finditer(r"(const )?f32\[(\d+)\]", dp.tree_repr(value))
+    found = re.finditer(r"(const |frozen )?f32\[(\d+)\]", dp.tree_repr(value, fold=False))
     return [int(m.group(2)) for m in found if not m.group(1)]
 
 
@@ -206,6 +207,29 @@ def test_replace_fills_each_slot_with_the_parameter_flatten_listed_there(
         assert ids(dp.flatten_parameters(swapped)) == ids(new)
         # and the same parameters give back the very same value: nothing is copied
         assert dp.replace_parameters(model, flat) is model
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_summary_and_tree_equal_see_the_tensors_every_traversal_sees(
+    data: st.DataObject,
+) -> None:
+    # issue 11: summary's rows are walk's tensors; tree_equal finds a changed parameter at
+    # the first path walk gives it (the comparison follows the same children)
+    model = data.draw(models(_pool()))
+    walked = [(keys, leaf) for keys, leaf in dp.walk(model) if isinstance(leaf, torch.Tensor)]
+    s = dp.summary(model)
+    assert [row.keys for row in s.rows] == [keys for keys, _ in walked]
+    flat = dp.flatten_parameters(model)
+    assert s.trainable_parameters == sum(p.numel() for p in flat)
+    assert dp.tree_equal(model, dp.replace_parameters(model, flat))
+    assert dp.tree_equal(model, copy.deepcopy(model))
+    if flat:
+        k = data.draw(st.integers(0, len(flat) - 1))
+        changed = [dp.make_independent(p.detach() + (i == k)) for i, p in enumerate(flat)]
+        result = dp.tree_equal(model, dp.replace_parameters(model, changed))
+        assert result.keys == next(keys for keys, leaf in walked if leaf is flat[k])
+        assert (result.reason or "").startswith("values differ")
 
 
 @settings(max_examples=100, deadline=None)

@@ -6,6 +6,7 @@ it from new ones. Everything else (optimizers, layers, training loops) is built 
 """
 
 from diffprog._autograd import IndependentTensor, Parameter, grad, make_independent, to_dependent
+from diffprog._compare import Comparison, allclose, tree_equal
 from diffprog._errors import (
     CycleError,
     DiffprogError,
@@ -24,11 +25,19 @@ from diffprog._parameterized import Parameterized, field
 from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
+from diffprog._summary import Summary, SummaryRow, summary
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # inspecting: comparing models, summaries
+    "Comparison",
+    "Summary",
+    "SummaryRow",
+    "allclose",
+    "summary",
+    "tree_equal",
     "CycleError",
     "DeviceLike",
     "DiffprogError",
