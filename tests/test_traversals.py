@@ -182,6 +182,17 @@ def test_map_parameters_errors_name_the_path(f: Any, message: str) -> None:
         dp.map_parameters(f, model)
 
 
+def test_an_integer_parameter_without_grad_may_stay_integer_as_in_torch() -> None:
+    counts = torch.nn.Parameter(torch.arange(3), requires_grad=False)  # torch allows it
+    module = torch.nn.Module()
+    module.counts = counts
+    module.to(torch.float64)
+    new = dp.to({"counts": counts}, dtype=torch.float64)
+    assert new["counts"] is counts and module.counts.dtype == torch.int64
+    doubled = dp.map_parameters(lambda p: p * 2, {"counts": counts})
+    assert doubled["counts"].dtype == torch.int64 and type(doubled["counts"]) is dp.Parameter
+
+
 def test_map_tensors_refuses_to_make_a_buffer_trainable_naming_the_path() -> None:
     model = {"bn": dp.sample(nn.BatchNorm1dSpec(3))}
     with pytest.raises(dp.ParameterTypeError, match=r"Parameter for this constant.*running_mean"):

@@ -455,10 +455,10 @@ def _settle_loose(old: Any, new: Any, keys: Keys, caller: str) -> Any:
 
 def _as_parameter(old: torch.nn.Parameter, new: torch.Tensor, caller: str) -> torch.nn.Parameter:
     """``new`` as a Parameter in ``old``'s place: make_independent, keeping requires_grad."""
-    if not (new.is_floating_point() or new.is_complex()):
+    if old.requires_grad and not (new.is_floating_point() or new.is_complex()):
         raise ParameterTypeError(
             f"the function given to {caller} returned a {new.dtype} tensor for this parameter; "
-            "a parameter must be floating point or complex to be trained",
+            "a parameter that requires grad must be floating point or complex",
             "Return a floating point tensor (integer buffers are converted by to() without "
             "changing their dtype).",
         )
