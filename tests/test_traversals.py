@@ -232,6 +232,47 @@ def test_hand_written_instances_get_their_listed_tensors_through_their_own_repla
             fn()
 
 
+class Wrapper(dp.Parameterized):
+    """A hand-written instance delegating to a derived sub-model through the stream."""
+
+    inner: Dog
+    extra: dp.Parameter
+
+    def flatten_parameters(self) -> list[Any]:
+        return [self.extra, *dp.flatten_parameters(self.inner)]
+
+    def replace_own_parameters(self, stream: dp.ParamStream) -> Wrapper:
+        extra = stream.next_parameter()
+        return Wrapper(stream.replace(self.inner), extra)
+
+
+def test_a_hand_written_instance_delegating_to_a_sub_model_is_converted_whole() -> None:
+    model = {"w": Wrapper(Dog(param(2)), param(3))}
+    wide = dp.to(model, dtype=torch.float64)
+    assert type(wide["w"]) is Wrapper and type(wide["w"].inner) is Dog
+    assert [t.dtype for t in dp.tensors(wide)] == [torch.float64, torch.float64]
+    assert [name for name, _ in dp.named_tensors(model)] == ["w.extra", "w.inner.tail"]
+    assert_same_structure(model, dp.to(wide, dtype=torch.float32), values=True)
+
+
+def test_parts_without_tensors_are_shared_not_copied() -> None:
+    model = {
+        "drop": dp.sample(nn.DropoutSpec(0.1)),
+        "names": ["a", 1],
+        "fc": dp.sample(nn.LinearSpec(2, 2)),
+        "pair": Pair(None, {"s": "t"}),
+    }
+    for new in (
+        dp.to(model, dtype=torch.float64),
+        dp.map_tensors(lambda t: t + 0, model),
+        dp.map_parameters(lambda p: p + 0, model),
+        dp.replace_values(model, torch.Tensor, lambda t: t + 0),
+    ):
+        assert new is not model and new["fc"] is not model["fc"]
+        assert new["drop"] is model["drop"] and new["names"] is model["names"]
+        assert new["pair"] is model["pair"]
+
+
 def test_a_cycle_is_refused() -> None:
     loop: list[Any] = [param(1)]
     loop.append(loop)
