@@ -327,6 +327,14 @@ def test_to_refuses_an_integer_dtype_as_torch_does() -> None:
         dp.to(dp.sample(nn.LinearSpec(2, 2)), dtype=torch.int32)
 
 
+def test_to_takes_a_dtype_in_the_device_position_as_torch_does() -> None:
+    layer = dp.sample(nn.LinearSpec(2, 2))
+    module = torch.nn.Linear(2, 2).to(torch.float64)
+    assert dp.to(layer, torch.float64).weight.dtype == module.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match="torch.dtype"):
+        dp.to(layer, dtype="float64")  # type: ignore[arg-type]
+
+
 def test_to_complex_gives_no_complex_module_warning_unlike_torch() -> None:
     """The documented difference: torch warns about its own modules and complex tensors."""
     with pytest.warns(UserWarning, match="Complex modules"):

@@ -154,7 +154,7 @@ def _map_tensors(call: Callable[[Keys, Any], Any], model: T, caller: str) -> T:
 
 def to(
     model: T,
-    device: DeviceLike | None = None,
+    device: DeviceLike | torch.dtype = None,
     dtype: torch.dtype | None = None,
     *,
     non_blocking: bool = False,
@@ -174,7 +174,8 @@ def to(
 
     Args:
         model: the model (any value).
-        device: where to move every tensor (``None``: where it is).
+        device: where to move every tensor (``None``: where it is). A dtype here, with no
+            ``dtype`` given, is taken as the dtype (``to(model, torch.float64)``, as torch).
         dtype: the floating point or complex dtype for floating point and complex tensors
             (``None``: keep).
         non_blocking: as ``torch.Tensor.to``.
@@ -194,11 +195,17 @@ def to(
         >>> bn64.weight.dtype, bn64.running_mean.dtype, bn64.num_batches_tracked.dtype
         (torch.float64, torch.float64, torch.int64)
     """
+    if isinstance(device, torch.dtype) and dtype is None:  # to(model, torch.float64), as torch
+        device, dtype = None, device
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"to expects a torch.dtype for dtype, got {type(dtype).__name__}.")
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(
             f"to only accepts floating point or complex dtypes (as torch.nn.Module.to), but got "
             f"dtype={dtype}. Integer and bool tensors keep their dtype when a model is converted."
         )
+    if isinstance(device, torch.dtype):
+        raise TypeError("to got two dtypes: pass the device first, then the dtype.")
     target = torch.device(device) if device is not None else None
 
     def convert(t: torch.Tensor) -> torch.Tensor:
