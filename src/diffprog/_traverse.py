@@ -88,7 +88,9 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
     Args:
         value: the model whose structure to keep.
         params: exactly one tensor per entry of ``flatten_parameters(value)``, with the same
-            shape and dtype. Pass Parameters (e.g. from ``make_independent``) to get a
+            shape, dtype and device (a slot on the ``meta`` device takes a tensor on any device:
+            that fills a shape-only skeleton; to move or convert a model, use
+            :func:`~diffprog.to`). Pass Parameters (e.g. from ``make_independent``) to get a
             trainable model; plain tensors are put in as they are (as ``torch.func``
             transformations need), and are then not parameters of the result.
 
@@ -97,7 +99,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
 
     Raises:
         ParameterCountError: too few or too many parameters.
-        ParameterShapeError: a parameter's shape or dtype differs from its slot.
+        ParameterShapeError: a parameter's shape, dtype or device differs from its slot.
         ParameterTypeError: something that is not a tensor where a parameter goes.
 
     Example:
