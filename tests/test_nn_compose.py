@@ -482,8 +482,7 @@ def test_batch_norm_inside_sequential_matches_torch_train_and_eval() -> None:
 def load_into_with_buffers(module: torch.nn.Module, model: Any) -> None:
     """Copy parameters and buffers into a torch.nn module by name."""
     state = {name: p.detach().clone() for name, p in dp.named_parameters(model)}
-    for keys, leaf in dp.walk(model):
-        name = ".".join(str(k) for kind, k in keys if kind != "inline")
+    for name, leaf in dp.walk(model):
         if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter):
             state[name] = leaf.clone()
     module.load_state_dict(state, strict=True)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import diffprog as dp
@@ -160,7 +160,13 @@ def test_every_traversal_lists_the_parameters_in_the_same_order(data: st.DataObj
     model = data.draw(models(_pool()))
     flat = dp.flatten_parameters(model)
     assert ids(flat) == ids(by_children(model))
-    assert ids(flat) == ids([p for _, p in dp.named_parameters(model)])
+    try:
+        named = dp.named_parameters(model)
+    except dp.NameClashError:
+        # inline fields can give two parameters one name (Inline(Inline(x, r), r')): refused
+        # by design, so not a model to compare names on
+        reject()
+    assert ids(flat) == ids([p for _, p in named])
     walked = [leaf for _, leaf in dp.walk(model) if isinstance(leaf, dp.Parameter)]
     assert ids(list({id(p): p for p in walked}.values())) == ids(flat)
     # repr shows every path (a tie at each), in walk's order

@@ -20,6 +20,15 @@ from diffprog._errors import (
     ParameterTypeError,
     UnsampledSpecError,
 )
+from diffprog._map import (
+    collect,
+    map_parameters,
+    map_tensors,
+    named_tensors,
+    replace_values,
+    tensors,
+    to,
+)
 from diffprog._nodes import register_parameterized
 from diffprog._parameterized import Parameterized, field
 from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
@@ -55,6 +64,15 @@ __all__ = [
     "Parameterized",
     "Randomizable",
     "UnsampledSpecError",
+    # --- traversals: map, convert and move, read and replace by type (issue 11) ---
+    "collect",
+    "map_parameters",
+    "map_tensors",
+    "named_tensors",
+    "replace_values",
+    "tensors",
+    "to",
+    # ---
     "field",
     "flatten_parameters",
     "grad",

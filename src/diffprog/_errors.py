@@ -87,7 +87,7 @@ class ParameterCountError(ModelError, ValueError):
 
 
 class ParameterShapeError(ModelError, ValueError):
-    """A replacement parameter's shape or dtype differs from the slot it fills."""
+    """A replacement parameter's shape, dtype or device differs from the slot it fills."""
 
 
 class ParameterTypeError(ModelError, TypeError):

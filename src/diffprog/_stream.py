@@ -136,9 +136,13 @@ class ParamStream:
     def verify(self) -> None:
         """Check every replacement taken so far against the slot it filled.
 
+        A replacement must have its slot's shape, dtype and device, except that a slot on the
+        ``meta`` device (a shape-only skeleton) takes a replacement on any device: that is how
+        a skeleton is filled with loaded parameters.
+
         Raises:
             ParameterTypeError: a replacement is not a tensor.
-            ParameterShapeError: a replacement's shape or dtype differs from its slot's.
+            ParameterShapeError: a replacement's shape, dtype or device differs from its slot's.
         """
         olds = self._olds
         news = self._params if len(olds) == len(self._params) else self._params[: len(olds)]
@@ -146,9 +150,13 @@ class ParamStream:
             # The usual case in C-level map()s, without a Python frame per parameter (and
             # is_same_size makes no torch.Size objects for the garbage collector to count).
             # Only a wrong replacement (not a tensor) raises: the loop below then names it.
+            # A meta slot filled from a real device fails the device test here and is let
+            # through by the loop (loading is not the hot path).
             try:
-                if all(map(_same_size, news, olds)) and list(map(_dtype, news)) == list(
-                    map(_dtype, olds)
+                if (
+                    all(map(_same_size, news, olds))
+                    and list(map(_dtype, news)) == list(map(_dtype, olds))
+                    and list(map(_device, news)) == list(map(_device, olds))
                 ):
                     return
             except (TypeError, AttributeError):
@@ -166,6 +174,7 @@ class ParamStream:
 
 _NOT_TAKEN = object()
 _dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
 _same_size: Callable[[Any, Any], bool] = torch.Tensor.is_same_size
 
 
@@ -198,7 +207,14 @@ def _check(index: int, new: Any, old: torch.Tensor) -> None:
     if new.shape != old.shape or new.dtype != old.dtype:
         raise ParameterShapeError(
             f"parameter #{index} is {_describe(new)} but its slot holds {_describe(old)}",
-            "Pass the parameters in flatten_parameters order, with their shapes and dtypes.",
+            "Pass the parameters in flatten_parameters order, with their shapes and dtypes "
+            "(to convert a whole model, buffers included, use diffprog.to(model, dtype=...)).",
+        )
+    if new.device != old.device and old.device.type != "meta":
+        raise ParameterShapeError(
+            f"parameter #{index} is on device {new.device} but its slot is on {old.device}",
+            "replace_parameters does not move a model (its buffers would stay behind): move "
+            "the whole model first with diffprog.to(model, device=...), then replace.",
         )
 
 

@@ -12,7 +12,7 @@ import torch
 from diffprog._errors import ModelError, PathKey, state_dict_path
 from diffprog._frozen import Frozen
 from diffprog._nodes import FieldsNode, HandWrittenNode, _NamedTupleNode, fields_node, node_for
-from diffprog._traverse import walk
+from diffprog._traverse import walk_keys
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -97,7 +97,7 @@ def summary(model: Any, *, depth: int | None = None, fold: bool = True) -> Summa
     """
     if depth is not None and depth < 0:
         raise ValueError(f"summary: depth must be None or at least 0, got {depth}.")
-    leaves = [(keys, leaf) for keys, leaf in walk(model) if isinstance(leaf, torch.Tensor)]
+    leaves = [(keys, leaf) for keys, leaf in walk_keys(model) if isinstance(leaf, torch.Tensor)]
     values = _values_at(model)
     rows: list[SummaryRow] = []
     first: dict[int, str] = {}

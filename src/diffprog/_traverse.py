@@ -28,7 +28,14 @@ from diffprog._nodes import (
 )
 from diffprog._stream import CheckingStream, ParamStream
 
-__all__ = ["flatten_parameters", "named_parameters", "replace_parameters", "substitute", "walk"]
+__all__ = [
+    "flatten_parameters",
+    "named_parameters",
+    "replace_parameters",
+    "substitute",
+    "walk",
+    "walk_keys",
+]
 
 T = TypeVar("T")
 _Parameter = torch.nn.Parameter
@@ -81,7 +88,9 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
     Args:
         value: the model whose structure to keep.
         params: exactly one tensor per entry of ``flatten_parameters(value)``, with the same
-            shape and dtype. Pass Parameters (e.g. from ``make_independent``) to get a
+            shape, dtype and device (a slot on the ``meta`` device takes a tensor on any device:
+            that fills a shape-only skeleton; to move or convert a model, use
+            :func:`~diffprog.to`). Pass Parameters (e.g. from ``make_independent``) to get a
             trainable model; plain tensors are put in as they are (as ``torch.func``
             transformations need), and are then not parameters of the result.
 
@@ -90,7 +99,7 @@ def replace_parameters(value: T, params: Iterable[torch.Tensor]) -> T:
 
     Raises:
         ParameterCountError: too few or too many parameters.
-        ParameterShapeError: a parameter's shape or dtype differs from its slot.
+        ParameterShapeError: a parameter's shape, dtype or device differs from its slot.
         ParameterTypeError: something that is not a tensor where a parameter goes.
 
     Example:
@@ -163,7 +172,7 @@ def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
     seen: set[int] = set()
     # name -> the path keys of the parameter it was given to, to report a clash
     named: dict[str, tuple[PathKey, ...]] = {}
-    for keys, leaf in walk(value):
+    for keys, leaf in walk_keys(value):
         if isinstance(leaf, torch.nn.Parameter) and id(leaf) not in seen:
             seen.add(id(leaf))
             name = state_dict_path(keys)
@@ -189,13 +198,32 @@ def _clash_error(
     return err
 
 
-def walk(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
-    """Every leaf of ``value`` with its path keys, depth first in flatten order.
+def walk(value: Any) -> Iterator[tuple[str, Any]]:
+    """Every leaf of ``value`` with its ``state_dict``-style path, depth first in flatten order.
 
-    Leaves are tensors (parameters and constants) and static values; containers and models are
-    descended into. A hand-written instance yields the parameters its ``flatten_parameters``
-    lists, at the paths of the fields that hold them where those can be found.
+    Leaves are tensors (parameters and constants) and static values (numbers, strings,
+    functions...); containers and models are descended into. A leaf reachable at several
+    paths (a tied parameter, a shared block) is yielded at each of them. A hand-written
+    instance yields the tensors its ``flatten_parameters`` lists, at the paths of the fields
+    that hold them where those can be found. For the tensors alone (a tied one once), use
+    :func:`~diffprog.named_tensors`; for the values of one type, :func:`~diffprog.collect`.
+
+    Raises:
+        HiddenParameterError: a Parameter sits where diffprog cannot traverse.
+        CycleError: the value contains itself.
+
+    Example:
+        >>> from diffprog.nn import LinearSpec
+        >>> [(path, type(leaf).__name__) for path, leaf in walk({"head": sample(LinearSpec(3, 1))})]
+        [('head.weight', 'Parameter'), ('head.bias', 'Parameter')]
     """
+    for keys, leaf in walk_keys(value):
+        yield state_dict_path(keys), leaf
+
+
+def walk_keys(value: Any) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
+    """:func:`walk` with each path as its keys (``("attr", "weight")``, ``("index", 2)``,
+    ``("key", k)``), which keep what a string path loses (a dict key ``1`` from ``"1"``)."""
 
     return _walk(value, (), set(), value)
 
@@ -331,7 +359,7 @@ def _hand_written_leaves(
     fields = fields_node(type(v)).children(v) if dataclasses.is_dataclass(v) else []
     for key, child in fields:
         try:
-            for keys, leaf in walk(child):
+            for keys, leaf in walk_keys(child):
                 if isinstance(leaf, torch.Tensor):
                     where.setdefault(id(leaf), (key, *keys))
         except ModelError:  # a field the instance does not traverse may hold anything
@@ -361,7 +389,7 @@ def _explain(value: Any, error: BaseException) -> None:
         return
     # The fast paths keep no record of where they are, so look for the cycle now.
     try:
-        for _ in walk(value):
+        for _ in walk_keys(value):
             pass
     except CycleError as e:
         e.root = type(value).__name__

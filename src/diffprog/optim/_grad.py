@@ -24,9 +24,9 @@ from diffprog import (
     make_independent,
     named_parameters,
     replace_parameters,
-    walk,
 )
 from diffprog._errors import render_path, state_dict_path
+from diffprog._traverse import walk_keys
 
 __all__ = [
     "NonFiniteError",
@@ -136,13 +136,13 @@ def check_trains_something(
 def _find_spec(model: Any) -> tuple[str, Any] | None:
     """The first spec (an object with a ``sample`` method) inside ``model``, with its path.
 
-    Only for an error message: follows the paths of ``walk`` from the root, skipping a path
+    Only for an error message: follows the paths of ``walk_keys`` from the root, skipping a path
     that cannot be followed (a set's members have no index to look up).
     """
     if _is_spec(model):
         return "model", model
     try:
-        leaves = list(walk(model))
+        leaves = list(walk_keys(model))
     except DiffprogError:
         return None
     for keys, _ in leaves:
@@ -353,8 +353,8 @@ def flatten_like(model: Any, tree: Any) -> list[torch.Tensor]:
         >>> flatten_like(layer, grads)
         [tensor([[0., 0.]]), tensor([1.])]
     """
-    model_leaves = list(walk(model))
-    tree_leaves = list(walk(tree))
+    model_leaves = list(walk_keys(model))
+    tree_leaves = list(walk_keys(tree))
     if len(model_leaves) != len(tree_leaves) or any(
         a[0] != b[0] for a, b in zip(model_leaves, tree_leaves, strict=True)
     ):
