@@ -84,7 +84,8 @@ def test_every_path_and_end_point_is_visible_and_in_the_legend(
     Thin lines are drawn above thick ones, each run's end point has its own colour and marker
     (none shared with the minimum's) and a legend entry.
     """
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib  # in the test extra: this runs in CI
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -563,7 +563,7 @@ def test_replace_parameters_fills_a_meta_skeleton_the_documented_exception() -> 
         dp.replace_parameters(model, dp.flatten_parameters(skeleton))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_replace_parameters_refuses_cuda_parameters_for_cpu_slots_and_to_moves_all() -> None:
     model, x = trained_batchnorm_model()
     on_gpu = [dp.make_independent(p.detach().cuda()) for p in dp.flatten_parameters(model)]

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import diffprog as dp
 from diffprog._nodes import FieldsNode, Node, node_for
 from diffprog._stream import ParamStream
-from diffprog._traverse import substitute
+from diffprog._traverse import substitute, walk_keys
 
 
 class Record(dp.Parameterized):
@@ -223,7 +223,7 @@ def test_summary_and_tree_equal_see_the_tensors_every_traversal_sees(
     # issue 11: summary's rows are walk's tensors; tree_equal finds a changed parameter at
     # the first path walk gives it (the comparison follows the same children)
     model = data.draw(models(_pool()))
-    walked = [(keys, leaf) for keys, leaf in dp.walk(model) if isinstance(leaf, torch.Tensor)]
+    walked = [(keys, leaf) for keys, leaf in walk_keys(model) if isinstance(leaf, torch.Tensor)]
     s = dp.summary(model)
     assert [row.keys for row in s.rows] == [keys for keys, _ in walked]
     flat = dp.flatten_parameters(model)

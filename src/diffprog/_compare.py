@@ -30,7 +30,7 @@ class Comparison:
         equal: whether the two values agree.
         path: where they first differ, Python-accessor style (``blocks[2].linear.weight``,
             ``<root>`` for the values themselves); ``None`` when equal.
-        keys: the same place as path keys (as ``dp.walk`` gives them, except inside a
+        keys: the same place as path keys (as ``walk_keys`` gives them, except inside a
             hand-written instance that is not a dataclass, which is compared attribute by
             attribute and named by them); ``()`` when equal.
         reason: what differs there (``"values differ: ..."``, ``"shape [2, 3] vs [3, 2]"``...);

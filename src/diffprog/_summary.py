@@ -29,7 +29,7 @@ class SummaryRow:
 
     Attributes:
         path: its ``state_dict``-style path (``blocks.0.linear.weight``).
-        keys: the same path as path keys (as ``dp.walk`` gives them).
+        keys: the same path as path keys (as ``walk_keys`` gives them).
         layer: the path of the layer that holds it (``blocks.0.linear``; ``""``: the model).
         layer_type: the type name of that layer (``Linear``): the closest enclosing
             Parameterized value, dataclass, hand-written instance or NamedTuple, else the
