@@ -19,16 +19,34 @@ from diffprog._errors import (
     ParameterTypeError,
     UnsampledSpecError,
 )
+from diffprog._filter import Filter, Selector, select
+from diffprog._freeze import combine, count_parameters, freeze, partition, unfreeze
+from diffprog._frozen import Frozen
 from diffprog._nodes import register_parameterized
 from diffprog._parameterized import Parameterized, field
 from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
+from diffprog._surgery import At, SurgeryError, at
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # surgery, filters, freezing (issue 11)
+    "At",
+    "Filter",
+    "Frozen",
+    "Selector",
+    "SurgeryError",
+    "at",
+    "combine",
+    "count_parameters",
+    "freeze",
+    "partition",
+    "select",
+    "unfreeze",
+    # the rest
     "CycleError",
     "DeviceLike",
     "DiffprogError",
