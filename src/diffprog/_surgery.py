@@ -12,6 +12,7 @@ them (the tie is kept), unless ``untie=True`` asks to change only the places nam
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -19,7 +20,7 @@ import torch
 
 from diffprog._autograd import make_independent
 from diffprog._errors import ModelError, PathKey, render_path
-from diffprog._filter import Place, places
+from diffprog._filter import Filter, Place, Selector, as_selector, places
 from diffprog._frozen import Frozen
 from diffprog._nodes import HandWrittenNode, node_for
 from diffprog._stream import ParamStream
@@ -190,7 +191,7 @@ def _converted(old: Any, new: Any, memo: dict[tuple[int, int], Any]) -> Any:
     return new
 
 
-def at(model: T, where: str | Sequence[str] | Callable[[T], Any]) -> At[T]:
+def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | type) -> At[T]:
     """Places of ``model`` to change out of place (Equinox's ``tree_at``).
 
     Args:
@@ -202,7 +203,9 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any]) -> At[T]:
             or a selector function ``lambda m: m.layers[-1].weight``, which may return a
             tuple or list of several places (``lambda m: (m.a.bias, m.b.bias)``). A selector
             only navigates: it sees placeholders for the non-tensor leaves (ints, strings,
-            None), so it can return them but not compute with them.
+            None), so it can return them but not compute with them. Or a filter made with
+            ``diffprog.select`` (or a type): every leaf it selects (``apply`` is the way to
+            change them: ``at(model, dp.select(Linear) & "*.weight").apply(init)``).
 
     Returns:
         An :class:`At` with ``set(value)`` and ``apply(fn)``.
@@ -222,7 +225,9 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any]) -> At[T]:
         tensor([0.], requires_grad=True), True)
     """
     all_places = places(model)
-    if isinstance(where, str):
+    if isinstance(where, (Selector, type, re.Pattern)):
+        found = _by_filter(model, all_places, where)
+    elif isinstance(where, str):
         found = [_by_path(model, all_places, where)]
     elif isinstance(where, (list, tuple)) and all(isinstance(w, str) for w in where):
         found = [_by_path(model, all_places, w) for w in where]
@@ -234,6 +239,18 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any]) -> At[T]:
             f"{type(where).__name__}."
         )
     return At(model, [_with_ties(all_places, place) for place in found], all_places)
+
+
+def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place]:
+    selector = as_selector(where)
+    found = [p for p in all_places if p.leaf and selector(p.path, p.value, p.ancestors)]
+    if not found:
+        raise _error(
+            model,
+            f"the filter {where!r} selects no leaf of the model",
+            "Check it against diffprog.named_parameters (paths are state_dict style).",
+        )
+    return found
 
 
 def _with_ties(all_places: list[Place], place: Place) -> list[Place]:
