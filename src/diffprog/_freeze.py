@@ -29,9 +29,13 @@ _Parameter = torch.nn.Parameter
 
 
 def _selected_leaves(model: Any, filter: Filter | None) -> tuple[list[Place], set[int]]:
-    """The leaf places of ``model``, and the ids of the leaf values ``filter`` selects at
-    one place at least (all of them for ``None``)."""
-    leaves = [p for p in places(model) if p.leaf]
+    """The places of the parameters (trainable or frozen) of ``model``, and the ids of those
+    ``filter`` selects at one place at least (all of them for ``None``).
+
+    The filter sees parameters only, as the optimizers' ``freeze=`` does: a predicate may
+    read ``value.ndim`` without meeting an activation function or a buffer.
+    """
+    leaves = [p for p in places(model) if p.leaf and isinstance(p.value, (_Parameter, Frozen))]
     if filter is None:
         return leaves, {id(p.value) for p in leaves}
     selector = as_selector(filter)
