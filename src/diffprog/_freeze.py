@@ -180,7 +180,7 @@ def partition(model: T, filter: Filter) -> tuple[T, T]:
         >>> import diffprog as dp
         >>> from diffprog.nn import LinearSpec
         >>> layer = dp.sample(LinearSpec(2, 1))
-        >>> biases, rest = dp.partition(layer, "*.bias")
+        >>> biases, rest = dp.partition(layer, "bias")
         >>> biases.weight is None, rest.bias is None, dp.combine(biases, rest).bias is layer.bias
         (True, True, True)
     """

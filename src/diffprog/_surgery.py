@@ -321,9 +321,9 @@ def _not_found(model: Any, all_places: list[Place], problem: str, near: str) -> 
 
 
 def _error(model: Any, problem: str, fix: str) -> SurgeryError:
-    err = SurgeryError(problem, fix)
-    err.root = type(model).__name__
-    return err
+    # The problem names its paths itself (they are the point of the message), so the error
+    # carries no path of its own, only the model's type.
+    return SurgeryError(f"{problem} (in the {type(model).__name__})", fix)
 
 
 def _by_selector(model: Any, all_places: list[Place], where: Callable[[Any], Any]) -> list[Place]:
