@@ -24,6 +24,7 @@ from diffprog.nn import (
     training,
 )
 from diffprog.optim import TorchOptimizer, run_step
+from diffprog.optim._declare import declaration_of
 
 PURE = sorted(
     (
@@ -376,3 +377,25 @@ def test_a_frozen_batchnorm_keeps_updating_its_running_statistics_in_training_mo
     _, updated = training(lambda m: m(x), frozen)
     assert not torch.equal(updated.layers[1].running_mean, frozen.layers[1].running_mean)
     assert type(updated.layers[1].weight) is dp.Frozen
+
+
+@pytest.mark.parametrize("cls", PURE, ids=lambda c: c.__name__)
+def test_a_state_built_before_freeze_changed_the_parameters_is_refused_not_broadcast(
+    cls: type[optim.PureOptimizer],
+) -> None:
+    """Freeze one layer, step; then train another layer of the same parameter count but
+    other shapes with the same optimizer: its state does not fit and must be refused (the
+    multi-tensor kernels would otherwise broadcast it silently)."""
+    model = {"a": dp.sample(LinearSpec(2, 3)), "b": dp.sample(LinearSpec(2, 2))}
+    x = torch.randn(4, 2)
+    first = dp.freeze(model, "b.*")
+    opt = cls.init(first)
+    _, opt = run_step(first, opt, first["a"](x).sum() + first["b"](x).sum(), 0.01)
+    second = dp.freeze(dp.unfreeze(first), "a.*")
+    loss = second["a"](x).sum() + second["b"](x).sum()
+    kinds = declaration_of(cls).state
+    if not any(getattr(opt, kind) for kind in kinds):  # GD, SGD without momentum: no state
+        run_step(second, opt, loss, 0.01)  # nothing to mismatch: any parameters step
+        return
+    with pytest.raises(dp.DiffprogError, match=r"state .* of parameter 0 .*Build a new one"):
+        run_step(second, opt, loss, 0.01)
