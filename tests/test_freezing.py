@@ -399,3 +399,24 @@ def test_a_state_built_before_freeze_changed_the_parameters_is_refused_not_broad
         return
     with pytest.raises(dp.DiffprogError, match=r"state .* of parameter 0 .*Build a new one"):
         run_step(second, opt, loss, 0.01)
+
+
+class Block(dp.Parameterized):
+    """A sum type: ``mixer`` is a Linear or an Identity; ``scale`` optional."""
+
+    mixer: Linear | dp.nn.Identity
+    scale: dp.Parameter | None = None
+
+
+def test_freeze_and_partition_across_the_branches_of_a_sum_type() -> None:
+    model = [Block(dp.sample(LinearSpec(2, 2))), Block(dp.nn.Identity(), p(2))]
+    frozen = dp.freeze(model, Linear)
+    assert [n for n, _ in dp.named_parameters(frozen)] == ["1.scale"]
+    assert frozen[1] is model[1]
+    sel, rest = dp.partition(model, Linear)
+    # Identity has no leaves at all: it is structure, in both halves (as in Equinox)
+    assert sel[1].mixer is rest[1].mixer is model[1].mixer
+    assert rest[0].mixer.weight is None and sel[0].mixer.weight is model[0].mixer.weight
+    assert rest[0].scale is None and sel[0].scale is None  # a None leaf: None in both
+    back = dp.combine(sel, rest)
+    assert back[0].mixer is model[0].mixer and back[1].scale is model[1].scale

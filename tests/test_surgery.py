@@ -414,3 +414,31 @@ def test_init_by_surgery_with_a_type_filter_keeps_embedding_untouched() -> None:
     assert new["emb"] is model["emb"]
     assert all(t.abs().sum() == 0 for t in dp.flatten_parameters(new["out"]))
     assert isinstance(new["emb"], Embedding)
+
+
+# --- sum types ---------------------------------------------------------------------------
+
+
+class Block(dp.Parameterized):
+    """A sum type: ``mixer`` is a Linear or an Identity, ``norm`` a tensor or None."""
+
+    mixer: Linear | dp.nn.Identity
+    scale: dp.Parameter | None = None
+
+
+def test_at_across_the_branches_of_a_sum_type() -> None:
+    model = (Block(linear(2, 2)), Block(dp.nn.Identity(), p(2)))
+    # replace a branch by the other one, and fill an empty optional
+    swapped = dp.at(model, lambda m: (m[0].mixer, m[1].mixer)).set(
+        (dp.nn.Identity(), linear(2, 2, seed=3))
+    )
+    assert isinstance(swapped[0].mixer, dp.nn.Identity) and isinstance(swapped[1].mixer, Linear)
+    filled = dp.at(model, lambda m: m[0].scale).set(torch.ones(2))
+    assert isinstance(filled[0].scale, torch.Tensor) and type(filled[0].scale) is torch.Tensor
+    # (None held no Parameter: the tensor set there goes in as it is, a constant)
+    assert [n for n, _ in dp.named_parameters(filled)] == [
+        "0.mixer.weight",
+        "0.mixer.bias",
+        "1.scale",
+    ]
+    assert dp.at(model, "1.scale").set(None)[1].scale is None
