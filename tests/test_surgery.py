@@ -442,3 +442,33 @@ def test_at_across_the_branches_of_a_sum_type() -> None:
         "1.scale",
     ]
     assert dp.at(model, "1.scale").set(None)[1].scale is None
+
+
+class Wrapper(dp.Parameterized):
+    """A hand-written instance holding a sub-model, replaced through ``stream.replace``."""
+
+    inner: Linear
+    gain: float = 1.0
+
+    def flatten_parameters(self) -> list[Any]:
+        return dp.flatten_parameters(self.inner)
+
+    def replace_own_parameters(self, stream: dp.ParamStream) -> Wrapper:
+        return Wrapper(stream.replace(self.inner), self.gain)
+
+
+def test_at_inside_a_hand_written_sub_model_and_across_its_boundary() -> None:
+    inner = linear(2, 2)
+    model = {"wrap": Wrapper(inner, 2.0), "outside": inner.weight}  # tied across the boundary
+    assert dp.at(model, lambda m: m["wrap"].inner.weight).paths == ["wrap.inner.weight"]
+    new = dp.at(model, "wrap.inner.bias").set(torch.zeros(2))
+    assert type(new["wrap"]) is Wrapper and new["wrap"].gain == 2.0
+    assert new["wrap"].inner.weight is inner.weight and new["wrap"].inner.bias.sum() == 0
+    tied = dp.at(model, "outside").set(torch.ones(2, 2))
+    assert tied["outside"] is tied["wrap"].inner.weight  # the tie kept inside the instance too
+    with pytest.raises(dp.SurgeryError, match="hand-written instance at 'wrap'"):
+        dp.at(model, "wrap.inner")  # a sub-value it does not list: replace the whole instance
+    with pytest.raises(dp.SurgeryError, match="hand-written instance at 'wrap'"):
+        dp.at(model, lambda m: m["wrap"].inner)
+    with pytest.raises(dp.ParameterShapeError):  # its replace checks what it reads back
+        dp.at(model, "wrap.inner.bias").set(torch.zeros(5))

@@ -230,6 +230,8 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | ty
     elif isinstance(where, str):
         found = [_by_path(model, all_places, where)]
     elif isinstance(where, (list, tuple)) and all(isinstance(w, str) for w in where):
+        if not where:
+            raise _error(model, "at(...) was given an empty list of paths", "Name a place.")
         found = [_by_path(model, all_places, w) for w in where]
     elif callable(where):
         found = _by_selector(model, all_places, where)
@@ -238,7 +240,8 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | ty
             f"at takes a path string, a list of path strings or a selector function, got "
             f"{type(where).__name__}."
         )
-    return At(model, [_with_ties(all_places, place) for place in found], all_places)
+    ties = _Ties(all_places)
+    return At(model, [ties.of(place) for place in found], all_places)
 
 
 def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place]:
@@ -253,23 +256,31 @@ def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place
     return found
 
 
-def _with_ties(all_places: list[Place], place: Place) -> list[Place]:
-    """``place`` first, then every other place holding the same value when that value is a
-    tie: a tensor, or a value holding tensors (ints, strings and None shared by Python, or
-    parameter-free sub-values, are not ties: only the place named changes)."""
-    value = place.value
-    if not _holds_tensor(value, all_places):
-        return [place]
-    return [place, *(p for p in all_places if p.value is value and p.keys != place.keys)]
+class _Ties:
+    """Which places hold the same value, and which values are ties (built once per ``at``).
 
+    A value held at several places is a tie when it is a tensor or holds tensors; ints,
+    strings and None shared by Python, and parameter-free sub-values, are not: for them only
+    the place named changes.
+    """
 
-def _holds_tensor(value: Any, all_places: list[Place]) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    return any(
-        p.leaf and isinstance(p.value, torch.Tensor) and any(a is value for a in p.ancestors)
-        for p in all_places
-    )
+    def __init__(self, all_places: list[Place]) -> None:
+        self.by_id: dict[int, list[Place]] = {}
+        self.holding: set[int] = set()  # ids of the tensors and of the values around them
+        for place in all_places:
+            self.by_id.setdefault(id(place.value), []).append(place)
+            if place.leaf and isinstance(place.value, torch.Tensor):
+                self.holding.add(id(place.value))
+                self.holding.update(map(id, place.ancestors))
+
+    def holds_tensor(self, value: Any) -> bool:
+        return id(value) in self.holding
+
+    def of(self, place: Place) -> list[Place]:
+        """``place`` first, then the other places of its value if that value is a tie."""
+        if not self.holds_tensor(place.value):
+            return [place]
+        return [place, *(p for p in self.by_id[id(place.value)] if p.keys != place.keys)]
 
 
 def _by_path(model: Any, all_places: list[Place], where: str) -> Place:
@@ -357,7 +368,7 @@ def _one(model: Any, all_places: list[Place], indices: list[int]) -> Place:
     tensor are a tie, which a change keeps; several places of anything else cannot be told
     apart."""
     first = all_places[indices[0]]
-    if len(indices) > 1 and not _holds_tensor(first.value, all_places):
+    if len(indices) > 1 and not _Ties(all_places).holds_tensor(first.value):
         paths = ", ".join(all_places[i].path or "<root>" for i in indices)
         raise _error(
             model,
