@@ -253,6 +253,12 @@ def test_freeze_turns_selected_parameters_into_frozen_constants() -> None:
     assert frozen.head is model.head  # everything else shared
     with pytest.raises(ValueError, match="selects no parameter"):
         dp.freeze(model, "backbone.9.*")
+    with pytest.raises(ValueError, match="unfreeze: 'head.wieght' selects no parameter"):
+        dp.unfreeze(frozen, "head.wieght")
+    # freezing twice is freezing once; unfreezing what is trainable changes nothing
+    again = dp.freeze(frozen, "backbone.*")
+    assert again.backbone is frozen.backbone
+    assert dp.unfreeze(frozen, "head.*") is frozen
 
 
 def test_freeze_a_tie_at_one_path_freezes_it_at_every_path() -> None:

@@ -42,6 +42,20 @@ def _selected_leaves(model: Any, filter: Filter | None) -> tuple[list[Place], se
     return leaves, {id(p.value) for p in leaves if selector(p.path, p.value, p.ancestors)}
 
 
+def _refuse_selecting_nothing(
+    owner: str, filter: Filter | None, leaves: list[Place], chosen: set[int]
+) -> None:
+    """A filter that selects no parameter (trainable or frozen) is a mistake, most likely a
+    typo: refuse it rather than silently freeze (or unfreeze) nothing. Selecting parameters
+    that are already frozen (or trainable) is fine: freezing twice is freezing once."""
+    if filter is None or any(id(p.value) in chosen for p in leaves):
+        return
+    raise ValueError(
+        f"{owner}: {filter!r} selects no parameter of the model; its parameters are: "
+        f"{', '.join(dict.fromkeys(p.path for p in leaves)) or '(none)'}."
+    )
+
+
 def freeze(model: T, filter: Filter | None = None) -> T:
     """Freeze the selected parameters: each becomes a :class:`~diffprog.Frozen` constant.
 
@@ -59,7 +73,8 @@ def freeze(model: T, filter: Filter | None = None) -> T:
         The new model; everything else is shared with ``model``.
 
     Raises:
-        ValueError: the filter selects no parameter (a typo would otherwise freeze nothing).
+        ValueError: the filter selects no parameter, trainable or frozen (a typo would
+            otherwise freeze nothing).
 
     Example:
         >>> import diffprog as dp
@@ -72,13 +87,8 @@ def freeze(model: T, filter: Filter | None = None) -> T:
         'Frozen'
     """
     leaves, chosen = _selected_leaves(model, filter)
-    params = [p for p in leaves if isinstance(p.value, _Parameter)]
-    picked = [p for p in params if id(p.value) in chosen]
-    if not picked and filter is not None:
-        raise ValueError(
-            f"freeze: {filter!r} selects no parameter of the model; its parameters are: "
-            f"{', '.join(dict.fromkeys(p.path for p in params)) or '(none)'}."
-        )
+    _refuse_selecting_nothing("freeze", filter, leaves, chosen)
+    picked = [p for p in leaves if isinstance(p.value, _Parameter) and id(p.value) in chosen]
     made: dict[int, Frozen] = {}
     changes: dict[tuple[PathKey, ...], Any] = {}
     for place in picked:
@@ -105,6 +115,9 @@ def unfreeze(model: T, filter: Filter | None = None) -> T:
     Returns:
         The new model.
 
+    Raises:
+        ValueError: the filter selects no parameter, frozen or trainable.
+
     Example:
         >>> import diffprog as dp
         >>> from diffprog.nn import LinearSpec
@@ -113,6 +126,7 @@ def unfreeze(model: T, filter: Filter | None = None) -> T:
         (0, 2)
     """
     leaves, chosen = _selected_leaves(model, filter)
+    _refuse_selecting_nothing("unfreeze", filter, leaves, chosen)
     made: dict[int, _Parameter] = {}
     changes: dict[tuple[PathKey, ...], Any] = {}
     for place in leaves:
