@@ -183,6 +183,9 @@ def test_at_untie_changes_only_the_path_named() -> None:
     assert new["embed"].weight is model["embed"].weight
     assert new["out"].weight.abs().sum() == 0
     assert len(dp.flatten_parameters(new)) == len(dp.flatten_parameters(model)) + 1
+    # a selector returns the tied tensor itself: which path it went through is unknown
+    with pytest.raises(dp.SurgeryError, match="'embed.weight', 'out.weight'"):
+        dp.at(model, lambda m: m["out"].weight).set(torch.zeros(5, 3), untie=True)
 
 
 def test_at_apply_over_a_tie_calls_fn_once_and_keeps_the_tie() -> None:
@@ -338,7 +341,26 @@ def test_property_at_set_then_reading_back_gives_the_value_set(data: st.DataObje
     if not _unique(model, place):  # dict keys may make two paths read alike: not this test
         return
     untie = data.draw(st.booleans())
-    new = dp.at(model, place.path).set(new_value, untie=untie)
+    if data.draw(st.booleans()):
+        new = dp.at(model, place.path).set(new_value, untie=untie)
+    else:  # the same place by a selector navigating to it
+        try:
+            target = dp.at(model, lambda m: read(m, place.keys))
+        except dp.SurgeryError as e:  # a parameter-free value Python shares, e.g. ()
+            message = str(e)
+            assert "cannot tell apart" in message
+            return
+        held_at = [pl.path for pl in places(model) if pl.value is old]
+        if len(held_at) > 1 and isinstance(old, torch.Tensor):
+            # a tie: the selector cannot say which path it went through
+            assert target.paths[0] in held_at
+            if untie:
+                with pytest.raises(dp.SurgeryError, match="untie=True changes only that one"):
+                    target.set(new_value, untie=True)
+                return
+        else:
+            assert target.paths == [place.path]
+        new = target.set(new_value, untie=untie)
     assert read(new, place.keys) is new_value
     reached[0] += 1
     tied = isinstance(old, torch.Tensor) and not untie

@@ -56,12 +56,16 @@ class At(Generic[T]):
     Made by :func:`at`; holds the model and the places found (``paths`` lists them).
     """
 
-    def __init__(self, model: T, targets: list[list[Place]], all_places: list[Place]) -> None:
+    def __init__(
+        self, model: T, targets: list[list[Place]], unsure: Sequence[bool] | None = None
+    ) -> None:
         self._model = model
         # One entry per place asked for: the place itself first, then the other places of
         # the same value when it is shared (a tie).
         self._targets = targets
-        self._places = all_places
+        # Per entry: reached by a selector through a tied value, so that which of its places
+        # the selector went through is unknown (it matters only with untie=True).
+        self._unsure = list(unsure) if unsure is not None else [False] * len(targets)
 
     @property
     def paths(self) -> list[str]:
@@ -131,6 +135,8 @@ class At(Generic[T]):
         return self._rebuild(values, untie)
 
     def _rebuild(self, values: list[Any], untie: bool) -> T:
+        if untie:
+            self._refuse_unsure()
         changes: dict[tuple[PathKey, ...], Any] = {}
         given: dict[tuple[PathKey, ...], Place] = {}
         converted: dict[tuple[int, int], Any] = {}
@@ -145,6 +151,16 @@ class At(Generic[T]):
                         changes, given, group[0], tied, _converted(tied.value, new, converted)
                     )
         return rebuild_at(self._model, changes)
+
+    def _refuse_unsure(self) -> None:
+        for group, unsure in zip(self._targets, self._unsure, strict=True):
+            if unsure:
+                paths = ", ".join(repr(p.path) for p in group)
+                raise SurgeryError(
+                    f"the selector returned a tied value, held at {paths}: which of these "
+                    f"places it means cannot be told, and untie=True changes only that one",
+                    "Name the place to change by its path string.",
+                )
 
     def _add_tied(
         self,
@@ -225,6 +241,7 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | ty
         tensor([0.], requires_grad=True), True)
     """
     all_places = places(model)
+    unsure: list[bool] | None = None
     if isinstance(where, (Selector, type, re.Pattern)):
         found = _by_filter(model, all_places, where)
     elif isinstance(where, str):
@@ -234,14 +251,14 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | ty
             raise _error(model, "at(...) was given an empty list of paths", "Name a place.")
         found = [_by_path(model, all_places, w) for w in where]
     elif callable(where):
-        found = _by_selector(model, all_places, where)
+        found, unsure = _by_selector(model, all_places, where)
     else:
         raise TypeError(
             f"at takes a path string, a list of path strings or a selector function, got "
             f"{type(where).__name__}."
         )
     ties = _Ties(all_places)
-    return At(model, [ties.of(place) for place in found], all_places)
+    return At(model, [ties.of(place) for place in found], unsure)
 
 
 def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place]:
@@ -337,9 +354,12 @@ def _error(model: Any, problem: str, fix: str) -> SurgeryError:
     return SurgeryError(f"{problem} (in the {type(model).__name__})", fix)
 
 
-def _by_selector(model: Any, all_places: list[Place], where: Callable[[Any], Any]) -> list[Place]:
+def _by_selector(
+    model: Any, all_places: list[Place], where: Callable[[Any], Any]
+) -> tuple[list[Place], list[bool]]:
     """The places a selector returns, found by identity in a copy of the model where every
-    container is a new object and every non-tensor leaf a marker (one per place)."""
+    container is a new object and every non-tensor leaf a marker (one per place); and for
+    each, whether it was reached through a tied value (held at several places)."""
     index_of: dict[int, list[int]] = {}
     shadow = _shadow(model, all_places, index_of, iter(range(len(all_places))), [])
     try:
@@ -352,23 +372,26 @@ def _by_selector(model: Any, all_places: list[Place], where: Callable[[Any], Any
         for r, f in zip(result, items, strict=True):
             if f is None:
                 raise _unreached(model, all_places, r)
-        return [_one(model, all_places, f) for f in items]  # type: ignore[arg-type]
-    if found is None:
+        indices = [f for f in items if f is not None]
+    elif found is None:
         raise _unreached(model, all_places, result)
-    return [_one(model, all_places, found)]
+    else:
+        indices = [found]
+    ties = _Ties(all_places)
+    return [_one(model, all_places, ties, i) for i in indices], [len(i) > 1 for i in indices]
 
 
 def _find(value: Any, index_of: dict[int, list[int]]) -> list[int] | None:
     return index_of.get(id(value))
 
 
-def _one(model: Any, all_places: list[Place], indices: list[int]) -> Place:
+def _one(model: Any, all_places: list[Place], ties: _Ties, indices: list[int]) -> Place:
     """The place a selector reached: the first of ``indices`` (the places of one value kept
     as it is in the shadow copy: a tensor, a hand-written instance). Several places of a
     tensor are a tie, which a change keeps; several places of anything else cannot be told
     apart."""
     first = all_places[indices[0]]
-    if len(indices) > 1 and not _Ties(all_places).holds_tensor(first.value):
+    if len(indices) > 1 and not ties.holds_tensor(first.value):
         paths = ", ".join(all_places[i].path or "<root>" for i in indices)
         raise _error(
             model,
