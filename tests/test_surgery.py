@@ -125,6 +125,13 @@ def test_at_replaces_whole_sub_models_and_several_places_at_once() -> None:
     assert torch.equal(same.second.bias, b)
 
 
+def test_at_overlapping_places_are_refused() -> None:
+    model = Record(linear(seed=0), linear(seed=1))
+    for where in [lambda m: (m.first, m.first.bias), lambda m: (m.first.bias, m.first)]:
+        with pytest.raises(dp.SurgeryError, match=r"first and first\.bias overlap"):
+            dp.at(model, where).set((linear(seed=2), torch.zeros(2)))
+
+
 def test_at_several_places_needs_one_value_per_place() -> None:
     model = Record(p(2), p(2))
     with pytest.raises(dp.SurgeryError, match="names 2 places"):

@@ -527,18 +527,34 @@ def rebuild_at(model: T, changes: dict[tuple[PathKey, ...], Any]) -> T:
     ``replace_own_parameters``.
 
     Raises:
-        SurgeryError: a change inside a hand-written instance other than one of the
-            tensors it lists, or a non-tensor value for one of them.
+        SurgeryError: one place inside another (the inner change would be lost), a change
+            inside a hand-written instance other than one of the tensors it lists, or a
+            non-tensor value for one of them.
     """
     trie: dict[Any, Any] = {}
     for keys, new in changes.items():
         level = trie
-        for key in keys:
+        for depth, key in enumerate(keys):
+            if _HERE in level:
+                raise _overlap(model, keys[:depth], keys)
             level = level.setdefault(key, {})
+        if len(level) > (_HERE in level):  # places below this one are changed too
+            inner = next(k for k in changes if len(k) > len(keys) and k[: len(keys)] == keys)
+            raise _overlap(model, keys, inner)
         level[_HERE] = new
     if _HERE in trie:
         return trie[_HERE]  # type: ignore[no-any-return]
     return _rebuild(model, trie, {}, ())  # type: ignore[no-any-return]
+
+
+def _overlap(model: Any, outer: tuple[PathKey, ...], inner: tuple[PathKey, ...]) -> SurgeryError:
+    return _error(
+        model,
+        f"the places {render_path(outer)} and {render_path(inner)} overlap (one holds the "
+        f"other), so the change at the inner one would be lost",
+        "Change the outer place only (with a value that has the inner change), or the inner "
+        "ones; mind that a tied value changes at all its places (untie=True: only there).",
+    )
 
 
 def _signature(trie: dict[Any, Any]) -> Any:
