@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from diffprog._errors import PathKey, state_dict_path
-from diffprog._nodes import HandWrittenNode, Node, node_for
+from diffprog._nodes import HandWrittenNode, Node, fields_node, node_for
 from diffprog._traverse import _cycle_error, _hand_written_leaves, _located, flatten_parameters
 
 __all__ = [
@@ -238,7 +238,9 @@ def _places(
     inner = (*ancestors, v)
     if isinstance(node, HandWrittenNode):
         for sub, p in _hand_written_leaves(node.own(v), v, ()):
-            yield Place((*keys, *sub), p, inner, True, v)
+            # The values between the instance and the parameter (a Linear it holds), so
+            # that a type filter sees them too.
+            yield Place((*keys, *sub), p, (*inner, *_along(v, sub)), True, v)
         return
     active.add(id(v))
     try:
@@ -246,3 +248,20 @@ def _places(
             yield from _places(child, (*keys, key), inner, active, root)
     finally:
         active.discard(id(v))
+
+
+def _along(value: Any, keys: tuple[PathKey, ...]) -> tuple[Any, ...]:
+    """The values strictly between ``value`` and the end of the path ``keys`` inside it
+    (the path of a parameter a hand-written instance lists, through its fields)."""
+    found: list[Any] = []
+    current = value
+    for key in keys[:-1]:
+        node = fields_node(type(current)) if current is value else node_for(type(current))
+        current = dict(node.children(current)).get(key, _MISSING)
+        if current is _MISSING:  # named by its position in the instance's list
+            return ()
+        found.append(current)
+    return tuple(found)
+
+
+_MISSING = object()
