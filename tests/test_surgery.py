@@ -132,6 +132,17 @@ def test_at_overlapping_places_are_refused() -> None:
             dp.at(model, where).set((linear(seed=2), torch.zeros(2)))
 
 
+def test_at_selector_may_return_a_generator_of_places() -> None:
+    seq = Sequential(linear(3, 4), linear(4, 2))
+    target = dp.at(seq, lambda m: (layer.bias for layer in m.layers))
+    assert target.paths == ["0.bias", "1.bias"]
+
+
+def test_at_an_integer_tensor_where_a_parameter_was_is_refused_naming_the_place() -> None:
+    with pytest.raises(dp.SurgeryError, match="Parameter is at 'bias'.*torch.int64"):
+        dp.at(linear(), "bias").set(torch.zeros(2, dtype=torch.long))
+
+
 def test_at_several_places_needs_one_value_per_place() -> None:
     model = Record(p(2), p(2))
     with pytest.raises(dp.SurgeryError, match="names 2 places"):

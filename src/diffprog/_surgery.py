@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -143,13 +144,11 @@ class At(Generic[T]):
         for group, new in zip(self._targets, values, strict=True):
             asked = group[0]
             given[asked.keys] = asked
-            changes[asked.keys] = _converted(asked.value, new, converted)
+            changes[asked.keys] = _converted(asked, new, converted)
         if not untie:
             for group, new in zip(self._targets, values, strict=True):
                 for tied in group[1:]:
-                    self._add_tied(
-                        changes, given, group[0], tied, _converted(tied.value, new, converted)
-                    )
+                    self._add_tied(changes, given, group[0], tied, _converted(tied, new, converted))
         return rebuild_at(self._model, changes)
 
     def _refuse_unsure(self) -> None:
@@ -188,15 +187,27 @@ def _describe_count(value: Any) -> str:
     return f"one {type(value).__name__}"
 
 
-def _converted(old: Any, new: Any, memo: dict[tuple[int, int], Any]) -> Any:
-    """``new`` as it goes where ``old`` was: a plain tensor where a Parameter (or a frozen
-    parameter) was becomes one, once per tensor (the same tensor set at several places gives
-    one Parameter: a tie)."""
+def _converted(place: Place, new: Any, memo: dict[tuple[int, int], Any]) -> Any:
+    """``new`` as it goes where ``place``'s value was: a plain tensor where a Parameter (or a
+    frozen parameter) was becomes one, once per tensor (the same tensor set at several places
+    gives one Parameter: a tie).
+
+    Raises:
+        SurgeryError: a tensor that cannot be a Parameter (an integer one) where one was.
+    """
+    old = place.value
     if not isinstance(new, torch.Tensor) or isinstance(new, (_Parameter, Frozen)):
         return new
     if isinstance(old, _Parameter):
         key = (id(new), 0)
         if key not in memo:
+            if not (new.is_floating_point() or new.is_complex()):
+                raise SurgeryError(
+                    f"a Parameter is at {place.path!r}, and the {new.dtype} tensor given for "
+                    f"it cannot become one (a Parameter needs a floating point or complex "
+                    f"dtype)",
+                    "Convert it (t.float()), or replace the value that holds the place.",
+                )
             memo[key] = make_independent(new)
         return memo[key]
     if isinstance(old, Frozen):
@@ -367,6 +378,8 @@ def _by_selector(
     except (AttributeError, KeyError, IndexError, TypeError) as e:
         raise _selector_failed(model, all_places, index_of, e) from e
     found = _find(result, index_of)
+    if found is None and isinstance(result, types.GeneratorType):
+        result = tuple(result)  # lambda m: (layer.weight for layer in m.layers)
     if found is None and isinstance(result, (tuple, list)):
         items = [_find(r, index_of) for r in result]
         for r, f in zip(result, items, strict=True):
