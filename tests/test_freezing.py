@@ -235,6 +235,11 @@ def test_partition_keeps_a_shared_block_shared_and_refuses_splitting_a_hand_writ
     assert sel["w"] is model["w"] and rest["w"] is None
 
 
+def test_partition_names_the_leaf_a_predicate_fails_on() -> None:
+    with pytest.raises(dp.SurgeryError, match=r"AttributeError.*at backbone.layers\[1\]"):
+        dp.partition(net(), lambda path, v: v.ndim < 2)
+
+
 def test_combine_refuses_different_structures_naming_the_path() -> None:
     with pytest.raises(dp.SurgeryError, match=r"differ.*at \['a'\]"):
         dp.combine({"a": (1, 2)}, {"a": [1, 2, 3]})

@@ -200,7 +200,11 @@ def partition(model: T, filter: Filter) -> tuple[T, T]:
     """
     flatten_parameters(model)  # the errors of a malformed model, with their paths
     selector = as_selector(filter)
-    selected, rest, _ = _split(model, (), (), selector, {})
+    try:
+        selected, rest, _ = _split(model, (), (), selector, {})
+    except ModelError as e:
+        e.root = e.root or type(model).__name__
+        raise
     return selected, rest
 
 
@@ -216,7 +220,7 @@ def _split(
     if isinstance(node, HandWrittenNode):
         return _split_hand_written(v, node, keys, ancestors, selector)
     if isinstance(v, torch.Tensor) or not is_container(node):
-        chosen = bool(selector(state_dict_path(keys), v, ancestors))
+        chosen = _ask(selector, keys, v, ancestors)
         return (v, None, (True,)) if chosen else (None, v, (False,))
     inner = (*ancestors, v)
     halves = [_split(child, (*keys, key), inner, selector, memo) for key, child in node.children(v)]
@@ -230,6 +234,23 @@ def _split(
     rest = _rebuilt(node, v, [b for _, b, _ in halves], children)
     memo[(id(v), bits)] = (selected, rest)
     return selected, rest, bits
+
+
+def _ask(selector: Any, keys: tuple[PathKey, ...], value: Any, ancestors: tuple[Any, ...]) -> bool:
+    """The filter's answer for one leaf; a predicate that fails on a leaf it did not expect
+    (partition shows it every leaf, an activation function too) is named with its path."""
+    try:
+        return bool(selector(state_dict_path(keys), value, ancestors))
+    except Exception as e:
+        err = SurgeryError(
+            f"the filter raised {type(e).__name__}: {e}, on this {type(value).__name__}",
+            "partition's filter sees every leaf (parameters, buffers, and non-tensor fields "
+            "such as activations and strides): check the type first, e.g. "
+            "lambda path, v: isinstance(v, torch.Tensor) and v.ndim < 2.",
+        )
+        for key in reversed(keys):
+            err.push(*key)
+        raise err from e
 
 
 def _rebuilt(node: Any, v: Any, new: list[Any], old: list[Any]) -> Any:
@@ -248,9 +269,9 @@ def _split_hand_written(
     inner = (*ancestors, v)
     listed = list(_hand_written_leaves(node.own(v), v, keys))
     if not listed:
-        bits: tuple[bool, ...] = (bool(selector(state_dict_path(keys), v, ancestors)),)
+        bits: tuple[bool, ...] = (_ask(selector, keys, v, ancestors),)
     else:
-        bits = tuple(bool(selector(state_dict_path(k), p, inner)) for k, p in listed)
+        bits = tuple(_ask(selector, k, p, inner) for k, p in listed)
     if all(bits):
         return v, None, bits
     if not any(bits):
