@@ -369,6 +369,11 @@ def test_a_frozen_model_trains_as_the_optimizers_freeze_and_unfreezing_needs_a_n
             held = getattr(opt_f, field)
             if isinstance(held, tuple) and held and isinstance(held[0], (torch.Tensor, type(None))):
                 assert len(held) == 2, field
+    else:  # the torch optimizer holds (and keeps state for) the two head parameters only
+        torch_opt = opt_f.optimizer
+        held_params = [t for group in torch_opt.param_groups for t in group["params"]]
+        assert len(held_params) == 2 and len(torch_opt.state) == 2
+        assert all(t.shape in [(2, 6), (2,)] for t in held_params)
     # unfreezing: the old optimizer refuses the bigger model, a new one trains everything
     unfrozen = dp.unfreeze(model_f)
     x, y = DATA[0]
