@@ -20,6 +20,9 @@ from diffprog._errors import (
     ParameterTypeError,
     UnsampledSpecError,
 )
+from diffprog._filter import Filter, Selector, select
+from diffprog._freeze import combine, count_parameters, freeze, partition, unfreeze
+from diffprog._frozen import Frozen
 from diffprog._map import (
     collect,
     map_parameters,
@@ -35,6 +38,7 @@ from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 from diffprog._summary import Summary, SummaryRow, summary
+from diffprog._surgery import At, SurgeryError, at
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
 
 __version__ = "0.1.0"
@@ -47,6 +51,20 @@ __all__ = [
     "allclose",
     "summary",
     "tree_equal",
+    # surgery, filters, freezing (issue 11)
+    "At",
+    "Filter",
+    "Frozen",
+    "Selector",
+    "SurgeryError",
+    "at",
+    "combine",
+    "count_parameters",
+    "freeze",
+    "partition",
+    "select",
+    "unfreeze",
+    # the rest
     "CycleError",
     "DeviceLike",
     "DiffprogError",

@@ -130,19 +130,24 @@ class Adafactor(PureOptimizer):
                 _refuse_complex(params[i], i)
         return super()._zero_state(settings, params, hyper, kinds)
 
+    def _check_state_fits(
+        self, held: Mapping[str, tuple[torch.Tensor | None, ...]], params: list[torch.Tensor]
+    ) -> None:
+        # Factored state (a row and a column, or an empty tensor): each kind's shape from the
+        # parameter's, as _init_state makes it.
+        for name, entries in held.items():
+            if len(entries) != len(params):
+                continue
+            for i, (entry, param) in enumerate(zip(entries, params, strict=True)):
+                if entry is not None and entry.shape != _state_shape(name, param):
+                    raise self._state_misfit(name, i, entry, param)
+
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
         _refuse_complex(param, None)
-        factored = param.dim() > 1
-        if name == "variance":
-            if factored:
-                return param.new_empty(0)
+        if name == "variance" and param.dim() <= 1:
             return torch.zeros_like(param, memory_format=torch.preserve_format)
-        if not factored:
-            return param.new_empty(0)
-        shape = list(param.shape)
-        shape[-1 if name == "row_var" else -2] = 1
-        return param.new_zeros(shape)
+        return param.new_zeros(_state_shape(name, param))
 
     def _update(
         self,
@@ -231,3 +236,17 @@ def _refuse_complex(param: torch.Tensor, index: int | None) -> None:
             "torch.optim.Adafactor does not. Freeze it (freeze=...) or train it with another "
             "optimizer."
         )
+
+
+def _state_shape(name: str, param: torch.Tensor) -> torch.Size:
+    """The shape of Adafactor's state ``name`` for ``param``: a matrix (or more) keeps a row
+    and a column of second moments, a vector or scalar the full ``variance``; the other kinds
+    are empty."""
+    factored = param.dim() > 1
+    if name == "variance":
+        return torch.Size([0]) if factored else param.shape
+    if not factored:
+        return torch.Size([0])
+    shape = list(param.shape)
+    shape[-1 if name == "row_var" else -2] = 1
+    return torch.Size(shape)

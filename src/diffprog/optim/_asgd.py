@@ -64,6 +64,10 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
     mu: tuple[torch.Tensor | None, ...] = state(doc="the averaging factor of the next step")
 
     @classmethod
+    def _param_shaped_state(cls) -> tuple[str, ...]:
+        return ("ax",)  # eta and mu are scalars
+
+    @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
         if name == "ax":
             return torch.zeros_like(param, memory_format=torch.preserve_format)

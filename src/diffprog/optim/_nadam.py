@@ -73,6 +73,10 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
     )
 
     @classmethod
+    def _param_shaped_state(cls) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")  # mu_product is a scalar
+
+    @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
         if name == "mu_product":
             # torch.optim.NAdam's (non-capturable) state: a CPU scalar of its scalar dtype.

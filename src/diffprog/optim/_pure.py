@@ -106,6 +106,13 @@ class PureOptimizer(Parameterized):
         """The initial value of state ``name`` for ``param``."""
         return torch.zeros_like(param, memory_format=torch.preserve_format)
 
+    @classmethod
+    def _param_shaped_state(cls) -> tuple[str, ...]:
+        """The state kinds whose tensors have their parameter's shape (default: every kind;
+        a subclass with scalar or factored state names the others out). Each step checks
+        them against the parameters: see :meth:`_check_state_fits`."""
+        return declaration_of(cls).state
+
     def _update(
         self,
         hyper: Mapping[str, Any],
@@ -278,6 +285,7 @@ class PureOptimizer(Parameterized):
         lr_now = learning_rate_at(lr, count)
         defaults = self._defaults()
         held = self._held_state(settings, params, defaults, mask)
+        self._check_state_fits(held, params)
         if self.donate:
             # From here on this value's state is being updated in place: if anything below
             # fails halfway, stepping this value again must be refused, not half-repeated.
@@ -330,6 +338,45 @@ class PureOptimizer(Parameterized):
             # so their shapes, dtypes and devices fit; but an Embedding may give sparse ones.
             raise self._sparse_error(next(i for i, g in enumerate(gradients) if g.is_sparse))
         return settings, mask
+
+    def _check_state_fits(
+        self, held: Mapping[str, tuple[torch.Tensor | None, ...]], params: list[torch.Tensor]
+    ) -> None:
+        """Refuse state made for other parameters than ``params``.
+
+        Why: an optimizer's state is matched to parameters by position. After ``freeze`` or
+        ``unfreeze`` changed which parameters a model has, a state built before may have the
+        right count but belong to other parameters; the fused and multi-tensor kernels would
+        then broadcast it silently. All kinds are made together, for the same parameters, so
+        one kind held for every parameter tells; it is compared in one C-level ``map``
+        (``is_same_size``), with a loop only where some entries are None (frozen in the
+        optimizer). Cost: about 3% of an Adam step over 100 parameters of 16x16, less for
+        larger ones.
+        """
+        for name in self._param_shaped_state():
+            entries = held.get(name, ())
+            if len(entries) != len(params):
+                continue  # no state of this kind held (built without init): nothing to check
+            try:
+                if all(map(_same_size, entries, params)):
+                    return
+            except TypeError:  # some entries are None
+                pass
+            for i, (entry, param) in enumerate(zip(entries, params, strict=True)):
+                if entry is not None and entry.shape != param.shape:
+                    raise self._state_misfit(name, i, entry, param)
+            return
+
+    def _state_misfit(
+        self, name: str, index: int, entry: torch.Tensor, param: torch.Tensor
+    ) -> DiffprogError:
+        owner = type(self).__name__
+        return DiffprogError(
+            f"this {owner}'s state {name} of parameter {index} has shape "
+            f"{tuple(entry.shape)}, which does not fit the parameter's {tuple(param.shape)}: "
+            f"the state was built for other parameters (did freeze or unfreeze change the "
+            f"model's parameters?). Build a new one: {owner}.init(model)."
+        )
 
     def _spend_lease(self) -> None:
         assert self.lease is not None  # _check_step refused donate without a lease
@@ -600,6 +647,7 @@ def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int
 
 
 _is_sparse = operator.attrgetter("is_sparse")
+_same_size: Callable[[Any, Any], bool] = torch.Tensor.is_same_size
 
 
 def _batches(

@@ -11,14 +11,13 @@ expressions) or by a predicate ``(path, param) -> bool``. Every optimizer's ``in
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from diffprog import named_parameters
+from diffprog._filter import Filter, Selector, as_selector, leaf_places, select
 
 __all__ = [
     "ParamGroup",
@@ -29,102 +28,12 @@ __all__ = [
     "select",
 ]
 
-Predicate = Callable[[str, torch.Tensor], bool]
-
-Selection = Union[str, "re.Pattern[str]", "Selector", Predicate, Sequence[Any]]
-"""What picks parameters: a glob pattern (``"*.bias"``), a compiled regular expression
-(``re.compile(r"norm")``, matched with ``search``), a predicate ``(path, param) -> bool``, a
-:class:`Selector`, or a list of these (any of them)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Selector:
-    """A parameter selection, combinable with ``|``, ``&`` and ``~``; build it with :func:`select`.
-
-    Example:
-        >>> no_decay = select("*.bias") | select(where=lambda path, p: p.ndim < 2)
-        >>> no_decay("head.bias", torch.zeros(3)), no_decay("head.weight", torch.zeros(3, 3))
-        (True, False)
-    """
-
-    patterns: tuple[str | re.Pattern[str], ...] = ()
-    where: Predicate | None = None
-    op: str = "any"
-    parts: tuple[Selector, ...] = ()
-
-    def __call__(self, path: str, param: torch.Tensor) -> bool:
-        """Whether the parameter at ``path`` is selected."""
-        if self.op == "or":
-            return any(part(path, param) for part in self.parts)
-        if self.op == "and":
-            return all(part(path, param) for part in self.parts)
-        if self.op == "not":
-            return not self.parts[0](path, param)
-        for pattern in self.patterns:
-            if isinstance(pattern, str):
-                if fnmatch.fnmatchcase(path, pattern):
-                    return True
-            elif pattern.search(path):
-                return True
-        return self.where is not None and bool(self.where(path, param))
-
-    def __or__(self, other: Selection) -> Selector:
-        return Selector(op="or", parts=(self, as_selector(other)))
-
-    def __and__(self, other: Selection) -> Selector:
-        return Selector(op="and", parts=(self, as_selector(other)))
-
-    def __invert__(self) -> Selector:
-        return Selector(op="not", parts=(self,))
-
-
-def select(*patterns: str | re.Pattern[str], where: Predicate | None = None) -> Selector:
-    """Select the parameters whose path matches any of ``patterns``, or for which ``where`` holds.
-
-    Paths are ``diffprog.named_parameters`` paths (torch ``state_dict`` keys, e.g.
-    ``layers.0.bias``). A string is a glob pattern matched against the whole path (``*`` also
-    crosses dots: ``"*.bias"`` is every bias, ``"encoder.*"`` everything under ``encoder``); a
-    compiled regular expression is matched with ``search``.
-
-    Args:
-        *patterns: glob patterns and compiled regular expressions.
-        where: a predicate ``(path, param) -> bool``.
-
-    Returns:
-        The selector.
-
-    Raises:
-        TypeError: a pattern is neither a string nor a compiled regular expression.
-
-    Example:
-        >>> s = select("*.bias", re.compile(r"(^|\\.)norm"))
-        >>> [s(path, torch.zeros(1)) for path in ["0.bias", "norm.weight", "0.weight"]]
-        [True, True, False]
-    """
-    for p in patterns:
-        if not isinstance(p, (str, re.Pattern)):
-            raise TypeError(
-                f"select takes glob strings and compiled regular expressions, got "
-                f"{type(p).__name__}; pass a predicate as where=..."
-            )
-    return Selector(tuple(patterns), where)
-
-
-def as_selector(selection: Selection) -> Selector:
-    """Turn any :data:`Selection` into a :class:`Selector`."""
-    if isinstance(selection, Selector):
-        return selection
-    if isinstance(selection, (str, re.Pattern)):
-        return Selector((selection,))
-    if callable(selection):
-        return Selector(where=selection)
-    if isinstance(selection, Iterable):
-        parts = tuple(as_selector(s) for s in selection)
-        return Selector(op="or", parts=parts)
-    raise TypeError(
-        f"cannot select parameters with a {type(selection).__name__}: use a glob string, a "
-        "compiled regex, a predicate (path, param) -> bool, or diffprog.optim.select(...)."
-    )
+Selection = Filter
+"""What picks parameters: the core's filter language (``diffprog.Filter``), one implementation
+for the optimizers and for ``diffprog.partition``/``freeze``: a glob pattern (``"*.bias"``), a
+compiled regular expression (``re.compile(r"norm")``, matched with ``search``), a type
+(``diffprog.nn.Linear``: the parameters inside such layers), a predicate
+``(path, param) -> bool``, a :class:`Selector`, or a list of these (any of them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +76,7 @@ class ParamSettings:
         return not self.frozen and len(self.groups) == 1 and not self.groups[0].overrides
 
 
-def _parameters_with_paths(model: Any) -> list[tuple[str, torch.Tensor]]:
+def _parameters_with_paths(model: Any) -> list[tuple[str, torch.Tensor, tuple[Any, ...]]]:
     # A list of Parameters is a model like any other (a tie counts once, as flatten_parameters
     # does). A list holding plain tensors is an explicit list of the tensors to optimize with
     # step() directly: each entry is one slot.
@@ -176,8 +85,13 @@ def _parameters_with_paths(model: Any) -> list[tuple[str, torch.Tensor]]:
         and all(isinstance(p, torch.Tensor) for p in model)
         and not all(isinstance(p, torch.nn.Parameter) for p in model)
     ):
-        return [(str(i), p) for i, p in enumerate(model)]
-    return list(named_parameters(model))
+        return [(str(i), p, ()) for i, p in enumerate(model)]
+    named = named_parameters(model)  # (refuses two parameters with the same name)
+    # What encloses each parameter at its first path, for the type filters (dp.nn.Linear).
+    enclosing: dict[int, tuple[Any, ...]] = {}
+    for place in leaf_places(model):
+        enclosing.setdefault(id(place.value), place.ancestors)
+    return [(path, p, enclosing[id(p)]) for path, p in named]
 
 
 def resolve_settings(
@@ -222,11 +136,11 @@ def resolve_settings(
     used = [False] * len(selectors)
     frozen: list[int] = []
     by_key: dict[tuple[int, ...], list[int]] = {}
-    for i, (path, p) in enumerate(named):
-        key = tuple(j for j, (s, _) in enumerate(selectors) if s(path, p))
+    for i, (path, p, ancestors) in enumerate(named):
+        key = tuple(j for j, (s, _) in enumerate(selectors) if s(path, p, ancestors))
         for j in key:
             used[j] = True
-        if frozen_sel is not None and frozen_sel(path, p):
+        if frozen_sel is not None and frozen_sel(path, p, ancestors):
             frozen.append(i)
         else:
             by_key.setdefault(key, []).append(i)
@@ -234,12 +148,12 @@ def resolve_settings(
         if not was_used:
             raise ValueError(
                 f"the override for {selection!r} selects no parameter of the model; "
-                f"its parameters are: {', '.join(path for path, _ in named) or '(none)'}."
+                f"its parameters are: {', '.join(path for path, _, _ in named) or '(none)'}."
             )
     if freeze is not None and not frozen:
         raise ValueError(
             f"freeze={freeze!r} selects no parameter of the model; its parameters are: "
-            f"{', '.join(path for path, _ in named) or '(none)'}."
+            f"{', '.join(path for path, _, _ in named) or '(none)'}."
         )
     groups = []
     for key, indices in by_key.items():
@@ -248,4 +162,4 @@ def resolve_settings(
             merged.update(selectors[j][1])
         groups.append(ParamGroup(tuple(indices), tuple(merged.items())))
     settings = ParamSettings(len(named), tuple(groups), tuple(frozen))
-    return settings, [p for _, p in named]
+    return settings, [p for _, p, _ in named]

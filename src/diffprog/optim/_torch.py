@@ -159,8 +159,9 @@ class TorchOptimizer:
                 ``torch.optim.LBFGS``, ...), or any callable taking parameter groups first.
             overrides: per-parameter settings as torch.optim parameter groups chosen by path,
                 ``{selection: {option: value}}`` (e.g. ``{"*.bias": {"weight_decay": 0.0}}``);
-                a selection is a glob pattern over ``named_parameters`` paths, a compiled
-                regex, a predicate ``(path, param) -> bool`` or ``diffprog.optim.select(...)``.
+                a selection is a filter (``diffprog.Filter``): a glob pattern over
+                ``named_parameters`` paths, a compiled regex, a type (``diffprog.nn.Linear``),
+                a predicate ``(path, param) -> bool`` or ``diffprog.select(...)``.
                 Besides the optimizer's options, ``lr_scale`` multiplies the ``lr`` given to
                 ``run_step`` for those parameters.
             freeze: a selection of parameters not to train: the torch optimizer never sees
