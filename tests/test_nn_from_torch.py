@@ -568,6 +568,23 @@ def test_options_without_a_diffprog_equivalent_are_named() -> None:
         nn.from_torch(named)
 
 
+def test_parts_in_different_modes_are_refused() -> None:
+    """diffprog chooses the mode per call for every layer: a BatchNorm kept in eval mode in a
+    model in train mode (a frozen BatchNorm) cannot be carried, and is not silently trained."""
+    module = tnn.Sequential(tnn.Linear(3, 3), tnn.BatchNorm1d(3), tnn.Dropout(0.1)).train()
+    module[1].eval()
+    expected = r"option training \(train mode, while the submodule '1' \(BatchNorm1d\) is in eval"
+    with pytest.raises(nn.FromTorchError, match=expected) as info:
+        nn.from_torch(module)
+    assert (info.value.path, info.value.option) == ("2", "training")
+    module[0].eval()  # the mode of a layer whose computation does not depend on it is free
+    module[1].train()
+    nn.from_torch(module)
+    nn.from_torch(module.eval())
+    # a dropout that drops nothing does not depend on the mode either
+    nn.from_torch(tnn.Sequential(tnn.Dropout(0.0).train(), tnn.BatchNorm1d(2).eval()))
+
+
 def test_state_a_standard_layer_does_not_have_is_refused_not_dropped() -> None:
     layer = tnn.Linear(2, 2)
     layer.register_parameter("scale", tnn.Parameter(torch.ones(2)))

@@ -251,8 +251,9 @@ def from_torch(module: torch.nn.Module) -> Any:
     ``ModuleDict`` (a dict) of them, nested in any way. The result's ``state_dict`` keys
     and order equal ``module.state_dict()``'s, and it computes what ``module`` computes.
 
-    The mode is not carried: a torch module holds a train/eval flag, a diffprog value does not.
-    Choose it when calling, as for any diffprog model: inside ``diffprog.nn.training(...)``
+    The mode is not carried: a torch module holds a train/eval flag, a diffprog value does not
+    (a module whose dropout and norm layers are not all in one mode is refused). Choose it
+    when calling, as for any diffprog model: inside ``diffprog.nn.training(...)``
     (torch's ``train()``: dropout on, batch statistics, running statistics updated) or
     ``with diffprog.nn.evaluating():`` (``eval()``).
 
@@ -267,8 +268,8 @@ def from_torch(module: torch.nn.Module) -> Any:
     Raises:
         FromTorchError: a submodule has no converter (the message names the first such one,
             in ``module.named_modules()`` order, by path and type), or a module has an option
-            diffprog cannot carry (hooks, a setting with no diffprog equivalent): the message
-            names the module and the option.
+            diffprog cannot carry (hooks, a setting with no diffprog equivalent, parts in
+            different train/eval modes): the message names the module and the option.
 
     Example:
         >>> tnn = torch.nn
@@ -287,7 +288,47 @@ def from_torch(module: torch.nn.Module) -> Any:
     for path, sub in module.named_modules():
         if type(sub) not in _CONVERTERS:
             raise _unsupported(path, sub)
+    _check_one_mode(module)
     return _convert(module, "", {})
+
+
+def _mode_matters(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes differently in train and eval mode."""
+    if isinstance(module, tnn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, tnn.modules.batchnorm._NormBase):
+        return module.running_mean is not None
+    if isinstance(module, tnn.RNNBase):
+        return module.dropout > 0 and module.num_layers > 1
+    if isinstance(module, tnn.MultiheadAttention):
+        return module.dropout > 0
+    return False
+
+
+def _check_one_mode(module: torch.nn.Module) -> None:
+    """Refuse a module whose mode-dependent parts are not all in the same mode.
+
+    A diffprog model has no mode of its own: the call chooses it for every layer at once
+    (``nn.training`` / ``nn.evaluating``). A torch model with, say, a BatchNorm left in eval
+    mode inside a model in train mode would be converted into one whose BatchNorm trains.
+    """
+    first: tuple[str, torch.nn.Module] | None = None
+    for path, sub in module.named_modules():
+        if not _mode_matters(sub):
+            continue
+        if first is None:
+            first = (path, sub)
+        elif sub.training != first[1].training:
+            mode = "train" if sub.training else "eval"
+            other = "train" if first[1].training else "eval"
+            TorchConversion(sub, path, {}).refuse(
+                "training",
+                f"{mode} mode, while {_where(first[0], first[1])} is in {other} mode; a "
+                "diffprog model takes its mode from the call (diffprog.nn.training or "
+                "diffprog.nn.evaluating), for all its layers at once: put the module in one "
+                "mode (module.train() or module.eval()), and for a layer that must keep "
+                "evaluating inside a training pass, pass training=False to it in your own model",
+            )
 
 
 _HOOKS = {
