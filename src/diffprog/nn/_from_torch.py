@@ -299,9 +299,9 @@ def _mode_matters(module: torch.nn.Module) -> bool:
     if isinstance(module, tnn.modules.batchnorm._NormBase):
         return module.running_mean is not None
     if isinstance(module, tnn.RNNBase):
-        return module.dropout > 0 and module.num_layers > 1
+        return bool(module.dropout > 0 and module.num_layers > 1)
     if isinstance(module, tnn.MultiheadAttention):
-        return module.dropout > 0
+        return bool(module.dropout > 0)
     return False
 
 
