@@ -25,6 +25,17 @@ from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
+from diffprog.serialize import (
+    LoadError,
+    LoadResult,
+    SaveError,
+    load_params,
+    load_state_dict,
+    load_tensors,
+    save_params,
+    save_tensors,
+    state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -58,4 +69,14 @@ __all__ = [
     "to_dependent",
     "tree_repr",
     "walk",
+    # saving and loading (diffprog.serialize)
+    "LoadError",
+    "LoadResult",
+    "SaveError",
+    "load_params",
+    "load_state_dict",
+    "load_tensors",
+    "save_params",
+    "save_tensors",
+    "state_dict",
 ]
