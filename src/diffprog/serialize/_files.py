@@ -242,6 +242,12 @@ def _safetensors_source(f: io.BufferedReader, name: str) -> dict[str, Stored]:
                 mismatched_keys=[alias],
             )
         out.setdefault(alias, out[target])
+    # safetensors.torch.save_model stores a tied tensor once and records each key it dropped
+    # in the metadata as {dropped key: kept key} (its load_model restores them): read those
+    # keys as aliases too, so that a torch model's tied weights load with no renaming.
+    for alias, target in header.metadata.items():
+        if alias not in out and alias != ALIASES and target in header.entries:
+            out[alias] = out[target]
     return out
 
 
