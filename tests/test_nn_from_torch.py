@@ -16,7 +16,7 @@ import diffprog as dp
 from diffprog import nn
 from diffprog._errors import state_dict_path
 from diffprog._frozen import Frozen
-from diffprog.nn._from_torch import _CONVERTERS, PARAMETER_FREE
+from diffprog.nn._from_torch import BUILTIN_TYPES, PARAMETER_FREE
 
 tnn = torch.nn
 
@@ -357,7 +357,7 @@ def test_every_registered_type_has_a_case() -> None:
     for _, make, _, _ in CASES:
         for module in build(make).modules():
             covered.add(type(module))
-    assert set(_CONVERTERS) - covered == set()
+    assert BUILTIN_TYPES - covered == set()
     assert set(PARAMETER_FREE) <= set(FREE)
 
 

@@ -16,16 +16,13 @@ import torch
 
 import diffprog as dp
 from diffprog import nn
-from diffprog._errors import state_dict_path
 
 tnn = torch.nn
 
 
 def dp_keys(model: Any) -> list[str]:
-    """The state-dict keys of a diffprog value: every tensor leaf, in traversal order."""
-    return [
-        state_dict_path(keys) for keys, leaf in dp.walk(model) if isinstance(leaf, torch.Tensor)
-    ]
+    """The state-dict keys of a diffprog value (parameters and buffers), in order."""
+    return list(dp.state_dict(model))
 
 
 class _TorchResidual(tnn.Module):

@@ -602,3 +602,5 @@ PARAMETER_FREE: tuple[type[torch.nn.Module], ...] = (
 )
 
 _register_builtins()
+# The types diffprog itself converts (the registry may grow by register_from_torch).
+BUILTIN_TYPES: frozenset[type[torch.nn.Module]] = frozenset(_CONVERTERS)
