@@ -421,3 +421,31 @@ def test_key_map_loads_a_model_whose_names_differ_both_ways() -> None:
     assert missing == ["position_ids"] and unexpected == []
     other.eval()
     assert_close(other(ids), module(ids), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU (pytest -m cuda)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_cuda_transfers_keep_the_device_and_outputs_agree(name: str) -> None:
+    pair = PAIRS[name]
+    module = randomise(pair.torch_model()).cuda().eval()
+    inputs = tuple(t.cuda() for t in pair.inputs())
+    # torch -> diffprog: a meta skeleton takes the source's device
+    model = dp.load_state_dict(pair.dp_model("meta"), module.state_dict())
+    assert all(t.is_cuda for t in dp.state_dict(model).values())
+    with torch.no_grad(), nn.evaluating():
+        assert_close(model(*inputs), module(*inputs))
+    # diffprog -> torch, strictly, and from_torch keeps the device too
+    other = fresh_torch_module(pair).cuda().eval()
+    other.load_state_dict(dp.state_dict(model), strict=True)
+    with torch.no_grad():
+        assert_close(other(*inputs), module(*inputs))
+    if name in ("linear-stack", "transformer-encoder-layer"):
+        converted = nn.from_torch(module)
+        assert all(t.is_cuda for t in dp.state_dict(converted).values())
+        with torch.no_grad(), nn.evaluating():
+            assert_close(converted(*inputs), module(*inputs))
