@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-
 import pickle
 import struct
 import zipfile
@@ -160,7 +159,7 @@ def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path: Path, kind:
     assert not marker.exists()
     # The file really was dangerous: unpickling it unsafely writes the marker.
     if kind == "raw-pickle":
-        pickle.loads(path.read_bytes())  # noqa: S301 (the point of the test)
+        pickle.loads(path.read_bytes())  # (unsafe on purpose)
         assert marker.exists()
 
 
@@ -269,7 +268,11 @@ def _check_load(path: Path) -> None:
     try:
         loaded = dp.load_params(_skeleton(), path)
     except dp.LoadError as e:
-        assert str(path) in str(e)
+        message = str(e)
+    else:
+        message = ""
+    if message:
+        assert str(path) in message
         return
     expected = dp.state_dict(_model())
     got = dp.state_dict(loaded)
