@@ -60,10 +60,10 @@ def _sniff(head: bytes) -> Format | None:
     """The format the first bytes of a file show, if any."""
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive: torch.save's format
         return "pt"
+    if head[8:9] == b"{":  # a length, then a JSON header (a zip or torch pickle has no '{' there)
+        return "safetensors"
     if head[:1] == b"\x80":  # a pickle (protocol 2 or later): torch.save's legacy format
         return "pt"
-    if head[8:9] == b"{":  # a length, then a JSON header
-        return "safetensors"
     return None
 
 

@@ -186,9 +186,9 @@ def load_into(
     for key, (source_key, stored) in mapped.items():
         leaf = slots[key].leaf
         if tuple(stored.shape) != tuple(leaf.shape) or not _dtype_ok(stored.dtype, leaf, dtype):
-            named = key if key == source_key else f"{source_key} (as {key})"
+            named = repr(key) if key == source_key else f"{source_key!r} (as {key!r})"
             problems.append(
-                f"{named!r}: the source has {_describe(stored.dtype, stored.shape)}, the "
+                f"{named}: the source has {_describe(stored.dtype, stored.shape)}, the "
                 f"model has {_describe(leaf.dtype, leaf.shape)}"
             )
             bad.append(key)
@@ -340,7 +340,9 @@ def _error(
         )
     if problems:
         parts.append(f"{len(problems)} mismatch(es): " + "; ".join(problems[:50]))
-        fixes.append("pass dtype= to convert floating-point tensors")
+        fixes.append(
+            "pass dtype= to convert floating-point tensors from another floating-point dtype"
+        )
     return LoadError(
         f"cannot load {name} into {type(model).__name__}: " + "; ".join(parts) + ". "
         "Nothing was loaded. Check that the source was saved from this model, or "
