@@ -663,6 +663,21 @@ def test_register_from_torch_with_a_class_or_a_function() -> None:
         nn.from_torch(tnn.ModuleList([bad]))
 
 
+class DpBlockMisnamed(dp.Parameterized):
+    norm: nn.LayerNorm
+    projection: nn.Linear  # the torch module calls it proj
+
+
+class Block2(Block):
+    pass
+
+
+def test_a_converter_class_with_a_field_the_module_lacks_is_named() -> None:
+    nn.register_from_torch(Block2, DpBlockMisnamed)
+    with pytest.raises(nn.FromTorchError, match=r"'0' \(Block2\).*attribute 'projection'"):
+        nn.from_torch(tnn.Sequential(Block2()))
+
+
 def test_register_from_torch_refuses_what_it_cannot_use() -> None:
     with pytest.raises(TypeError, match="torch.nn.Module subclass"):
         nn.register_from_torch(int, DpBlock)  # type: ignore[arg-type]

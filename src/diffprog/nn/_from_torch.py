@@ -158,7 +158,8 @@ class TorchConversion:
             The converted value.
 
         Raises:
-            FromTorchError: a submodule cannot be converted.
+            FromTorchError: a submodule cannot be converted, or the module has no attribute
+                ``name``.
         """
         m = self.module
         if name in m._parameters or name in m._buffers:
@@ -168,6 +169,14 @@ class TorchConversion:
             child = m._modules[name]
             path = f"{self.path}.{name}" if self.path else name
             return None if child is None else _convert(child, path, self._memo)
+        if not hasattr(m, name):
+            raise FromTorchError(
+                f"from_torch cannot convert {_where(self.path, m)}: its converter asks for "
+                f"the attribute {name!r}, which the module does not have (a converter class's "
+                "fields must be named as the module's attributes).",
+                self.path,
+                type(m),
+            )
         return getattr(m, name)
 
     def fields(self, cls: type, **given: Any) -> dict[str, Any]:
