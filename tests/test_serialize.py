@@ -643,3 +643,40 @@ def test_format_is_told_from_the_content_for_every_header_length(
             read = dp.load_tensors(path, format=format)  # type: ignore[arg-type]
             assert list(read) == ["w"] and torch.equal(read["w"], torch.ones(2))
     assert 0x80 in lengths
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_tie_in_the_file_loaded_into_an_untied_model_gives_separate_memory(
+    tmp_path: Path, suffix: str
+) -> None:
+    # A file from a tied model (one stored tensor under two keys) into a model whose two
+    # weights are separate: each gets its own memory, or an in-place optimizer step on one
+    # would move the other.
+    dp.save_params(_tied_model(), tmp_path / f"tied{suffix}")
+    untied = {
+        "embed": dp.sample(dnn.EmbeddingSpec(5, 3)),
+        "head": dp.sample(dnn.LinearSpec(3, 5)),
+    }
+    for mmap in (False, True):
+        new = dp.load_params(untied, tmp_path / f"tied{suffix}", mmap=mmap)
+        assert torch.equal(new["embed"].weight, new["head"].weight)
+        with torch.no_grad():
+            new["head"].weight.add_(1)
+        assert not torch.equal(new["embed"].weight, new["head"].weight)
+
+
+def test_mmap_load_gives_the_same_model_and_never_writes_the_file(tmp_path: Path) -> None:
+    model, spec = _model()
+    path = tmp_path / "m.safetensors"
+    dp.save_params(model, path)
+    data = path.read_bytes()
+    mapped = dp.load_params(dp.sample(spec, device="meta"), path, mmap=True)
+    _assert_same_state(mapped, model)
+    assert mapped[0].weight.requires_grad and mapped[0].weight.is_leaf
+    with torch.no_grad():  # an in-place optimizer writes into the mapped pages
+        for p in dp.flatten_parameters(mapped):
+            p.add_(1)
+    assert path.read_bytes() == data  # private mapping: the file is unchanged
+    # Saving over the file (a new file renamed into place) leaves the mapped model intact.
+    dp.save_params(model, path)
+    assert torch.equal(mapped[0].weight, model[0].weight + 1)
