@@ -360,6 +360,22 @@ def test_from_torch_gives_the_equivalent_model(name: str) -> None:
     assert_equivalent(model, module, pair)
 
 
+@pytest.mark.parametrize(
+    "name", ["cnn-batchnorm", "lstm", "lstm-batch_first", "embedding-tied-head"]
+)
+def test_from_torch_of_a_registered_model_class_gives_the_equivalent_model(name: str) -> None:
+    """A model class of one's own: registering its diffprog twin (same field names) is enough."""
+    for torch_type, dp_type in [(TorchCNN, DpCNN), (TorchTagger, DpTagger), (TorchLM, DpLM)]:
+        nn.register_from_torch(torch_type, dp_type)
+    pair = PAIRS[name]
+    module = randomise(pair.torch_model())
+    model = nn.from_torch(module)
+    assert type(model) is type(pair.dp_model("meta"))
+    if pair.tied:
+        assert model.head.weight is model.emb.weight
+    assert_equivalent(model, module, pair)
+
+
 # --------------------------------------------------------------------------------------------
 # Names that differ: key_map
 # --------------------------------------------------------------------------------------------
