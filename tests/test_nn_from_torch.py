@@ -545,6 +545,13 @@ def test_unsupported_types_are_refused_with_a_hint(module: tnn.Module, hint: str
     assert info.value.path == "1"
 
 
+def test_a_wrapper_is_refused_naming_the_module_to_convert() -> None:
+    wrapped = tnn.DataParallel(tnn.Linear(2, 2))
+    with pytest.raises(nn.FromTorchError, match=r"convert that one, module\.module"):
+        nn.from_torch(wrapped)
+    assert list(dp.state_dict(nn.from_torch(wrapped.module))) == ["weight", "bias"]
+
+
 def test_options_without_a_diffprog_equivalent_are_named() -> None:
     bn = tnn.BatchNorm1d(3)
     bn.track_running_stats = False  # buffers kept: torch then uses batch statistics in eval

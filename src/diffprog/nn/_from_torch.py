@@ -109,10 +109,21 @@ _HOW_TO = (
 )
 
 
+# Wrappers whose state_dict keys carry a prefix: the wrapped module is what to convert.
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",  # torch.compile
+    "DataParallel": "module",
+    "DistributedDataParallel": "module",
+}
+
+
 def _unsupported(path: str, module: torch.nn.Module) -> FromTorchError:
     name = type(module).__qualname__
     hint = ""
-    if isinstance(module, tnn.modules.lazy.LazyModuleMixin):
+    wrapped = _WRAPPERS.get(name)
+    if wrapped is not None:
+        hint = f" It wraps another module: convert that one, module.{wrapped}."
+    elif isinstance(module, tnn.modules.lazy.LazyModuleMixin):
         hint = " A lazy module becomes its plain type after its first forward pass: run one."
     elif any(isinstance(module, t) for t in _CONVERTERS):
         hint = (
