@@ -4,12 +4,15 @@ included, with the same global seed), its gradients; ties; the error paths."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import diffprog as dp
@@ -611,6 +614,12 @@ def test_a_configuration_the_layer_refuses_is_reported_at_its_path() -> None:
         nn.from_torch(tnn.Sequential(lstm))
 
 
+def test_a_sequential_holding_a_container_is_refused_at_its_path() -> None:
+    module = tnn.ModuleDict({"body": tnn.Sequential(tnn.Linear(2, 2), tnn.ModuleList())})
+    with pytest.raises(nn.FromTorchError, match=r"'body' \(Sequential\).*part 1 is of type list"):
+        nn.from_torch(module)
+
+
 def test_from_torch_refuses_what_is_not_a_module() -> None:
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         nn.from_torch(dp.sample(nn.LinearSpec(2, 2)))  # type: ignore[arg-type]
@@ -690,3 +699,61 @@ def test_register_from_torch_refuses_what_it_cannot_use() -> None:
         nn.register_from_torch(int, DpBlock)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Parameterized class"):
         nn.register_from_torch(Block, int)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Any nesting of containers
+# --------------------------------------------------------------------------------------------
+
+_LEAVES = st.sampled_from(
+    [
+        lambda: tnn.Linear(3, 2),
+        lambda: tnn.BatchNorm1d(4),
+        lambda: tnn.LayerNorm(5),
+        lambda: tnn.LSTM(2, 3, 2),
+        lambda: tnn.ReLU(),
+        lambda: tnn.Dropout(0.1),
+        lambda: tnn.Conv1d(2, 2, 3),
+    ]
+).map(lambda make: make())
+
+
+def _containers(children: st.SearchStrategy[list[tnn.Module]]) -> st.SearchStrategy[tnn.Module]:
+    # A Sequential calls its parts: a ModuleList/ModuleDict in one is refused (tested below).
+    callable_parts = children.filter(
+        lambda parts: not any(isinstance(p, (tnn.ModuleList, tnn.ModuleDict)) for p in parts)
+    )
+    return st.one_of(
+        callable_parts.map(lambda parts: tnn.Sequential(*parts)),
+        children.map(tnn.ModuleList),
+        children.map(lambda parts: tnn.ModuleDict({f"m{i}": p for i, p in enumerate(parts)})),
+    )
+
+
+MODULES = st.recursive(
+    _LEAVES, lambda inner: _containers(st.lists(inner, min_size=0, max_size=3)), max_leaves=8
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(MODULES)
+def test_any_nesting_of_containers_converts_and_loads_back_both_ways(module: tnn.Module) -> None:
+    module = randomise(module)
+    model = nn.from_torch(module)
+    ours = dp.state_dict(model)
+    assert list(ours) == list(module.state_dict())
+    assert all(torch.equal(ours[k], t) for k, t in module.state_dict().items())
+    # the diffprog state dict loads into a fresh copy of the module, strictly
+    fresh = copy.deepcopy(module)
+    with torch.no_grad():
+        for t in fresh.state_dict().values():
+            t.zero_()
+    fresh.load_state_dict(ours, strict=True)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ours.values(), strict=True)
+    )
+    # and the module's state dict loads into the converted model's skeleton
+    again = dp.load_state_dict(model, module.state_dict())
+    assert all(
+        torch.equal(a, b) for a, b in zip(dp.state_dict(again).values(), ours.values(), strict=True)
+    )
