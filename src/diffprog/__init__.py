@@ -40,6 +40,17 @@ from diffprog._stream import ParamStream
 from diffprog._summary import Summary, SummaryRow, summary
 from diffprog._surgery import At, SurgeryError, at
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
+from diffprog.serialize import (
+    LoadError,
+    LoadResult,
+    SaveError,
+    load_params,
+    load_state_dict,
+    load_tensors,
+    save_params,
+    save_tensors,
+    state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -103,4 +114,14 @@ __all__ = [
     "to_dependent",
     "tree_repr",
     "walk",
+    # saving and loading (diffprog.serialize)
+    "LoadError",
+    "LoadResult",
+    "SaveError",
+    "load_params",
+    "load_state_dict",
+    "load_tensors",
+    "save_params",
+    "save_tensors",
+    "state_dict",
 ]

@@ -49,6 +49,12 @@ from diffprog.nn._dropout import (
     FeatureAlphaDropoutSpec,
 )
 from diffprog.nn._embedding import Embedding, EmbeddingSpec
+from diffprog.nn._from_torch import (
+    FromTorchError,
+    TorchConversion,
+    from_torch,
+    register_from_torch,
+)
 from diffprog.nn._linear import Identity, IdentitySpec, Linear, LinearSpec
 from diffprog.nn._norm import (
     BatchNorm1d,
@@ -209,4 +215,9 @@ __all__ = [
     "ResidualSpec",
     "Sequential",
     "SequentialSpec",
+    # --- from torch.nn ---
+    "FromTorchError",
+    "TorchConversion",
+    "from_torch",
+    "register_from_torch",
 ]
