@@ -392,6 +392,23 @@ def test_load_into_a_hand_written_instance() -> None:
     new = dp.load_state_dict(model, {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)})
     assert torch.equal(new["cell"].weight, torch.ones(2, 2)) and new["cell"].weight.requires_grad
     assert torch.equal(model["cell"].weight, torch.zeros(2, 2))
+    # From a meta skeleton too (a meta slot takes a tensor of any device).
+    meta = {
+        "cell": _Cell(*(dp.make_independent(torch.zeros(s, device="meta")) for s in [(2, 2), (2,)]))
+    }
+    loaded = dp.load_state_dict(meta, {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)})
+    assert torch.equal(loaded["cell"].bias, torch.ones(2))
+
+
+def test_a_hand_written_instance_refuses_a_conversion_with_a_load_error() -> None:
+    # replace_parameters keeps each slot's dtype (and device): a hand-written instance cannot
+    # take converted parameters, and says so as a LoadError, not from deep in the core.
+    model = {
+        "cell": _Cell(dp.make_independent(torch.zeros(2, 2)), dp.make_independent(torch.zeros(2)))
+    }
+    sd = {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)}
+    with pytest.raises(dp.LoadError, match="hand-written instance"):
+        dp.load_state_dict(model, sd, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- files
