@@ -17,7 +17,6 @@ from torch.testing import assert_close
 
 import diffprog as dp
 from diffprog import nn
-from diffprog._errors import state_dict_path
 from diffprog._frozen import Frozen
 from diffprog.nn._from_torch import BUILTIN_TYPES, PARAMETER_FREE
 
@@ -33,11 +32,7 @@ def x(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def dp_state(model: Any) -> dict[str, torch.Tensor]:
     """Every tensor leaf of a diffprog value by its state-dict key, in order."""
-    return {
-        state_dict_path(keys): leaf
-        for keys, leaf in dp.walk(model)
-        if isinstance(leaf, torch.Tensor)
-    }
+    return {path: leaf for path, leaf in dp.walk(model) if isinstance(leaf, torch.Tensor)}
 
 
 def randomise(module: tnn.Module, seed: int = 1) -> tnn.Module:

@@ -24,7 +24,6 @@ from typing import Any, NoReturn, TypeVar, cast
 import torch
 
 from diffprog import DiffprogError, Parameterized, make_independent, walk
-from diffprog._errors import state_dict_path
 from diffprog._frozen import Frozen
 from diffprog.nn._attention import MultiheadAttention
 from diffprog.nn._compose import Sequential
@@ -408,9 +407,7 @@ def _check_state(value: Any, module: torch.nn.Module, path: str) -> None:
     or submodule added to a standard layer) would otherwise be dropped without a word.
     """
     ours = [
-        (state_dict_path(keys), tuple(leaf.shape))
-        for keys, leaf in walk(value)
-        if isinstance(leaf, torch.Tensor)
+        (path, tuple(leaf.shape)) for path, leaf in walk(value) if isinstance(leaf, torch.Tensor)
     ]
     theirs = [(k, tuple(v.shape)) for k, v in module.state_dict(keep_vars=True).items()]
     if ours != theirs:

@@ -12,7 +12,7 @@ from diffprog._autograd import make_independent
 from diffprog._errors import ModelError, NameClashError, PathKey, render_path, state_dict_path
 from diffprog._frozen import Frozen
 from diffprog._random import DeviceLike
-from diffprog._traverse import flatten_parameters, replace_parameters, substitute, walk
+from diffprog._traverse import flatten_parameters, replace_parameters, substitute, walk_keys
 from diffprog.serialize._errors import LoadError, quoted
 
 __all__ = ["KeyMap", "LoadResult", "Stored", "load_into", "load_state_dict", "state_dict"]
@@ -55,7 +55,7 @@ def _slots(model: Any) -> dict[str, _Slot]:
     """
     by_id: dict[int, _Slot] = {}
     by_key: dict[str, _Slot] = {}
-    for path, leaf in walk(model):
+    for path, leaf in walk_keys(model):
         if not isinstance(leaf, torch.Tensor):
             continue
         key = state_dict_path(path)
