@@ -26,6 +26,16 @@ from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
 
+# Last: serialize builds on the names above (and on diffprog.optim, which does too).
+from diffprog.serialize import (
+    OptimizerState,
+    OptimizerStateError,
+    load_optimizer_state,
+    load_optimizer_state_dict,
+    optimizer_state,
+    optimizer_state_dict,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -58,4 +68,11 @@ __all__ = [
     "to_dependent",
     "tree_repr",
     "walk",
+    # --- optimizer state and checkpoints (diffprog.serialize, hf) ---
+    "OptimizerState",
+    "OptimizerStateError",
+    "load_optimizer_state",
+    "load_optimizer_state_dict",
+    "optimizer_state",
+    "optimizer_state_dict",
 ]
