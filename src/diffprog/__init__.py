@@ -25,15 +25,22 @@ from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
-
-# Last: serialize builds on the names above (and on diffprog.optim, which does too).
 from diffprog.serialize import (
+    LoadError,
+    LoadResult,
     OptimizerState,
     OptimizerStateError,
+    SaveError,
     load_optimizer_state,
     load_optimizer_state_dict,
+    load_params,
+    load_state_dict,
+    load_tensors,
     optimizer_state,
     optimizer_state_dict,
+    save_params,
+    save_tensors,
+    state_dict,
 )
 
 __version__ = "0.1.0"
@@ -75,4 +82,14 @@ __all__ = [
     "load_optimizer_state_dict",
     "optimizer_state",
     "optimizer_state_dict",
+    # saving and loading (diffprog.serialize)
+    "LoadError",
+    "LoadResult",
+    "SaveError",
+    "load_params",
+    "load_state_dict",
+    "load_tensors",
+    "save_params",
+    "save_tensors",
+    "state_dict",
 ]

@@ -1,5 +1,18 @@
-"""Saving and loading: model files, optimizer state, PyTorch interop and training checkpoints."""
+"""Saving and loading models: state dicts, safetensors and ``.pt`` files; optimizer state,
+its ``torch.optim`` interop, and training checkpoints.
 
+Re-exported at the top level (``dp.save_params``, ``dp.load_params``, ...). See
+docs/serialize.md.
+"""
+
+from diffprog.serialize._errors import LoadError, SaveError
+from diffprog.serialize._files import (
+    Format,
+    load_params,
+    load_tensors,
+    save_params,
+    save_tensors,
+)
 from diffprog.serialize._optim_state import (
     OptimizerState,
     OptimizerStateError,
@@ -8,8 +21,20 @@ from diffprog.serialize._optim_state import (
     optimizer_state,
     optimizer_state_dict,
 )
+from diffprog.serialize._state_dict import KeyMap, LoadResult, load_state_dict, state_dict
 
 __all__ = [
+    "Format",
+    "KeyMap",
+    "LoadError",
+    "LoadResult",
+    "SaveError",
+    "load_params",
+    "load_state_dict",
+    "load_tensors",
+    "save_params",
+    "save_tensors",
+    "state_dict",
     # --- optimizer state (hf) ---
     "OptimizerState",
     "OptimizerStateError",

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from diffprog import DiffprogError, flatten_parameters, named_parameters
+from diffprog import flatten_parameters, named_parameters
 from diffprog.optim import (
     ASGD,
     GD,
@@ -48,6 +48,7 @@ from diffprog.optim import (
     Rprop,
     learning_rate_at,
 )
+from diffprog.serialize._errors import LoadError
 
 __all__ = [
     "OptimizerState",
@@ -61,8 +62,9 @@ __all__ = [
 OptT = TypeVar("OptT")
 
 
-class OptimizerStateError(DiffprogError, ValueError):
-    """Optimizer state that does not fit the optimizer or the model it is loaded into."""
+class OptimizerStateError(LoadError):
+    """Optimizer state that does not fit the optimizer or the model it is loaded into (a
+    :class:`LoadError`: nothing was loaded)."""
 
 
 @dataclasses.dataclass(frozen=True)
