@@ -26,11 +26,14 @@ from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 from diffprog._traverse import flatten_parameters, named_parameters, replace_parameters, walk
 from diffprog.serialize import (
+    Checkpoint,
     LoadError,
     LoadResult,
     OptimizerState,
     OptimizerStateError,
     SaveError,
+    latest_checkpoint,
+    load_checkpoint,
     load_optimizer_state,
     load_optimizer_state_dict,
     load_params,
@@ -38,6 +41,7 @@ from diffprog.serialize import (
     load_tensors,
     optimizer_state,
     optimizer_state_dict,
+    save_checkpoint,
     save_params,
     save_tensors,
     state_dict,
@@ -76,6 +80,10 @@ __all__ = [
     "tree_repr",
     "walk",
     # --- optimizer state and checkpoints (diffprog.serialize, hf) ---
+    "Checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
     "OptimizerState",
     "OptimizerStateError",
     "load_optimizer_state",

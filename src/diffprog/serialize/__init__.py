@@ -5,6 +5,12 @@ Re-exported at the top level (``dp.save_params``, ``dp.load_params``, ...). See
 docs/serialize.md.
 """
 
+from diffprog.serialize._checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from diffprog.serialize._errors import LoadError, SaveError
 from diffprog.serialize._files import (
     Format,
@@ -35,7 +41,11 @@ __all__ = [
     "save_params",
     "save_tensors",
     "state_dict",
-    # --- optimizer state (hf) ---
+    # --- optimizer state and checkpoints (hf) ---
+    "Checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
     "OptimizerState",
     "OptimizerStateError",
     "load_optimizer_state",
