@@ -67,7 +67,7 @@ def _same_state(a: Any, b: Any) -> bool:
 # --- round trips -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["pure", "chain", "torch", "none"])
+@pytest.mark.parametrize("kind", ["pure", "chain", "torch", "chained-torch", "none"])
 def test_a_checkpoint_round_trips_model_buffers_optimizer_step_and_metadata(
     kind: str, tmp_path: Path
 ) -> None:
@@ -78,6 +78,8 @@ def test_a_checkpoint_round_trips_model_buffers_optimizer_step_and_metadata(
             return chain(clip_by_global_norm(1.0), GDM.init(model, momentum=0.9))
         if kind == "torch":
             return TorchOptimizer.init(model, torch.optim.Adam, lr=0.01)
+        if kind == "chained-torch":
+            return chain(clip_by_global_norm(1.0), TorchOptimizer.init(model, torch.optim.SGD))
         return None
 
     model = _model()
@@ -92,11 +94,14 @@ def test_a_checkpoint_round_trips_model_buffers_optimizer_step_and_metadata(
     assert got.step == 3 and got.extra == {"epoch": 1, "cfg": {"a": [1]}} and got.path == path
     assert _same_state(got.model, model)  # BatchNorm's running statistics included
     assert all(p.requires_grad and p.is_leaf for p in dp.flatten_parameters(got.model))
+    if kind == "chained-torch":
+        opt, got_opt = opt.inner, got.optimizer.inner
+        assert got_opt.count == opt.count == 3
     if kind == "torch":
         want, have = opt.state_dict()["optimizer"], got.optimizer.state_dict()["optimizer"]
         for i, entry in want["state"].items():
             assert all(torch.equal(v, have["state"][i][k]) for k, v in entry.items())
-    elif opt is not None:
+    elif kind != "chained-torch" and opt is not None:
         a = dp.optimizer_state(opt, model)
         b = dp.optimizer_state(got.optimizer, got.model)
         assert a.meta == b.meta and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)

@@ -36,6 +36,7 @@ from diffprog.serialize._optim_state import (
     OptimizerStateError,
     load_optimizer_state,
     optimizer_state,
+    wrapped,
 )
 from diffprog.serialize._state_dict import load_state_dict, state_dict
 
@@ -161,13 +162,27 @@ def _checked_extra(extra: dict[str, Any]) -> dict[str, Any]:
 def _save_optimizer(optimizer: Any, model: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if optimizer is None:
         return None
-    if isinstance(optimizer, TorchOptimizer):
-        encoded = _encode(optimizer.state_dict(), "optimizer.torch", tensors)
-        return {"kind": "torch", "state": encoded}
-    state = optimizer_state(optimizer, model)
+    wrappers, innermost = _unwrapped(optimizer)
+    if isinstance(innermost, TorchOptimizer):
+        encoded = _encode(innermost.state_dict(), "optimizer.torch", tensors)
+        return {"kind": "torch", "wrappers": wrappers, "state": encoded}
+    try:
+        state = optimizer_state(optimizer, model)
+    except TypeError as e:
+        raise SaveError(f"cannot save the optimizer: {e}") from None
     for key, t in state.tensors.items():
         tensors[f"optimizer.{key}"] = t
     return {"kind": "pure", "meta": state.meta}
+
+
+def _unwrapped(optimizer: Any) -> tuple[list[str], Any]:
+    """The class names of the ``Chain`` / ``ClipGradNorm`` around an optimizer, and it."""
+    names: list[str] = []
+    inner = wrapped(optimizer)
+    while inner is not None:
+        names.append(type(optimizer).__name__)
+        optimizer, inner = inner, wrapped(inner)
+    return names, optimizer
 
 
 def _encode(value: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -371,7 +386,7 @@ def load_checkpoint(
     restore = _rng_restorers(document["rng"], tensors, generators or {}, restore_rng, name)
     # From here on nothing can fail for a reason found in the file: state is changed.
     if torch_state is not None:
-        _load_torch_optimizer(loaded_optimizer, torch_state, name)
+        _load_torch_optimizer(_unwrapped(loaded_optimizer)[1], torch_state, name)
     for apply in restore:
         apply()
     return Checkpoint(loaded_model, loaded_optimizer, document["step"], document["extra"], source)
@@ -431,11 +446,13 @@ def _load_optimizer(
             )
         return optimizer, None
     kind = saved.get("kind") if isinstance(saved, dict) else None
-    if isinstance(optimizer, TorchOptimizer):
-        if kind != "torch":
+    wrappers, innermost = _unwrapped(optimizer)
+    if isinstance(innermost, TorchOptimizer):
+        if kind != "torch" or saved.get("wrappers") != wrappers:
             raise LoadError(
-                f"{name} holds {'no optimizer' if saved is None else 'a pure optimizer'}'s "
-                "state, not a TorchOptimizer's: pass the skeleton it was saved with.",
+                f"{name} holds {'no optimizer' if saved is None else 'another optimizer'}'s "
+                f"state, not a TorchOptimizer's{' inside ' + str(wrappers) if wrappers else ''}"
+                ": pass the skeleton it was saved with.",
                 source=name,
             )
         return optimizer, _decode(saved.get("state"), part, name)

@@ -100,8 +100,9 @@ def optimizer_state(optimizer: Any, model: Any) -> OptimizerState:
         The :class:`OptimizerState`.
 
     Raises:
-        OptimizerStateError: the optimizer was built for another number of parameters, or is
-            not a pure optimizer (a ``TorchOptimizer``'s state is ``opt.state_dict()``).
+        OptimizerStateError: the optimizer was built for another number of parameters.
+        TypeError: it is not a pure optimizer (a ``TorchOptimizer``'s state is
+            ``opt.state_dict()``).
 
     Example:
         >>> from diffprog.nn import LinearSpec
@@ -156,18 +157,18 @@ def _paths(model: Any) -> list[str]:
     return [name for name, _ in named_parameters(model)]
 
 
-def _wrapped(optimizer: Any) -> Any | None:
+def wrapped(optimizer: Any) -> Any | None:
     """The optimizer a ``Chain`` or ``ClipGradNorm`` wraps (None for any other value)."""
     return optimizer.inner if isinstance(optimizer, (Chain, ClipGradNorm)) else None
 
 
 def _state_of(optimizer: Any, paths: list[str]) -> OptimizerState:
-    inner = _wrapped(optimizer)
+    inner = wrapped(optimizer)
     if inner is not None:
         got = _state_of(inner, paths)
         return OptimizerState(got.tensors, {"class": type(optimizer).__name__, "inner": got.meta})
     if not isinstance(optimizer, PureOptimizer):
-        raise OptimizerStateError(
+        raise TypeError(
             f"{type(optimizer).__name__} is not a pure optimizer: its state is not saved by "
             "path. A TorchOptimizer's is opt.state_dict() (save_checkpoint takes either)."
         )
@@ -254,12 +255,12 @@ def _load(
             f"the optimizer state{where} is of a {saved_class!r}, not of a "
             f"{type(optimizer).__name__!r}: load it into the optimizer it was saved from."
         )
-    inner = _wrapped(optimizer)
+    inner = wrapped(optimizer)
     if inner is not None:
         loaded = _load(inner, paths, tensors, meta.get("inner"), where, unread)
         return dataclasses.replace(optimizer, inner=loaded)
     if not isinstance(optimizer, PureOptimizer):
-        raise OptimizerStateError(f"{type(optimizer).__name__} is not a pure optimizer.")
+        raise TypeError(f"{type(optimizer).__name__} is not a pure optimizer.")
     settings = _settings_for(optimizer, len(paths))
     _check_hyper(optimizer, meta.get("hyper"), where)
     _check_groups(optimizer, settings, paths, meta.get("groups"), where)
@@ -454,11 +455,11 @@ def _torch_class(optimizer: Any) -> type[torch.optim.Optimizer]:
 
 
 def _pure(optimizer: Any) -> PureOptimizer:
-    inner = _wrapped(optimizer)
+    inner = wrapped(optimizer)
     if inner is not None:
         return _pure(inner)
     if not isinstance(optimizer, PureOptimizer):
-        raise OptimizerStateError(
+        raise TypeError(
             f"{type(optimizer).__name__} is not a pure optimizer (a TorchOptimizer's torch "
             "state dict is opt.optimizer.state_dict())."
         )
@@ -504,8 +505,9 @@ def optimizer_state_dict(
         ``{"state": {index: {name: tensor}}, "param_groups": [...]}``, torch.optim's format.
 
     Raises:
-        OptimizerStateError: the optimizer has no torch.optim counterpart (``Lion``), is not
-            pure, or was built for another model.
+        OptimizerStateError: the optimizer has no torch.optim counterpart (``Lion``), or was
+            built for another model.
+        TypeError: the optimizer is not a pure one.
 
     Example:
         >>> from diffprog.nn import LinearSpec
@@ -668,7 +670,7 @@ def load_optimizer_state_dict(
 
 
 def _rewrapped(optimizer: Any, pure: Any) -> Any:
-    inner = _wrapped(optimizer)
+    inner = wrapped(optimizer)
     if inner is None:
         return pure
     return dataclasses.replace(optimizer, inner=_rewrapped(inner, pure))
