@@ -373,7 +373,7 @@ def test_a_checkpoint_of_another_model_or_optimizer_is_refused_naming_the_keys(
         path, "weight_decay=0.0 saved, 0.5 here", optimizer=Adam.init(_model(), weight_decay=0.5)
     )
     _expect_refused(
-        path, "pure optimizer", optimizer=TorchOptimizer.init(_model(), torch.optim.Adam)
+        path, "not a TorchOptimizer.s", optimizer=TorchOptimizer.init(_model(), torch.optim.Adam)
     )
     _expect_refused(path, "pass its skeleton", optimizer=None)
 
