@@ -6,7 +6,7 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar, overload
 
@@ -60,10 +60,10 @@ def _sniff(head: bytes) -> Format | None:
     """The format the first bytes of a file show, if any."""
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive: torch.save's format
         return "pt"
+    if head[8:9] == b"{":  # a length, then a JSON header (a zip or torch pickle has no '{' there)
+        return "safetensors"
     if head[:1] == b"\x80":  # a pickle (protocol 2 or later): torch.save's legacy format
         return "pt"
-    if head[8:9] == b"{":  # a length, then a JSON header
-        return "safetensors"
     return None
 
 
@@ -223,13 +223,23 @@ def save_params(
     save_tensors(state_dict(model), path, format=format, metadata=metadata)
 
 
-def _safetensors_source(f: io.BufferedReader, name: str) -> dict[str, Stored]:
-    """A safetensors file's tensors (aliases included), described; read on demand."""
-    header = _safetensors.read_header(f, os.fstat(f.fileno()).st_size, name)
+def _safetensors_source(f: io.BufferedReader, name: str, mmap: bool = False) -> dict[str, Stored]:
+    """A safetensors file's tensors (aliases included), described; read on demand (or, with
+    ``mmap``, mapped: views of the file's pages, read as they are used)."""
+    size = os.fstat(f.fileno()).st_size
+    header = _safetensors.read_header(f, size, name)
+    # MAP_PRIVATE: writes to the tensors stay in this process; the file is never written.
+    storage: torch.UntypedStorage | None = None
+    if mmap:
+        mapped = torch.UntypedStorage.from_file(name, shared=False, nbytes=size)
+        assert isinstance(mapped, torch.UntypedStorage)
+        storage = mapped
     out: dict[str, Stored] = {}
     for key, entry in header.entries.items():
 
         def read(entry: _safetensors.Entry = entry, key: str = key) -> torch.Tensor:
+            if storage is not None:
+                return _safetensors.map_tensor(f, storage, entry, key, name)
             return _safetensors.read_tensor(f, entry, key, name)
 
         out[key] = Stored(entry.dtype, entry.shape, key, read)
@@ -292,19 +302,30 @@ def _pt_source(path: PathLike, name: str) -> dict[str, Stored]:
             source=name,
         )
     out: dict[str, Stored] = {}
+    owners: dict[int, set[object]] = {}  # storage -> the idents of the tensors viewing it
     for key, t in data.items():
         problem = _not_tensor(key, t)
         if problem:
             raise LoadError(f"{name}: {problem}.", source=name, mismatched_keys=[str(key)])
-        ident = (
-            t.dtype,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            t.stride(),
-        )
+        storage = t.untyped_storage().data_ptr()
+        ident = (t.dtype, storage, t.storage_offset(), tuple(t.shape), t.stride())
+        owners.setdefault(storage, set()).add(ident)
         out[key] = Stored(t.dtype, tuple(t.shape), ident, t.detach)
+    for key, stored in out.items():
+        t = data[key]
+        shared = len(owners[t.untyped_storage().data_ptr()]) > 1
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if shared or not whole or not t.is_contiguous():
+            # Two keys that view one storage (torch.save keeps views as views) would be two
+            # parameters sharing memory: an in-place update of one would write into the
+            # other. Each gets its own copy (keys of one tie share one ident: one copy). A
+            # view of a larger storage is compacted, not to keep the rest alive.
+            out[key] = Stored(stored.dtype, stored.shape, stored.ident, _compact(t))
     return out
+
+
+def _compact(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: t.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _not_tensor(key: object, t: object) -> str:
@@ -366,6 +387,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
+    mmap: bool = False,
 ) -> T: ...
 @overload
 def load_params(
@@ -378,6 +400,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
+    mmap: bool = False,
 ) -> LoadResult: ...
 @overload
 def load_params(
@@ -390,6 +413,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
+    mmap: bool = False,
 ) -> T | LoadResult: ...
 def load_params(
     skeleton: T,
@@ -401,6 +425,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
+    mmap: bool = False,
 ) -> T | LoadResult:
     """A copy of ``skeleton`` holding the tensors of a safetensors or ``.pt`` file.
 
@@ -418,6 +443,13 @@ def load_params(
             ``torch.save(module.state_dict())``.
         strict, device, dtype, key_map, check_finite: as :func:`load_state_dict`.
         format: ``"safetensors"`` or ``"pt"``; by default the file's content decides.
+        mmap: (safetensors) map the file instead of reading it: the CPU tensors that need no
+            conversion are views of the file's pages, read as they are first used, as
+            ``safetensors.torch.load_file`` does; a fast start for large models. The model
+            then depends on the file: do not change the file in place while it is in use
+            (writing it anew, as :func:`save_params` does, is safe; a write into the same
+            file can change the model's values or crash the process). Off by default: the
+            model owns its memory.
 
     Returns:
         The new model; with ``strict=False``, a :class:`LoadResult`.
@@ -434,7 +466,7 @@ def load_params(
         if _format_for_loading(path, f, format) == "pt":
             source = _pt_source(path, name)
         else:
-            source = _safetensors_source(f, name)
+            source = _safetensors_source(f, name, mmap)
         result = load_into(
             skeleton,
             source,

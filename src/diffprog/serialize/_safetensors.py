@@ -26,7 +26,7 @@ import torch
 
 from diffprog.serialize._errors import LoadError, SaveError
 
-__all__ = ["DTYPES", "Entry", "Header", "read_header", "read_tensor", "write"]
+__all__ = ["DTYPES", "Entry", "Header", "map_tensor", "read_header", "read_tensor", "write"]
 
 # safetensors' dtype names (as safetensors.torch maps them).
 DTYPES: dict[str, torch.dtype] = {
@@ -174,10 +174,31 @@ def read_tensor(f: io.BufferedReader, entry: Entry, key: str, path: str) -> torc
             if not got:
                 raise _bad(path, f"it ended inside the data of {key!r} (truncated while reading)")
             done += got
+    _check_bool(t, entry, key, path)
+    return t
+
+
+def map_tensor(
+    f: io.BufferedReader, storage: torch.UntypedStorage, entry: Entry, key: str, path: str
+) -> torch.Tensor:
+    """One tensor as a view of ``storage``, the file mapped into memory (nothing is read until
+    the tensor is used); read into memory instead if its offset is not aligned for its dtype."""
+    if entry.begin % entry.dtype.itemsize:
+        return read_tensor(f, entry, key, path)
+    strides = [1] * len(entry.shape)  # contiguous
+    for i in range(len(entry.shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * max(entry.shape[i + 1], 1)
+    t = torch.empty(0, dtype=entry.dtype).set_(
+        storage, entry.begin // entry.dtype.itemsize, entry.shape, strides
+    )
+    _check_bool(t, entry, key, path)
+    return t
+
+
+def _check_bool(t: torch.Tensor, entry: Entry, key: str, path: str) -> None:
     if entry.dtype is torch.bool and entry.nbytes and int(t.view(torch.uint8).max()) > 1:
         # torch assumes bool bytes are 0 or 1; anything else gives wrong comparisons.
         raise _bad(path, f"the bool tensor {key!r} holds bytes other than 0 and 1")
-    return t
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -124,8 +124,9 @@ class Stored:
 
 
 # How loaded tensors relate to the source's: "copy" (a user's state dict: the model must not
-# share storage with it), "fresh" (read from a file: nobody else holds them, but two keys may
-# share storage) or "assign" (the user asked to use the given tensors themselves).
+# share storage with it), "fresh" (read from a file: the source gives tensors that nothing else
+# holds and that never overlap in memory, except keys with one ident) or "assign" (the user
+# asked to use the given tensors themselves).
 _Mode = Literal["copy", "fresh", "assign"]
 
 
@@ -186,9 +187,9 @@ def load_into(
     for key, (source_key, stored) in mapped.items():
         leaf = slots[key].leaf
         if tuple(stored.shape) != tuple(leaf.shape) or not _dtype_ok(stored.dtype, leaf, dtype):
-            named = key if key == source_key else f"{source_key} (as {key})"
+            named = repr(key) if key == source_key else f"{source_key!r} (as {key!r})"
             problems.append(
-                f"{named!r}: the source has {_describe(stored.dtype, stored.shape)}, the "
+                f"{named}: the source has {_describe(stored.dtype, stored.shape)}, the "
                 f"model has {_describe(leaf.dtype, leaf.shape)}"
             )
             bad.append(key)
@@ -209,7 +210,7 @@ def _read_all(
 ) -> dict[int, torch.Tensor]:
     """The new tensor of each slot (by the id of the skeleton's tensor), read and checked."""
     new: dict[int, torch.Tensor] = {}
-    storages: set[tuple[torch.device, int]] = set()
+    used: set[object] = set()  # the idents read so far
     problems: list[str] = []
     bad: list[str] = []
     for slot in {id(slot.leaf): slot for slot in slots.values()}.values():
@@ -218,10 +219,15 @@ def _read_all(
             new[id(slot.leaf)] = _wrap(slot.leaf, _keep(slot.leaf, device, dtype))
             continue
         _, source_key, stored = present[0]
-        t = _convert(stored.read(), slot.leaf, device, dtype, mode, storages)
+        t = _convert(stored.read(), slot.leaf, device, dtype, mode)
+        if mode == "fresh" and stored.ident in used:
+            # One stored tensor (a tie in the file) at two untied places of the model: each
+            # gets its own memory, so that an in-place update of one never moves the other.
+            t = t.clone()
+        used.add(stored.ident)
         for other_key, other_source_key, other in present[1:]:
             if other.ident != stored.ident:
-                u = _convert(other.read(), slot.leaf, device, dtype, "assign", set())
+                u = _convert(other.read(), slot.leaf, device, dtype, "assign")
                 if not _same(t, u):
                     problems.append(
                         f"{source_key!r} and {other_source_key!r} hold different values but "
@@ -261,21 +267,9 @@ def _convert(
     device: DeviceLike,
     dtype: torch.dtype | None,
     mode: _Mode,
-    storages: set[tuple[torch.device, int]],
 ) -> torch.Tensor:
     where, kind = _target(t, leaf, device, dtype)
-    t = t.detach().to(device=where, dtype=kind, copy=mode == "copy")
-    if mode == "fresh":
-        # Two keys of a .pt file may share storage (views of one tensor): each slot gets a
-        # tensor of its own, so that an in-place update of one never writes into another. A
-        # view of a larger storage is compacted, not to keep the rest of it alive.
-        storage = (t.device, t.untyped_storage().data_ptr())
-        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        if storage in storages or not whole or not t.is_contiguous():
-            t = t.clone(memory_format=torch.contiguous_format)
-            storage = (t.device, t.untyped_storage().data_ptr())
-        storages.add(storage)
-    return t
+    return t.detach().to(device=where, dtype=kind, copy=mode == "copy")
 
 
 def _keep(leaf: torch.Tensor, device: DeviceLike, dtype: torch.dtype | None) -> torch.Tensor:
@@ -340,7 +334,9 @@ def _error(
         )
     if problems:
         parts.append(f"{len(problems)} mismatch(es): " + "; ".join(problems[:50]))
-        fixes.append("pass dtype= to convert floating-point tensors")
+        fixes.append(
+            "pass dtype= to convert floating-point tensors from another floating-point dtype"
+        )
     return LoadError(
         f"cannot load {name} into {type(model).__name__}: " + "; ".join(parts) + ". "
         "Nothing was loaded. Check that the source was saved from this model, or "
