@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffprog as dp
@@ -308,14 +309,17 @@ def _saved(tmp_path: Path) -> tuple[Path, Any, Any]:
     return path, model, opt
 
 
-def _rewrite_json(path: Path, edit: Any) -> None:
+def _rewrite_json(path: Path, edit: Any, *, fix_crc: bool = True) -> None:
     """Rewrite the checkpoint's JSON part with ``edit(document)`` (the tensors kept)."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
         body = f.read()
-    text = header["__metadata__"]["diffprog.checkpoint"]
-    header["__metadata__"]["diffprog.checkpoint"] = edit(text)
+    metadata = header["__metadata__"]
+    text = edit(metadata["diffprog.checkpoint"])
+    metadata["diffprog.checkpoint"] = text
+    if fix_crc:  # as a buggy writer would: the JSON part's CRC-32 matches, the content is bad
+        metadata["diffprog.checkpoint.crc32"] = str(zlib.crc32(text.encode()))
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
@@ -341,6 +345,9 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path: Path) -> No
 
 
 def test_a_corrupt_json_part_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path, _, _ = _saved(tmp_path)
+    _rewrite_json(path, lambda text: text.replace('"step":1', '"step":7'), fix_crc=False)
+    _expect_refused(path, r"JSON part is corrupt \(its CRC-32")
     path, _, _ = _saved(tmp_path)
     _rewrite_json(path, lambda text: text[:-5])
     _expect_refused(path, "JSON part is corrupt")
@@ -398,64 +405,78 @@ def test_a_model_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     _expect_refused(tmp_path / "nothing.safetensors", "no such checkpoint")
 
 
-FUZZ = settings(
-    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+# Examples per fuzz test in the default run (two tests: 2,000 cases), and in the slow run.
+FAST, SLOW = 1000, 10000
+FUZZ_SPEC = SequentialSpec(LinearSpec(2, 3), BatchNorm1dSpec(3))
 
 
-@pytest.fixture(scope="module")
-def valid_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Any]:
-    folder = tmp_path_factory.mktemp("fuzz")
-    model = dp.sample(SequentialSpec(LinearSpec(2, 3), BatchNorm1dSpec(3)))
+def _valid_checkpoint(folder: Path) -> tuple[bytes, Any]:
+    model = dp.sample(FUZZ_SPEC)
     opt = Adam.init(model)
     path = dp.save_checkpoint(folder / "c.safetensors", model=model, optimizer=opt, step=1, a=1)
     return path.read_bytes(), model
 
 
-def _load_fuzzed(data: bytes, folder: Path) -> None:
+def _fuzz_random_bytes(folder: Path, examples: int) -> None:
     path = folder / "fuzz.safetensors"
-    path.write_bytes(data)
-    model = dp.sample(SequentialSpec(LinearSpec(2, 3), BatchNorm1dSpec(3)), device="meta")
-    with pytest.raises(dp.LoadError) as info:
-        dp.load_checkpoint(path, model=model, optimizer=None, restore_rng=False)
-    assert str(path) in str(info.value)
+    model = dp.sample(FUZZ_SPEC, device="meta")
+
+    @settings(max_examples=examples, deadline=None)
+    @given(data=st.binary(max_size=2048))
+    def check(data: bytes) -> None:
+        path.write_bytes(data)
+        with pytest.raises(dp.LoadError) as info:
+            dp.load_checkpoint(path, model=model, optimizer=None, restore_rng=False)
+        assert str(path) in str(info.value)
+
+    check()
 
 
-@FUZZ
-@given(data=st.binary(max_size=2048))
-def test_fuzzed_bytes_never_load_and_always_give_a_load_error(data: bytes, tmp_path: Path) -> None:
-    _load_fuzzed(data, tmp_path)
+def _fuzz_mutations(folder: Path, examples: int) -> None:
+    valid, saved_model = _valid_checkpoint(folder)
+    path = folder / "m.safetensors"
+
+    @settings(max_examples=examples, deadline=None)
+    @given(
+        edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), max_size=4),
+        cut=st.none() | st.integers(0, 10**9),
+    )
+    def check(edits: list[tuple[int, int]], cut: int | None) -> None:
+        data = bytearray(valid)
+        for at, byte in edits:
+            data[at % len(data)] = byte
+        if cut is not None:
+            data = data[: cut % len(data)]
+        path.write_bytes(bytes(data))
+        model = dp.sample(FUZZ_SPEC)
+        error: dp.LoadError | None = None
+        try:
+            got = dp.load_checkpoint(
+                path, model=model, optimizer=Adam.init(model), restore_rng=False
+            )
+        except dp.LoadError as e:
+            error = e
+        if error is not None:
+            assert str(path) in str(error)
+        else:
+            # Only a mutation the format cannot tell from a real file loads (the same byte
+            # written back, a space of the header's padding, a digit of the metadata): then
+            # every tensor is the saved one, as the CRCs guarantee.
+            assert _same_state(got.model, saved_model)
+            assert got.step == 1 and got.extra == {"a": 1}
+
+    check()
 
 
-@FUZZ
-@given(
-    edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=4),
-    cut=st.none() | st.integers(0, 10**9),
-)
-def test_mutations_of_a_valid_checkpoint_never_half_load(
-    valid_checkpoint: tuple[bytes, Any],
-    edits: list[tuple[int, int]],
-    cut: int | None,
-    tmp_path: Path,
-) -> None:
-    valid, saved_model = valid_checkpoint
-    data = bytearray(valid)
-    for at, byte in edits:
-        data[at % len(data)] = byte
-    if cut is not None:
-        data = data[: cut % len(data)]
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(bytes(data))
-    model = dp.sample(SequentialSpec(LinearSpec(2, 3), BatchNorm1dSpec(3)))
-    error: dp.LoadError | None = None
-    try:
-        got = dp.load_checkpoint(path, model=model, optimizer=Adam.init(model), restore_rng=False)
-    except dp.LoadError as e:
-        error = e
-    if error is not None:
-        assert str(path) in str(error)
-    else:
-        # Only a mutation the format cannot tell from a real file loads (the same byte written
-        # back, a space of the header's padding, a digit of the metadata): then every tensor
-        # is the saved one, as the CRCs guarantee.
-        assert _same_state(got.model, saved_model)
+def test_fuzzed_bytes_never_load_and_always_give_a_load_error(tmp_path: Path) -> None:
+    _fuzz_random_bytes(tmp_path, FAST)
+
+
+def test_mutations_of_a_valid_checkpoint_never_half_load(tmp_path: Path) -> None:
+    _fuzz_mutations(tmp_path, FAST)
+
+
+@pytest.mark.slow
+def test_fuzz_checkpoints_slow_many_more_cases(tmp_path: Path) -> None:
+    _fuzz_random_bytes(tmp_path, SLOW)
+    _fuzz_mutations(tmp_path, SLOW)

@@ -4,7 +4,8 @@ A checkpoint is one safetensors file (``.safetensors``): every tensor (the model
 ``state_dict`` under ``model.``, the optimizer's state under ``optimizer.``, the random
 generators' states under ``rng.``) in the tensor section, and the rest as one JSON document in
 the file's metadata under ``"diffprog.checkpoint"``: the step, the user's metadata, the
-optimizer's settings, Python's and NumPy's random states, and a CRC-32 of every tensor's bytes.
+optimizer's settings, Python's and NumPy's random states, and a CRC-32 of every tensor's bytes
+(the JSON part's own CRC-32 beside it, under ``"diffprog.checkpoint.crc32"``).
 Nothing is pickled, so loading a checkpoint never runs code; any safetensors tool reads it.
 
 One file makes a save atomic with one rename (``save_tensors`` writes a temporary file beside
@@ -45,8 +46,10 @@ __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoin
 M = TypeVar("M")
 O = TypeVar("O")  # noqa: E741 (the optimizer's type, as M is the model's)
 
-#: The metadata key of a checkpoint's JSON part.
+#: The metadata key of a checkpoint's JSON part, and of that part's CRC-32 (a flipped digit
+#: in a random state or a step would otherwise load as a different, valid-looking value).
 KEY = "diffprog.checkpoint"
+CRC_KEY = "diffprog.checkpoint.crc32"
 _FORMAT = 1
 _SUFFIX = ".safetensors"
 
@@ -141,7 +144,8 @@ def save_checkpoint(
     }
     document["crc32"] = {key: _crc(t) for key, t in tensors.items()}
     text = json.dumps(document, separators=(",", ":"))
-    save_tensors(tensors, target, format="safetensors", metadata={KEY: text})
+    metadata = {KEY: text, CRC_KEY: str(zlib.crc32(text.encode("utf-8")))}
+    save_tensors(tensors, target, format="safetensors", metadata=metadata)
     if keep_last is not None:
         _rotate(target, keep_last)
     return target
@@ -308,6 +312,12 @@ def _document(path: Path) -> dict[str, Any]:
         raise LoadError(
             f"{name} is not a diffprog checkpoint: its safetensors metadata has no {KEY!r} "
             "(a model file? load it with load_params).",
+            source=name,
+        )
+    if header.metadata.get(CRC_KEY) != str(zlib.crc32(text.encode("utf-8"))):
+        raise LoadError(
+            f"{name}: the checkpoint's JSON part is corrupt (its CRC-32 differs from the one "
+            "saved).",
             source=name,
         )
     try:
