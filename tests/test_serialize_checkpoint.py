@@ -110,6 +110,22 @@ def test_a_checkpoint_round_trips_model_buffers_optimizer_step_and_metadata(
     assert "model.0.weight" in safetensors.torch.load_file(path)
 
 
+def test_skeletons_on_meta_load_without_initialising(tmp_path: Path) -> None:
+    model = _model()
+    opt = Adam.init(model)
+    model, opt = _train(model, opt, 2)
+    path = dp.save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=opt, step=2)
+    spec = SequentialSpec(
+        LinearSpec(4, 8), BatchNorm1dSpec(8), torch.tanh, DropoutSpec(0.3), LinearSpec(8, 1)
+    )
+    skeleton = dp.sample(spec, device="meta")
+    got = dp.load_checkpoint(path, model=skeleton, optimizer=Adam.init(skeleton))
+    assert _same_state(got.model, model)
+    assert all(not t.is_meta for t in got.optimizer.exp_avg + got.optimizer.exp_avg_sq)
+    _, again = _train(got.model, got.optimizer, 1)  # and it trains on
+    assert again.count == 3
+
+
 def test_the_random_states_are_restored_only_after_every_check(tmp_path: Path) -> None:
     model = _model()
     g = torch.Generator().manual_seed(5)

@@ -124,7 +124,7 @@ def load_optimizer_state(
     parameter groups must be the skeleton's (a differing setting is refused, not adopted:
     build the skeleton with the saved settings), every state tensor must be there with the
     skeleton's shape, and no unknown tensor may be. Tensors are moved to the skeleton's device
-    and dtype. The skeleton is not changed.
+    (kept where they are for a skeleton on ``meta``) and dtype. The skeleton is not changed.
 
     Args:
         optimizer: the skeleton, e.g. ``Adam.init(model, weight_decay=0.1)``.
@@ -382,8 +382,9 @@ def _state_fields(
 
 
 def _fitted(value: Any, like: torch.Tensor | None, key: str, where: str) -> torch.Tensor:
-    """``value`` checked against the skeleton's tensor ``like`` and moved to its device and
-    dtype (a copy: the loaded optimizer must own its state, which a donating step writes)."""
+    """``value`` checked against the skeleton's tensor ``like`` and moved to its device (unless
+    that is ``meta``) and dtype (a copy: the loaded optimizer must own its state, which a
+    donating step writes)."""
     if not isinstance(value, torch.Tensor):
         raise OptimizerStateError(f"optimizer state {key!r}{where} is not a tensor.")
     if like is None:
@@ -400,7 +401,9 @@ def _fitted(value: Any, like: torch.Tensor | None, key: str, where: str) -> torc
             f"optimizer state {key!r}{where} has dtype {value.dtype}, where {like.dtype} is "
             "expected."
         )
-    return value.detach().to(device=like.device, dtype=like.dtype, copy=True)
+    # A skeleton sampled on meta has meta state: the loaded state stays where it was read.
+    device = value.device if like.is_meta else like.device
+    return value.detach().to(device=device, dtype=like.dtype, copy=True)
 
 
 def _param_counts(saved: Any, paths: list[str], where: str) -> tuple[int, ...]:
