@@ -496,3 +496,21 @@ def test_mutations_of_a_valid_checkpoint_never_half_load(tmp_path: Path) -> None
 def test_fuzz_checkpoints_slow_many_more_cases(tmp_path: Path) -> None:
     _fuzz_random_bytes(tmp_path, SLOW)
     _fuzz_mutations(tmp_path, SLOW)
+
+
+@pytest.mark.cuda
+def test_cuda_random_states_and_state_on_the_gpu_round_trip(tmp_path: Path) -> None:
+    model = dp.sample(SPEC_CUDA, device="cuda")
+    opt = Adam.init(model)
+    model, opt = dp.optim.run_step(model, opt, model(torch.ones(2, 4, device="cuda")).sum(), 0.1)
+    torch.cuda.manual_seed_all(7)
+    path = dp.save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=opt, step=1)
+    want = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(9)
+    got = dp.load_checkpoint(path, model=dp.sample(SPEC_CUDA, device="cuda"), optimizer=opt)
+    assert torch.equal(torch.rand(3, device="cuda"), want)  # CUDA's generator restored
+    assert all(t.is_cuda for t in got.optimizer.exp_avg)
+    assert _same_state(got.model, model)
+
+
+SPEC_CUDA = LinearSpec(4, 2)

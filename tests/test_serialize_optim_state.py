@@ -381,3 +381,49 @@ def test_sgd_count_comes_from_the_caller_as_torch_keeps_none() -> None:
     skeleton = SGD.init(model, momentum=0.9)
     assert load_optimizer_state_dict(skeleton, model, topt.state_dict()).count == 1
     assert load_optimizer_state_dict(skeleton, model, topt.state_dict(), count=3).count == 3
+
+
+@pytest.mark.parametrize("direction", ["torch-then-diffprog", "diffprog-then-torch"])
+def test_groups_and_frozen_parameters_continue_with_torchs_numbers(direction: str) -> None:
+    # diffprog's groups (overrides, frozen 0.weight left out) as TorchOptimizer.init builds them
+    overrides = {"1.bias": {"weight_decay": 0.0, "lr_scale": 0.5}}
+    flags = {"fused": True}
+
+    def torch_groups(module: torch.nn.Sequential) -> list[dict[str, Any]]:
+        return [
+            {"params": [module[0].bias, module[2].weight]},
+            {"params": [module[2].bias], "weight_decay": 0.0, "lr": LR * 0.5},
+        ]
+
+    def torch_steps(module: torch.nn.Sequential, opt: Any, first: int, n: int) -> None:
+        params = list(module.parameters())
+        for k in range(first, first + n):
+            for p, g in zip(params, _grads(params, k), strict=True):
+                p.grad = None if p is module[0].weight else g
+            opt.step()
+
+    expected = _torch_model()
+    torch_steps(expected, torch.optim.AdamW(torch_groups(expected), lr=LR, **flags), 0, N + M)
+    if direction == "torch-then-diffprog":
+        module = _torch_model()
+        topt = torch.optim.AdamW(torch_groups(module), lr=LR, **flags)
+        torch_steps(module, topt, 0, N)
+        model = _as_diffprog(module)
+        skeleton = AdamW.init(model, overrides=overrides, freeze="0.weight")
+        opt = load_optimizer_state_dict(skeleton, model, topt.state_dict())
+        _, got = _steps(opt, dp.flatten_parameters(model), N, M)
+    else:
+        model = _as_diffprog(_torch_model())
+        opt = AdamW.init(model, overrides=overrides, freeze="0.weight")
+        opt, params = _steps(opt, dp.flatten_parameters(model), 0, N)
+        model = dp.replace_parameters(model, params)
+        module = _torch_model()
+        with torch.no_grad():
+            for p, q in zip(module.parameters(), params, strict=True):
+                p.copy_(q)
+        topt = torch.optim.AdamW(torch_groups(module), lr=LR, **flags)
+        topt.load_state_dict(optimizer_state_dict(opt, model, lr=LR, **flags))
+        torch_steps(module, topt, N, M)
+        got = list(module.parameters())
+    for mine, want in zip(got, expected.parameters(), strict=True):
+        torch.testing.assert_close(mine.detach(), want.detach(), rtol=0, atol=0)
