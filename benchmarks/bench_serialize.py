@@ -60,6 +60,12 @@ def child(kind: str, folder: Path, features: int) -> None:
         result: object = dp.load_params(skeleton, folder / "dp.safetensors")
     elif kind == "load_params, real skeleton":
         result = dp.load_params(real, folder / "dp.safetensors")
+    elif kind == "load_params mmap=True, meta skeleton, first use":
+        result = dp.load_params(skeleton, folder / "dp.safetensors", mmap=True)
+        first_use(result)
+    elif kind == "safetensors load_file, first use":
+        result = safetensors.torch.load_file(folder / "st.safetensors")
+        first_use(result)
     elif kind == "load_params .pt, meta skeleton":
         result = dp.load_params(skeleton, folder / "dp.pt")
     elif kind == "safetensors load_file":
@@ -76,12 +82,21 @@ def child(kind: str, folder: Path, features: int) -> None:
 
 MEMORY_KINDS = [
     "load_params, meta skeleton",
+    "load_params mmap=True, meta skeleton, first use",
+    "safetensors load_file, first use",
     "load_params .pt, meta skeleton",
     "safetensors load_file",
     "torch.load",
     "load_params, real skeleton",
     "torch.load + load_state_dict",
 ]
+
+
+def first_use(result: object) -> None:
+    """Read every value once (a mapped tensor's pages come in from the file here)."""
+    tensors = dp.state_dict(result) if not isinstance(result, dict) else result
+    for t in tensors.values():
+        t.sum()
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -120,19 +135,30 @@ def main() -> None:
         st_file, pt_file = folder / "st.safetensors", folder / "torch.pt"
         saves: dict[str, Callable[[], object]] = {
             "save_params (safetensors)": lambda: dp.save_params(model, dp_st),
+            "save_params (safetensors), durable=False": lambda: dp.save_params(
+                model, dp_st, durable=False
+            ),
             "save_params (.pt)": lambda: dp.save_params(model, dp_pt),
             "safetensors save_file": lambda: safetensors.torch.save_file(sd, st_file),
             "torch.save": lambda: torch.save(sd, pt_file),
         }
         loads: dict[str, Callable[[], object]] = {
             "load_params (safetensors, meta skeleton)": lambda: dp.load_params(skeleton, dp_st),
+            "load_params (mmap=True, meta skeleton)": lambda: dp.load_params(
+                skeleton, dp_st, mmap=True
+            ),
             "load_params (.pt, meta skeleton)": lambda: dp.load_params(skeleton, dp_pt),
             "safetensors load_file": lambda: safetensors.torch.load_file(st_file),
             "torch.load": lambda: torch.load(pt_file),
         }
-        times: dict[str, list[float]] = {name: [] for name in (*saves, *loads)}
+        # safetensors maps the file: its load_file reads nothing until a tensor is used. To
+        # compare like with like, each load is also timed up to its first use of every value.
+        uses: dict[str, Callable[[], object]] = {
+            f"{name} + first use": (lambda fn=fn: first_use(fn())) for name, fn in loads.items()
+        }
+        times: dict[str, list[float]] = {name: [] for name in (*saves, *loads, *uses)}
         for _ in range(args.rounds):
-            for name, fn in (*saves.items(), *loads.items()):
+            for name, fn in (*saves.items(), *loads.items(), *uses.items()):
                 times[name].append(timed(fn))
 
         def ratio(name: str, baseline: str) -> str:
@@ -140,19 +166,35 @@ def main() -> None:
             return f"{statistics.median(pairs):.2f}x"
 
         print("\ntime (median of per-round ratios; absolute: median seconds)")
-        print(f"{'':44} {'vs safetensors':>15} {'vs torch':>10} {'seconds':>9}")
-        for name, st_base, pt_base in [
+        print(f"{'':58} {'vs safetensors':>15} {'vs torch':>10} {'seconds':>9}")
+        rows = [
             ("save_params (safetensors)", "safetensors save_file", "torch.save"),
+            ("save_params (safetensors), durable=False", "safetensors save_file", "torch.save"),
             ("save_params (.pt)", "safetensors save_file", "torch.save"),
-            ("load_params (safetensors, meta skeleton)", "safetensors load_file", "torch.load"),
-            ("load_params (.pt, meta skeleton)", "safetensors load_file", "torch.load"),
-        ]:
+        ]
+        for suffix in ("", " + first use"):
+            for name in (
+                "load_params (safetensors, meta skeleton)",
+                "load_params (mmap=True, meta skeleton)",
+                "load_params (.pt, meta skeleton)",
+            ):
+                rows.append(
+                    (name + suffix, "safetensors load_file" + suffix, "torch.load" + suffix)
+                )
+        for name, st_base, pt_base in rows:
             print(
-                f"{name:44} {ratio(name, st_base):>15} {ratio(name, pt_base):>10} "
+                f"{name:58} {ratio(name, st_base):>15} {ratio(name, pt_base):>10} "
                 f"{statistics.median(times[name]):>9.3f}"
             )
-        for name in ("safetensors save_file", "torch.save", "safetensors load_file", "torch.load"):
-            print(f"{name:44} {'':>15} {'':>10} {statistics.median(times[name]):>9.3f}")
+        for name in (
+            "safetensors save_file",
+            "torch.save",
+            "safetensors load_file",
+            "torch.load",
+            "safetensors load_file + first use",
+            "torch.load + first use",
+        ):
+            print(f"{name:58} {'':>15} {'':>10} {statistics.median(times[name]):>9.3f}")
 
         print("\npeak memory of one load, fresh process (growth of VmHWM / model size)")
         for kind in MEMORY_KINDS:
@@ -172,7 +214,7 @@ def main() -> None:
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
             ).stdout
-            print(f"{kind:44} {int(out.split()[-1]) / nbytes:>6.2f}x")
+            print(f"{kind:58} {int(out.split()[-1]) / nbytes:>6.2f}x")
 
 
 if __name__ == "__main__":

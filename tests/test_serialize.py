@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -680,3 +682,60 @@ def test_mmap_load_gives_the_same_model_and_never_writes_the_file(tmp_path: Path
     # Saving over the file (a new file renamed into place) leaves the mapped model intact.
     dp.save_params(model, path)
     assert torch.equal(mapped[0].weight, model[0].weight + 1)
+
+
+_PEAK_CHILD = """
+import gc, sys
+import torch
+import diffprog as dp
+from diffprog.nn import LinearSpec, SequentialSpec
+
+def high_water_mark():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+skeleton = dp.sample(SequentialSpec(*(LinearSpec(2048, 2048) for _ in range(4))), device="meta")
+gc.collect()
+before = high_water_mark()
+model = dp.load_params(skeleton, sys.argv[1])
+print(high_water_mark() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_loading_into_a_meta_skeleton_allocates_the_model_once(tmp_path: Path, suffix: str) -> None:
+    # 67 MB of parameters; the peak resident set of a fresh process grows by the model's
+    # size, not twice it (no initialisation, no file buffer plus copy).
+    spec = dnn.SequentialSpec(*(dnn.LinearSpec(2048, 2048) for _ in range(4)))
+    sd = {k: torch.randn(v.shape) for k, v in dp.state_dict(dp.sample(spec, device="meta")).items()}
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    path = tmp_path / f"big{suffix}"
+    dp.save_tensors(sd, path)
+    del sd
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD, str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    ).stdout
+    growth = int(out.split()[-1])
+    assert 0.9 * nbytes < growth < 1.3 * nbytes, growth / nbytes
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_save_is_durable_by_default_and_durable_false_skips_fsync(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, spec = _model()
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    dp.save_params(model, tmp_path / f"a{suffix}")
+    assert len(synced) == 2  # the file, then the folder after the rename
+    dp.save_params(model, tmp_path / f"b{suffix}", durable=False)
+    assert len(synced) == 2
+    _assert_same_state(
+        dp.load_params(dp.sample(spec, device="meta"), tmp_path / f"b{suffix}"), model
+    )

@@ -262,11 +262,11 @@ def test_a_failed_load_leaves_no_half_loaded_model(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- fuzzing
 
 
-def _check_load(path: Path) -> None:
+def _check_load(path: Path, mmap: bool = False) -> None:
     """Loading ``path`` gives a well-formed model or a LoadError naming the file: nothing
     else (no error from inside torch or the reader, no crash)."""
     try:
-        loaded = dp.load_params(_skeleton(), path)
+        loaded = dp.load_params(_skeleton(), path, mmap=mmap)
     except dp.LoadError as e:
         message = str(e)
     else:
@@ -347,10 +347,10 @@ def _fuzz_mutations(tmp_path: Path, suffix: str, examples: int) -> None:
         suppress_health_check=[HealthCheck.too_slow],
         database=None,
     )
-    @given(edits=_mutations(), header_bias=st.booleans())
-    def check(edits: list[tuple[int, int, int]], header_bias: bool) -> None:
+    @given(edits=_mutations(), header_bias=st.booleans(), mmap=st.booleans())
+    def check(edits: list[tuple[int, int, int]], header_bias: bool, mmap: bool) -> None:
         path.write_bytes(_mutate(data, edits, header_bias))
-        _check_load(path)
+        _check_load(path, mmap)
 
     check()
 

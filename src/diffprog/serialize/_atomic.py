@@ -13,12 +13,14 @@ __all__ = ["atomic_write"]
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike[str], durable: bool = True) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for writing; on success it replaces ``path``.
 
-    The data is flushed and fsynced, the temporary file renamed over ``path`` (atomic on
-    POSIX and Windows) and the folder fsynced, so that after a crash ``path`` holds either the
-    old file or the complete new one. On an error the temporary file is removed.
+    The temporary file is renamed over ``path`` (atomic on POSIX and Windows), so that a
+    process killed mid-write leaves the old file. With ``durable``, the data is also flushed
+    and fsynced before the rename and the folder after it, so that even after a power loss or
+    an OS crash ``path`` holds either the old file or the complete new one. On an error the
+    temporary file is removed.
     """
     target = Path(path)
     folder = target.parent
@@ -27,7 +29,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
@@ -35,7 +38,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
+    if durable:
+        _fsync_folder(folder)
 
 
 def _umask() -> int:
