@@ -78,7 +78,8 @@ def test_a_checkpoint_round_trips_model_buffers_optimizer_step_and_metadata(
         if kind == "chain":
             return chain(clip_by_global_norm(1.0), GDM.init(model, momentum=0.9))
         if kind == "torch":
-            return TorchOptimizer.init(model, torch.optim.Adam, lr=0.01)
+            step_lr = lambda o: torch.optim.lr_scheduler.StepLR(o, 2)  # noqa: E731
+            return TorchOptimizer.init(model, torch.optim.Adam, lr=0.01, scheduler=step_lr)
         if kind == "chained-torch":
             return chain(clip_by_global_norm(1.0), TorchOptimizer.init(model, torch.optim.SGD))
         return None
@@ -99,6 +100,8 @@ def test_a_checkpoint_round_trips_model_buffers_optimizer_step_and_metadata(
         opt, got_opt = opt.inner, got.optimizer.inner
         assert got_opt.count == opt.count == 3
     if kind == "torch":
+        assert got.optimizer.state_dict()["scheduler"] == opt.state_dict()["scheduler"]
+        assert got.optimizer.optimizer.param_groups[0]["lr"] == 0.01 * 0.1  # stepped by StepLR
         want, have = opt.state_dict()["optimizer"], got.optimizer.state_dict()["optimizer"]
         for i, entry in want["state"].items():
             assert all(torch.equal(v, have["state"][i][k]) for k, v in entry.items())
@@ -412,6 +415,20 @@ def test_a_checkpoint_missing_keys_is_refused_naming_them(tmp_path: Path) -> Non
     safetensors.torch.save_file(tensors, path, metadata=metadata)
     error = _expect_refused(path, "'model.0.bias'")
     assert set(error.missing_keys) == {"model.0.bias", "optimizer.exp_avg.4.weight"}
+
+
+def test_what_cannot_be_saved_is_refused_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    model = _model()
+    with pytest.raises(dp.SaveError, match="not JSON-able"):
+        dp.save_checkpoint(path, model=model, optimizer=None, step=0, when=object())
+    with pytest.raises(dp.SaveError, match="step must be"):
+        dp.save_checkpoint(path, model=model, optimizer=None, step=-1)
+    with pytest.raises(dp.SaveError, match="keep_last must be"):
+        dp.save_checkpoint(path, model=model, optimizer=None, step=0, keep_last=0)
+    with pytest.raises(dp.SaveError, match="not a torch.Generator"):
+        dp.save_checkpoint(path, model=model, optimizer=None, step=0, generators={"g": 1})
+    assert not path.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_model_file_is_not_a_checkpoint(tmp_path: Path) -> None:

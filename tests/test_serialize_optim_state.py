@@ -230,8 +230,9 @@ def test_missing_unexpected_and_misshapen_state_is_refused_naming_the_keys() -> 
     with pytest.raises(OptimizerStateError, match="unexpected optimizer state.*'exp_avg.nowhere'"):
         load_optimizer_state(skeleton, model, OptimizerState(extra, state.meta))
     wrong = {**state.tensors, "exp_avg.enc.bias": torch.zeros(4)}
-    with pytest.raises(OptimizerStateError, match=r"'exp_avg.enc.bias' has shape \(4,\)"):
+    with pytest.raises(OptimizerStateError, match=r"'exp_avg.enc.bias' has shape \(4,\)") as e:
         load_optimizer_state(skeleton, model, OptimizerState(wrong, state.meta))
+    assert e.value.mismatched_keys == ["exp_avg.enc.bias"]
     other_model = {"enc": dp.sample(LinearSpec(3, 3)), "dec": dp.sample(LinearSpec(3, 3))}
     with pytest.raises(OptimizerStateError):
         load_optimizer_state(Adam.init(other_model, weight_decay=0.1), other_model, state)

@@ -106,7 +106,8 @@ def save_checkpoint(
         generators: explicit ``torch.Generator`` s to save by name, e.g. ``{"data": g}``; give
             the same names to :func:`load_checkpoint` to restore them.
         keep_last: keep only this many checkpoints in ``path``'s folder (the newest by step,
-            this one always among them), deleting older diffprog checkpoints there.
+            this one always among them), deleting older diffprog checkpoints there (of any
+            run: give each run its own folder).
         **extra: JSON-able metadata (epoch, config, metrics, ...).
 
     Returns:
@@ -197,7 +198,9 @@ def _encode(value: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
     decoding gives back exactly what torch's ``load_state_dict`` expects.
     """
     if isinstance(value, torch.Tensor):
-        key = f"{where}"
+        key = where
+        while key in tensors:  # a key with a dot beside a nested one: keep both
+            key += "_"
         tensors[key] = value
         return {"tensor": key}
     if isinstance(value, tuple):
@@ -480,7 +483,10 @@ def _load_optimizer(
             source=name,
         )
     except OptimizerStateError as e:
+        # Named as in the file, where the optimizer's tensors sit under "optimizer.".
         e.source = name
+        for keys in (e.missing_keys, e.unexpected_keys, e.mismatched_keys):
+            keys[:] = [f"optimizer.{k}" for k in keys]
         raise
     return loaded, None
 

@@ -268,7 +268,8 @@ def _load(
     if unread:
         raise OptimizerStateError(
             f"unexpected optimizer state{where}: {_listed(unread)} (no such state of this "
-            f"{type(optimizer).__name__}, or no such parameter in the model)."
+            f"{type(optimizer).__name__}, or no such parameter in the model).",
+            unexpected_keys=sorted(unread),
         )
     count = meta.get("count")
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
@@ -362,12 +363,16 @@ def _state_fields(
             raise OptimizerStateError(
                 f"the {owner} state{where} holds {kind!r} for other parameters than this "
                 f"one: missing {_listed(expected - set(held))}, unexpected "
-                f"{_listed(set(held) - expected)}."
+                f"{_listed(set(held) - expected)}.",
+                missing_keys=sorted(f"{kind}.{p}" for p in expected - set(held)),
+                unexpected_keys=sorted(f"{kind}.{p}" for p in set(held) - expected),
             )
         values: list[torch.Tensor | None] = [None] * len(paths)
         missing = [f"{kind}.{p}" for p in held if f"{kind}.{p}" not in tensors]
         if missing:
-            raise OptimizerStateError(f"missing optimizer state{where}: {_listed(missing)}.")
+            raise OptimizerStateError(
+                f"missing optimizer state{where}: {_listed(missing)}.", missing_keys=missing
+            )
         for p in held:
             if p not in index:
                 raise OptimizerStateError(
@@ -392,7 +397,8 @@ def _fitted(value: Any, like: torch.Tensor | None, key: str, where: str) -> torc
     if value.shape != like.shape:
         raise OptimizerStateError(
             f"optimizer state {key!r}{where} has shape {tuple(value.shape)}, but "
-            f"{tuple(like.shape)} is expected here."
+            f"{tuple(like.shape)} is expected here.",
+            mismatched_keys=[key],
         )
     if value.is_complex() != like.is_complex() or value.is_floating_point() != (
         like.is_floating_point()
