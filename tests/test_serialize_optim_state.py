@@ -69,10 +69,10 @@ OPTIMIZERS: list[tuple[Any, dict[str, Any]]] = [
     (ASGD, {"t0": 2.0}),
     (Adafactor, {}),
 ]
-IDS = [
-    f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}"
-    for c, s in OPTIMIZERS
-]
+
+
+def _name(cls: Any, settings: dict[str, Any]) -> str:
+    return f"{cls.__name__}-" + ("-".join(f"{k}={v}" for k, v in settings.items()) or "defaults")
 
 
 def _model() -> dict[str, Any]:
@@ -89,6 +89,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "overrides": {"overrides": {"*.bias": {"lr_scale": 0.5}}},
     "frozen": {"freeze": "head.*", "overrides": {"dec.bias": {"lr_scale": 2.0}}},
+    "donated": {"donate": True, "overrides": {"*.bias": {"lr_scale": 0.5}}},
 }
 
 
@@ -132,8 +133,17 @@ def _assert_same_optimizer(a: Any, b: Any) -> None:
             assert value == other, name
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize(("cls", "settings"), OPTIMIZERS, ids=IDS)
+# every optimizer x every layout (GD has no state to donate)
+GRID = [
+    (cls, settings, layout)
+    for cls, settings in OPTIMIZERS
+    for layout in LAYOUTS
+    if layout != "donated" or cls.declaration().donates
+]
+GRID_IDS = [f"{_name(cls, settings)}-{layout}" for cls, settings, layout in GRID]
+
+
+@pytest.mark.parametrize(("cls", "settings", "layout"), GRID, ids=GRID_IDS)
 def test_every_optimizer_state_round_trips_by_path_and_training_goes_on_bit_for_bit(
     cls: Any, settings: dict[str, Any], layout: str
 ) -> None:
@@ -261,10 +271,7 @@ TORCH_CASES: list[tuple[Any, dict[str, Any], Any, dict[str, Any]]] = [
     (ASGD, {"t0": 2.0, "foreach": False}, torch.optim.ASGD, {"foreach": False}),
     (Adafactor, {}, torch.optim.Adafactor, {}),
 ]
-TORCH_IDS = [
-    f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in s.items()) or 'defaults'}"
-    for c, s, _, _ in TORCH_CASES
-]
+TORCH_IDS = [_name(cls, settings) for cls, settings, _, _ in TORCH_CASES]
 LR = 0.01
 N, M = 3, 2
 
