@@ -49,6 +49,38 @@ LAYERS: list[tuple[str, Any, Callable[[], torch.nn.Module]]] = [
         dnn.TransformerEncoderLayerSpec(8, 2, 16),
         lambda: T.TransformerEncoderLayer(8, 2, 16),
     ),
+    ("conv1d", dnn.Conv1dSpec(2, 3, 3, bias=False), lambda: T.Conv1d(2, 3, 3, bias=False)),
+    ("conv3d", dnn.Conv3dSpec(2, 3, 2), lambda: T.Conv3d(2, 3, 2)),
+    ("convt2d", dnn.ConvTranspose2dSpec(2, 3, 3), lambda: T.ConvTranspose2d(2, 3, 3)),
+    ("batchnorm3d", dnn.BatchNorm3dSpec(2), lambda: T.BatchNorm3d(2)),
+    (
+        "batchnorm_no_stats",
+        dnn.BatchNorm1dSpec(3, track_running_stats=False),
+        lambda: T.BatchNorm1d(3, track_running_stats=False),
+    ),
+    ("groupnorm", dnn.GroupNormSpec(2, 4), lambda: T.GroupNorm(2, 4)),
+    ("rmsnorm", dnn.RMSNormSpec(4), lambda: T.RMSNorm(4)),
+    ("instancenorm_plain", dnn.InstanceNorm2dSpec(3), lambda: T.InstanceNorm2d(3)),
+    ("rnn", dnn.RNNSpec(3, 4, num_layers=2), lambda: T.RNN(3, 4, num_layers=2)),
+    ("grucell", dnn.GRUCellSpec(3, 4), lambda: T.GRUCell(3, 4)),
+    ("rnncell", dnn.RNNCellSpec(3, 4, bias=False), lambda: T.RNNCell(3, 4, bias=False)),
+    (
+        "mha_kdim",
+        dnn.MultiheadAttentionSpec(8, 2, kdim=4, vdim=6, bias=False),
+        lambda: T.MultiheadAttention(8, 2, kdim=4, vdim=6, bias=False),
+    ),
+    (
+        "decoder_layer",
+        dnn.TransformerDecoderLayerSpec(8, 2, 16),
+        lambda: T.TransformerDecoderLayer(8, 2, 16),
+    ),
+    (
+        "transformer",
+        dnn.TransformerSpec(8, 2, 1, 1, 16, batch_first=True),
+        lambda: T.Transformer(8, 2, 1, 1, 16, batch_first=True),
+    ),
+    ("identity", dnn.IdentitySpec(), lambda: T.Identity()),
+    ("dropout", dnn.DropoutSpec(0.5), lambda: T.Dropout(0.5)),
     (
         "sequential_cnn",
         dnn.SequentialSpec(dnn.Conv2dSpec(1, 2, 3), dnn.BatchNorm2dSpec(2)),
@@ -392,6 +424,23 @@ def test_load_into_a_hand_written_instance() -> None:
     new = dp.load_state_dict(model, {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)})
     assert torch.equal(new["cell"].weight, torch.ones(2, 2)) and new["cell"].weight.requires_grad
     assert torch.equal(model["cell"].weight, torch.zeros(2, 2))
+    # From a meta skeleton too (a meta slot takes a tensor of any device).
+    meta = {
+        "cell": _Cell(*(dp.make_independent(torch.zeros(s, device="meta")) for s in [(2, 2), (2,)]))
+    }
+    loaded = dp.load_state_dict(meta, {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)})
+    assert torch.equal(loaded["cell"].bias, torch.ones(2))
+
+
+def test_a_hand_written_instance_refuses_a_conversion_with_a_load_error() -> None:
+    # replace_parameters keeps each slot's dtype (and device): a hand-written instance cannot
+    # take converted parameters, and says so as a LoadError, not from deep in the core.
+    model = {
+        "cell": _Cell(dp.make_independent(torch.zeros(2, 2)), dp.make_independent(torch.zeros(2)))
+    }
+    sd = {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)}
+    with pytest.raises(dp.LoadError, match="hand-written instance"):
+        dp.load_state_dict(model, sd, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------- files

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple, TypeVar, overload
 import torch
 
 from diffprog._autograd import make_independent
-from diffprog._errors import NameClashError, PathKey, render_path, state_dict_path
+from diffprog._errors import ModelError, NameClashError, PathKey, render_path, state_dict_path
 from diffprog._frozen import Frozen
 from diffprog._random import DeviceLike
 from diffprog._traverse import flatten_parameters, replace_parameters, substitute, walk
@@ -130,6 +130,12 @@ class Stored:
 _Mode = Literal["copy", "fresh", "assign"]
 
 
+def _source_of(name: str) -> str:
+    """A LoadError's ``source`` for the ``name`` a message shows: a file's path as it is
+    (messages say ``file PATH``), else the name (``the state dict``)."""
+    return name.removeprefix("file ")
+
+
 def _describe(dtype: torch.dtype, shape: tuple[int, ...] | torch.Size) -> str:
     return f"{str(dtype).removeprefix('torch.')}[{', '.join(map(str, shape))}]"
 
@@ -196,7 +202,7 @@ def load_into(
     if problems or (strict and (missing or unexpected)):
         raise _error(name, model, missing, unexpected, problems, bad, strict)
     new = _read_all(slots, mapped, name, device, dtype, check_finite, mode)
-    return LoadResult(_rebuild(model, new), missing, unexpected)
+    return LoadResult(_rebuild(model, new, name), missing, unexpected)
 
 
 def _read_all(
@@ -242,7 +248,7 @@ def _read_all(
     if problems:
         raise LoadError(
             f"cannot load {name}: " + "; ".join(problems) + ".",
-            source=name,
+            source=_source_of(name),
             mismatched_keys=bad,
         )
     return new
@@ -301,7 +307,7 @@ def _wrap(leaf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _rebuild(model: T, new: Mapping[int, torch.Tensor]) -> T:
+def _rebuild(model: T, new: Mapping[int, torch.Tensor], name: str) -> T:
     """``model`` with each tensor swapped for its new one (by id), ties kept."""
     unreachable: set[int] = set()
     result = substitute(model, new, unreachable=unreachable)
@@ -309,7 +315,14 @@ def _rebuild(model: T, new: Mapping[int, torch.Tensor]) -> T:
         # Parameters inside a hand-written instance: only its replace_own_parameters can put
         # them back, so those go through replace_parameters (the others are already new).
         params = flatten_parameters(result)
-        result = replace_parameters(result, [new.get(id(p), p) for p in params])
+        try:
+            result = replace_parameters(result, [new.get(id(p), p) for p in params])
+        except ModelError as e:  # e.g. a device replace_parameters does not move between
+            raise LoadError(
+                f"cannot put the loaded parameters into a hand-written instance: {e} Load "
+                "onto the skeleton's device (no device=), or move the skeleton first.",
+                source=_source_of(name),
+            ) from e
     return result
 
 
@@ -342,7 +355,7 @@ def _error(
         "Nothing was loaded. Check that the source was saved from this model, or "
         + "; ".join(fixes)
         + ".",
-        source=name,
+        source=_source_of(name),
         missing_keys=missing if strict else (),
         unexpected_keys=unexpected if strict else (),
         mismatched_keys=bad,
@@ -360,7 +373,9 @@ def _dict_source(state: Mapping[str, torch.Tensor], name: str) -> dict[str, Stor
         problem = _not_loadable(key, t)
         if problem:
             raise LoadError(
-                f"cannot load {name}: {problem}.", source=name, mismatched_keys=[str(key)]
+                f"cannot load {name}: {problem}.",
+                source=_source_of(name),
+                mismatched_keys=[str(key)],
             )
         ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
         out[key] = Stored(t.dtype, tuple(t.shape), ident, t.detach)
