@@ -146,6 +146,9 @@ def test_the_random_states_are_restored_only_after_every_check(tmp_path: Path) -
     dp.load_checkpoint(path, model=_model(), optimizer=None, generators={"data": g})
     got = (torch.rand(3), random.random(), np.random.rand(), torch.rand(3, generator=g))
     assert torch.equal(got[0], want[0]) and got[1:3] == want[1:3] and torch.equal(got[3], want[3])
+    # a saved generator not given is not restored, and says so
+    with pytest.warns(dp.DiffprogWarning, match=r"generator\(s\) 'data', which are not restored"):
+        dp.load_checkpoint(path, model=_model(), optimizer=None)
     # a generator the file lacks is refused, and nothing is restored
     torch.manual_seed(9)
     with pytest.raises(dp.LoadError, match=r"holds no generator 'other'"):

@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from diffprog import DiffprogWarning
 from diffprog.optim import TorchOptimizer
 from diffprog.serialize import _safetensors
 from diffprog.serialize._errors import LoadError, SaveError, quoted
@@ -376,7 +378,8 @@ def load_checkpoint(
             (``Adam.init(model, ...)``), or ``None``. A ``TorchOptimizer`` is loaded in place
             (as ``torch.optim`` loads), and adopts the loaded model's parameters at its next
             step.
-        generators: ``torch.Generator`` s to restore, by the names they were saved under.
+        generators: ``torch.Generator`` s to restore, by the names they were saved under (a
+            saved one not given is not restored, with a ``DiffprogWarning``).
         restore_rng: restore the global random states (torch, CUDA, Python, NumPy).
 
     Returns:
@@ -402,6 +405,7 @@ def load_checkpoint(
         _load_torch_optimizer(_unwrapped(loaded_optimizer)[1], torch_state, name)
     for apply in restore:
         apply()
+    _warn_unrestored(document["rng"].get("generators"), generators or {}, name)
     return Checkpoint(loaded_model, loaded_optimizer, document["step"], document["extra"], source)
 
 
@@ -579,6 +583,20 @@ def _rng_restorers(
     if numpy_state is not None:
         out.append(_numpy_restorer(numpy_state, name))
     return out
+
+
+def _warn_unrestored(named: Any, generators: Mapping[str, torch.Generator], name: str) -> None:
+    """Warn of saved generators that were not restored: not an error (a run may not need them),
+    but a resumed run that draws from a fresh generator instead silently differs from the
+    uninterrupted one."""
+    left = sorted(set(named) - set(generators))
+    if left:
+        warnings.warn(
+            f"{name} holds the state of generator(s) {quoted(left)}, which are not restored: "
+            f"pass generators={{{left[0]!r}: g, ...}} to load_checkpoint to resume them.",
+            DiffprogWarning,
+            stacklevel=3,
+        )
 
 
 def _rng_tensor(key: Any, tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
