@@ -228,6 +228,20 @@ def test_a_state_saved_with_other_settings_is_refused_naming_them() -> None:
         load_optimizer_state(AdamW.init(model, weight_decay=0.1), model, state)
 
 
+def test_plain_and_grouped_optimizers_do_not_load_each_others_state() -> None:
+    model = _model()
+    params = dp.flatten_parameters(model)
+    plain, _ = _steps(GDM(momentum=0.9), params, 0, 1)  # built without init: settings None
+    state = optimizer_state(plain, model)
+    assert state.meta["groups"] is None
+    assert load_optimizer_state(GDM.init(model, momentum=0.9), model, state).count == 1
+    grouped = GDM.init(model, momentum=0.9, overrides={"*.bias": {"lr_scale": 0.5}})
+    with pytest.raises(OptimizerStateError, match="other parameter groups"):
+        load_optimizer_state(grouped, model, state)
+    with pytest.raises(OptimizerStateError, match="other parameter groups"):
+        load_optimizer_state(plain, model, optimizer_state(_steps(grouped, params, 0, 1)[0], model))
+
+
 def test_missing_unexpected_and_misshapen_state_is_refused_naming_the_keys() -> None:
     model, state = _saved_adam()
     skeleton = Adam.init(model, weight_decay=0.1)

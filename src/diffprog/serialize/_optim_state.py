@@ -317,15 +317,14 @@ def _check_hyper(optimizer: PureOptimizer, saved: Any, where: str) -> None:
 def _check_groups(
     optimizer: PureOptimizer, settings: ParamSettings, paths: list[str], saved: Any, where: str
 ) -> None:
-    mine = None if optimizer.settings is None else _groups_meta(settings, paths)
-    plain = _groups_meta(settings, paths) if mine is None else mine
-    # A plain optimizer built without init (GD()) and one built with init alike (GD.init(model))
-    # train the same parameters the same way.
-    saved_plain = saved if saved is not None else plain
-    if _jsonable(saved_plain) != _jsonable(plain):
+    here = _groups_meta(settings, paths)
+    # None: saved from an optimizer built without init (GD()), which trains every parameter
+    # alike, as one built with init and no overrides (GD.init(model)) does.
+    plain = _groups_meta(ParamSettings(len(paths), (ParamGroup(tuple(range(len(paths)))),)), paths)
+    if _jsonable(plain if saved is None else saved) != here:
         raise OptimizerStateError(
             f"the {type(optimizer).__name__} state{where} has other parameter groups (overrides "
-            f"or frozen parameters) than this one: saved {saved!r}, here {mine!r}. Build the "
+            f"or frozen parameters) than this one: saved {saved!r}, here {here!r}. Build the "
             "skeleton with the same overrides and freeze."
         )
 
