@@ -449,3 +449,45 @@ def test_groups_and_frozen_parameters_continue_with_torchs_numbers(direction: st
         got = list(module.parameters())
     for mine, want in zip(got, expected.parameters(), strict=True):
         torch.testing.assert_close(mine.detach(), want.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("cls", "settings"), OPTIMIZERS, ids=[_name(*o) for o in OPTIMIZERS])
+def test_per_parameter_step_counts_round_trip_by_path(cls: Any, settings: dict[str, Any]) -> None:
+    # Parameters the loss does not reach in some steps (used=False) fall behind: torch's
+    # per-parameter "step", kept in param_counts and saved under each parameter's path.
+    model = _model()
+    params = dp.flatten_parameters(model)
+    opt = cls.init(model, **settings)
+    masks = [[True, False, True, True, False], [True, True, False, True, False]]
+    for k, used in enumerate(masks):
+        new, opt = opt.step(0.01, _grads(params, k), params, used=used)
+        params = [dp.make_independent(p) for p in new]
+    assert opt.param_counts == (2, 1, 1, 2, 0)
+    state = _through_bytes(optimizer_state(opt, model))
+    assert state.meta["param_counts"] == {
+        "enc.weight": 2,
+        "enc.bias": 1,
+        "dec.bias": 1,
+        "head.weight": 2,
+        "head.bias": 0,
+    }
+    loaded = load_optimizer_state(cls.init(model, **settings), model, state)
+    _assert_same_optimizer(loaded, opt)
+    _, p1 = _steps(opt, params, 5, 2)
+    _, p2 = _steps(loaded, params, 5, 2)
+    assert all(torch.equal(x, y) for x, y in zip(p1, p2, strict=True))
+
+
+def test_a_parameter_torch_has_not_updated_yet_keeps_its_initial_state_both_ways() -> None:
+    module, topt = _torch_run(torch.optim.Adam, {"fused": True}, 0)
+    params = list(module.parameters())
+    for k in range(2):  # the last bias gets no gradient: torch keeps no state for it
+        for p, g in zip(params, _grads(params, k), strict=True):
+            p.grad = None if p is params[-1] else g
+        topt.step()
+    model = _as_diffprog(module)
+    opt = load_optimizer_state_dict(Adam.init(model), model, topt.state_dict())
+    assert opt.count == 2 and opt.param_counts == (2, 2, 2, 0)
+    assert torch.equal(opt.exp_avg[3], torch.zeros(2))
+    back = optimizer_state_dict(opt, model, lr=LR, fused=True)
+    assert sorted(back["state"]) == [0, 1, 2]  # as torch's: no state before the first update
