@@ -472,7 +472,11 @@ def _load_optimizer(
                 ": pass the skeleton it was saved with.",
                 source=name,
             )
-        return optimizer, _decode(saved.get("state"), part, name)
+        try:
+            return optimizer, _decode(saved.get("state"), part, name)
+        except RecursionError:
+            problem = f"{name}: the optimizer's state is nested too deep."
+            raise LoadError(problem, source=name) from None
     if kind != "pure":
         raise LoadError(
             f"{name} holds {'no optimizer' if saved is None else 'a TorchOptimizer'}'s state, "
