@@ -157,6 +157,16 @@ def test_state_dict_holds_buffers_and_frozen_parameters_detached() -> None:
     assert sd["bn.weight"].data_ptr() == bn.weight.data_ptr()
 
 
+class _TorchTied(T.Module):
+    """torch's Embedding + tied output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = T.Embedding(5, 3)
+        self.head = T.Linear(3, 5)
+        self.head.weight = self.embed.weight
+
+
 def test_state_dict_repeats_a_tied_tensor_under_every_key_as_torch() -> None:
     embed = dp.sample(dnn.EmbeddingSpec(5, 3), generator=_gen())
     head = dp.sample(dnn.LinearSpec(3, 5), generator=_gen())
@@ -164,15 +174,7 @@ def test_state_dict_repeats_a_tied_tensor_under_every_key_as_torch() -> None:
     sd = dp.state_dict(model)
     assert list(sd) == ["embed.weight", "head.weight", "head.bias"]
     assert sd["embed.weight"] is sd["head.weight"]
-
-    class TorchTied(T.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = T.Embedding(5, 3)
-            self.head = T.Linear(3, 5)
-            self.head.weight = self.embed.weight
-
-    assert list(TorchTied().state_dict()) == list(sd)
+    assert list(_TorchTied().state_dict()) == list(sd)
 
 
 def test_state_dict_refuses_two_tensors_with_one_key() -> None:
@@ -324,6 +326,10 @@ def test_tied_keys_with_different_values_are_refused() -> None:
     sd["head.weight"] = sd["head.weight"] + 1
     with pytest.raises(dp.LoadError, match="'embed.weight' and 'head.weight' hold different"):
         dp.load_state_dict(model, sd)
+    # torch copies each key in turn into the one tensor: the last one wins, silently.
+    torch_tied = _TorchTied()
+    torch_tied.load_state_dict(sd)
+    assert torch.equal(torch_tied.embed.weight, sd["head.weight"])
 
 
 def test_tied_key_missing_is_reported_as_torch_does() -> None:
@@ -333,6 +339,7 @@ def test_tied_key_missing_is_reported_as_torch_does() -> None:
     with pytest.raises(dp.LoadError) as info:
         dp.load_state_dict(model, sd)
     assert info.value.missing_keys == ["head.weight"]
+    assert _TorchTied().load_state_dict(sd, strict=False).missing_keys == ["head.weight"]
     new, missing, _ = dp.load_state_dict(model, sd, strict=False)
     assert missing == ["head.weight"]
     assert new["embed"].weight is new["head"].weight  # the present key fills the tie
