@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 import diffprog as dp
-from diffprog.examples import char_lm, digits, xor_mlp
+from diffprog.examples import char_lm, digits, predict, xor_mlp
 
 
 def test_xor_mlp_learns_xor(capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,6 +60,23 @@ def test_digits_short_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "loss=" in captured.err and "test_acc=" in captured.err  # the progress bar
     assert torch.get_num_threads() > 0  # restored, whatever it was
+
+
+def test_digits_saves_its_model_and_predict_reloads_it_with_the_same_test_accuracy(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "digits.safetensors"
+    plot = str(tmp_path / "p.png")
+    digits.main(
+        ["--epochs", "1", "--seed", "2", "--no-progress", "--plot", plot, "--save", str(saved)]
+    )
+    trained = re.search(r"test accuracy: ([\d.]+%)", capsys.readouterr().out)
+    predict.main([str(saved)])  # the split's seed comes from the file
+    out = capsys.readouterr().out
+    reloaded = re.search(r"test accuracy: ([\d.]+%) on 360 test images", out)
+    assert trained is not None and reloaded is not None
+    assert reloaded.group(1) == trained.group(1)
+    assert set(safetensors.torch.load_file(saved)) == set(dp.state_dict(predict.load_model(saved)))
 
 
 def test_digits_split_is_seeded() -> None:
