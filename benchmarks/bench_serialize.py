@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -53,15 +54,15 @@ def child(kind: str, folder: Path, features: int) -> None:
     """One load in this fresh process; prints the growth of the peak resident set."""
     skeleton = dp.sample(spec(features), device="meta")
     module = torch_module(features) if kind == "torch.load + load_state_dict" else None
-    real = dp.sample(spec(features)) if kind == "load_params, real skeleton" else None
+    real = dp.sample(spec(features)) if kind == "load_params mmap=False, real skeleton" else None
     gc.collect()
     before = high_water_mark()
-    if kind == "load_params, meta skeleton":
-        result: object = dp.load_params(skeleton, folder / "dp.safetensors")
-    elif kind == "load_params, real skeleton":
-        result = dp.load_params(real, folder / "dp.safetensors")
-    elif kind == "load_params mmap=True, meta skeleton, first use":
-        result = dp.load_params(skeleton, folder / "dp.safetensors", mmap=True)
+    if kind == "load_params mmap=False, meta skeleton":
+        result: object = dp.load_params(skeleton, folder / "dp.safetensors", mmap=False)
+    elif kind == "load_params mmap=False, real skeleton":
+        result = dp.load_params(real, folder / "dp.safetensors", mmap=False)
+    elif kind == "load_params (mapped), meta skeleton, first use":
+        result = dp.load_params(skeleton, folder / "dp.safetensors")
         first_use(result)
     elif kind == "safetensors load_file, first use":
         result = safetensors.torch.load_file(folder / "st.safetensors")
@@ -81,13 +82,13 @@ def child(kind: str, folder: Path, features: int) -> None:
 
 
 MEMORY_KINDS = [
-    "load_params, meta skeleton",
-    "load_params mmap=True, meta skeleton, first use",
+    "load_params mmap=False, meta skeleton",
+    "load_params (mapped), meta skeleton, first use",
     "safetensors load_file, first use",
     "load_params .pt, meta skeleton",
     "safetensors load_file",
     "torch.load",
-    "load_params, real skeleton",
+    "load_params mmap=False, real skeleton",
     "torch.load + load_state_dict",
 ]
 
@@ -110,7 +111,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--child", default="")
     parser.add_argument("--folder", default="")
@@ -144,8 +145,8 @@ def main() -> None:
         }
         loads: dict[str, Callable[[], object]] = {
             "load_params (safetensors, meta skeleton)": lambda: dp.load_params(skeleton, dp_st),
-            "load_params (mmap=True, meta skeleton)": lambda: dp.load_params(
-                skeleton, dp_st, mmap=True
+            "load_params (mmap=False, meta skeleton)": lambda: dp.load_params(
+                skeleton, dp_st, mmap=False
             ),
             "load_params (.pt, meta skeleton)": lambda: dp.load_params(skeleton, dp_pt),
             "safetensors load_file": lambda: safetensors.torch.load_file(st_file),
@@ -157,8 +158,15 @@ def main() -> None:
             f"{name} + first use": (lambda fn=fn: first_use(fn())) for name, fn in loads.items()
         }
         times: dict[str, list[float]] = {name: [] for name in (*saves, *loads, *uses)}
+        for fn in saves.values():  # every file exists before the first load
+            fn()
+        candidates = [*saves.items(), *loads.items(), *uses.items()]
+        shuffler = random.Random(0)
         for _ in range(args.rounds):
-            for name, fn in (*saves.items(), *loads.items(), *uses.items()):
+            # A new order each round: a write can pay for the page-cache writeback of the
+            # writes before it, so a fixed order (or neighbours) would favour some candidates.
+            shuffler.shuffle(candidates)
+            for name, fn in candidates:
                 times[name].append(timed(fn))
 
         def ratio(name: str, baseline: str) -> str:
@@ -175,7 +183,7 @@ def main() -> None:
         for suffix in ("", " + first use"):
             for name in (
                 "load_params (safetensors, meta skeleton)",
-                "load_params (mmap=True, meta skeleton)",
+                "load_params (mmap=False, meta skeleton)",
                 "load_params (.pt, meta skeleton)",
             ):
                 rows.append(

@@ -640,7 +640,10 @@ def test_load_params_reads_only_the_skeletons_keys(
 
     monkeypatch.setattr(_files._safetensors, "read_tensor", spy)
     new, _, unexpected = dp.load_params(
-        dp.sample(dnn.LinearSpec(3, 2), device="meta"), tmp_path / "m.safetensors", strict=False
+        dp.sample(dnn.LinearSpec(3, 2), device="meta"),
+        tmp_path / "m.safetensors",
+        strict=False,
+        mmap=False,
     )
     assert read == ["weight", "bias"] and unexpected == ["other"]
     assert torch.equal(new.weight, torch.ones(2, 3))
@@ -754,14 +757,20 @@ def high_water_mark():
 skeleton = dp.sample(SequentialSpec(*(LinearSpec(2048, 2048) for _ in range(4))), device="meta")
 gc.collect()
 before = high_water_mark()
-model = dp.load_params(skeleton, sys.argv[1])
+model = dp.load_params(skeleton, sys.argv[1], mmap=sys.argv[2] == "mmap")
+# every value used once (a mapped file is read as it is used)
+total = sum(float(t.sum()) for t in dp.state_dict(model).values())
 print(high_water_mark() - before)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_loading_into_a_meta_skeleton_allocates_the_model_once(tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("suffix", "mode"), [(".safetensors", "mmap"), (".safetensors", "read"), (".pt", "read")]
+)
+def test_loading_into_a_meta_skeleton_allocates_the_model_once(
+    tmp_path: Path, suffix: str, mode: str
+) -> None:
     # 67 MB of parameters; the peak resident set of a fresh process grows by the model's
     # size, not twice it (no initialisation, no file buffer plus copy).
     spec = dnn.SequentialSpec(*(dnn.LinearSpec(2048, 2048) for _ in range(4)))
@@ -771,7 +780,7 @@ def test_loading_into_a_meta_skeleton_allocates_the_model_once(tmp_path: Path, s
     dp.save_tensors(sd, path)
     del sd
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK_CHILD, str(path)],
+        [sys.executable, "-c", _PEAK_CHILD, str(path), mode],
         check=True,
         capture_output=True,
         text=True,

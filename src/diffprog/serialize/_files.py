@@ -108,16 +108,19 @@ def save_tensors(
     memory: a tie) are stored once: in safetensors under the first key, the others listed in
     the metadata as aliases (``"diffprog.aliases"``); in a ``.pt`` file as one shared storage,
     as ``torch.save`` does. The file is written to a temporary file and renamed, so a crash
-    never leaves a half-written file under ``path``.
+    never leaves a half-written file under ``path`` (``torch.save`` and
+    ``safetensors.torch.save_file`` write in place).
 
     Args:
         tensors: ``{key: tensor}`` (e.g. :func:`state_dict`); any device.
         path: the file to write (replaced if it exists).
         format: ``"safetensors"`` or ``"pt"``; by default from the suffix.
         metadata: strings to store in a safetensors file's ``__metadata__``.
-        durable: fsync the file and its folder, so that the file survives a power loss or an
-            OS crash too (the default). ``durable=False`` is as fast as
-            ``safetensors.torch.save_file`` and still safe against a killed process.
+        durable: fsync the file before the rename and the folder after it, so that the file
+            survives a power loss or an OS crash too (the default). ``durable=False`` is
+            still safe against a killed process. (On ext4 the fsync costs little: renaming
+            over an existing file makes the kernel write the new one out anyway, and without
+            the fsync that measured slower, see ``benchmarks/README.md``.)
 
     Raises:
         SaveError: a value is not a dense tensor with values (``meta``, sparse), or its dtype
@@ -399,7 +402,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
-    mmap: bool = False,
+    mmap: bool = True,
 ) -> T: ...
 @overload
 def load_params(
@@ -412,7 +415,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
-    mmap: bool = False,
+    mmap: bool = True,
 ) -> LoadResult: ...
 @overload
 def load_params(
@@ -425,7 +428,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
-    mmap: bool = False,
+    mmap: bool = True,
 ) -> T | LoadResult: ...
 def load_params(
     skeleton: T,
@@ -437,7 +440,7 @@ def load_params(
     key_map: KeyMap | None = None,
     check_finite: bool = False,
     format: Format | None = None,
-    mmap: bool = False,
+    mmap: bool = True,
 ) -> T | LoadResult:
     """A copy of ``skeleton`` holding the tensors of a safetensors or ``.pt`` file.
 
@@ -455,13 +458,14 @@ def load_params(
             ``torch.save(module.state_dict())``.
         strict, device, dtype, key_map, check_finite: as :func:`load_state_dict`.
         format: ``"safetensors"`` or ``"pt"``; by default the file's content decides.
-        mmap: (safetensors) map the file instead of reading it: the CPU tensors that need no
-            conversion are views of the file's pages, read as they are first used, as
-            ``safetensors.torch.load_file`` does; a fast start for large models. The model
+        mmap: (safetensors) map the file rather than read it, as
+            ``safetensors.torch.load_file`` does (the default): the CPU tensors that need no
+            conversion are views of the file's pages, read as they are first used. The model
             then depends on the file: do not change the file in place while it is in use
-            (writing it anew, as :func:`save_params` does, is safe; a write into the same
-            file can change the model's values or crash the process). Off by default: the
-            model owns its memory.
+            (writing it anew, as :func:`save_params` does, is safe; a tool writing into the
+            same file can change the model's values or crash the process). The mapping is
+            private: writes to the tensors never reach the file. ``mmap=False`` reads the
+            file into memory the model owns.
 
     Returns:
         The new model; with ``strict=False``, a :class:`LoadResult`.
