@@ -20,7 +20,6 @@ from diffprog._errors import (
     CycleError,
     InstanceError,
     ModelError,
-    NameClashError,
     ParameterTypeError,
     PathKey,
     render_path,
@@ -30,7 +29,7 @@ from diffprog._frozen import Frozen
 from diffprog._nodes import _SCAN_LEAVES, HandWrittenNode, node_for, scan_children
 from diffprog._random import DeviceLike
 from diffprog._stream import ParamStream
-from diffprog._traverse import _hand_written_leaves, _located
+from diffprog._traverse import _hand_written_leaves, _located, name_clash_error
 
 __all__ = [
     "collect",
@@ -261,7 +260,7 @@ def named_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
         name = state_dict_path(keys)
         first = named.setdefault(name, keys)
         if first is not keys:
-            raise _clash(model, name, first, keys)
+            raise name_clash_error(model, name, first, keys, "tensors")
         result.append((name, t))
     return result
 
@@ -648,14 +647,3 @@ def _note(error: BaseException, text: str) -> None:
     add_note = getattr(error, "add_note", None)  # Python 3.11+
     if add_note is not None:
         add_note(text)
-
-
-def _clash(model: Any, name: str, first: Keys, second: Keys) -> NameClashError:
-    err = NameClashError(
-        f"two different tensors are both named {name!r}: the one at {render_path(first)} and "
-        "the one here",
-        "Names join fields and dict keys with '.', so keys 1 and '1', or a key 'a.b' and a "
-        "key 'a' holding a key 'b', collide: rename a dict key so that the names differ.",
-    )
-    _located(err, second, model)
-    return err

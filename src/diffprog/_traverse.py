@@ -32,6 +32,7 @@ __all__ = [
     "flatten_parameters",
     "named_parameters",
     "replace_parameters",
+    "name_clash_error",
     "substitute",
     "walk",
     "walk_keys",
@@ -178,16 +179,22 @@ def named_parameters(value: Any) -> list[tuple[str, torch.nn.Parameter]]:
             name = state_dict_path(keys)
             first = named.setdefault(name, keys)
             if first is not keys:
-                raise _clash_error(value, name, first, keys)
+                raise name_clash_error(value, name, first, keys)
             result.append((name, leaf))
     return result
 
 
-def _clash_error(
-    value: Any, name: str, first: tuple[PathKey, ...], second: tuple[PathKey, ...]
+def name_clash_error(
+    value: Any,
+    name: str,
+    first: tuple[PathKey, ...],
+    second: tuple[PathKey, ...],
+    what: str = "parameters",
 ) -> NameClashError:
+    """The error for two different ``what`` (parameters, tensors) both named ``name``: the
+    first at path keys ``first``, the second (where the error is raised) at ``second``."""
     err = NameClashError(
-        f"two different parameters are both named {name!r}: the one at {render_path(first)} "
+        f"two different {what} are both named {name!r}: the one at {render_path(first)} "
         f"and the one here",
         "Names join fields and dict keys with '.', so keys 1 and '1', or a key 'a.b' and a "
         "key 'a' holding a key 'b', collide: rename a dict key so that the names differ.",

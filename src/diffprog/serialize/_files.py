@@ -21,6 +21,7 @@ from diffprog.serialize._state_dict import (
     LoadResult,
     Stored,
     load_into,
+    not_loadable,
     state_dict,
 )
 
@@ -319,7 +320,7 @@ def _pt_source(path: PathLike, name: str) -> dict[str, Stored]:
     out: dict[str, Stored] = {}
     owners: dict[int, set[object]] = {}  # storage -> the idents of the tensors viewing it
     for key, t in data.items():
-        problem = _not_tensor(key, t)
+        problem = not_loadable(key, t)
         if problem:
             raise LoadError(f"{name}: {problem}.", source=name, mismatched_keys=[str(key)])
         storage = t.untyped_storage().data_ptr()
@@ -341,16 +342,6 @@ def _pt_source(path: PathLike, name: str) -> dict[str, Stored]:
 
 def _compact(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: t.detach().clone(memory_format=torch.contiguous_format)
-
-
-def _not_tensor(key: object, t: object) -> str:
-    if not isinstance(key, str):
-        return f"the key {key!r} is not a string"
-    if not isinstance(t, torch.Tensor):
-        return f"{key!r} holds a {type(t).__name__}, not a tensor"
-    if t.layout != torch.strided:
-        return f"{key!r} is a {t.layout} tensor; only dense tensors load"
-    return ""
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,10 +9,16 @@ from typing import Any, Literal, NamedTuple, TypeVar, overload
 import torch
 
 from diffprog._autograd import make_independent
-from diffprog._errors import ModelError, NameClashError, PathKey, render_path, state_dict_path
+from diffprog._errors import ModelError, PathKey, state_dict_path
 from diffprog._frozen import Frozen
 from diffprog._random import DeviceLike
-from diffprog._traverse import flatten_parameters, replace_parameters, substitute, walk_keys
+from diffprog._traverse import (
+    flatten_parameters,
+    name_clash_error,
+    replace_parameters,
+    substitute,
+    walk_keys,
+)
 from diffprog.serialize._errors import LoadError, quoted
 
 __all__ = ["KeyMap", "LoadResult", "Stored", "load_into", "load_state_dict", "state_dict"]
@@ -62,16 +68,7 @@ def _slots(model: Any) -> dict[str, _Slot]:
         slot = by_id.setdefault(id(leaf), _Slot(leaf, path))
         other = by_key.setdefault(key, slot)
         if other is not slot:
-            err = NameClashError(
-                f"two different tensors are both named {key!r}: the one at "
-                f"{render_path(other.path)} and the one here",
-                "State-dict keys join fields and dict keys with '.': rename a dict key so "
-                "that the keys differ.",
-            )
-            for step in reversed(path):
-                err.push(*step)
-            err.root = type(model).__name__
-            raise err
+            raise name_clash_error(model, key, other.path, path, "tensors")
         if key not in slot.keys:
             slot.keys.append(key)
     return by_key
@@ -370,7 +367,7 @@ def _dict_source(state: Mapping[str, torch.Tensor], name: str) -> dict[str, Stor
         )
     out: dict[str, Stored] = {}
     for key, t in state.items():
-        problem = _not_loadable(key, t)
+        problem = not_loadable(key, t)
         if problem:
             raise LoadError(
                 f"cannot load {name}: {problem}.",
@@ -382,7 +379,7 @@ def _dict_source(state: Mapping[str, torch.Tensor], name: str) -> dict[str, Stor
     return out
 
 
-def _not_loadable(key: object, t: object) -> str:
+def not_loadable(key: object, t: object) -> str:
     """Why ``key: t`` of a state dict cannot be loaded ("" if it can)."""
     if not isinstance(key, str):
         return f"the key {key!r} is not a string"
