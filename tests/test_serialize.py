@@ -439,15 +439,17 @@ def test_load_into_a_hand_written_instance() -> None:
     assert torch.equal(loaded["cell"].bias, torch.ones(2))
 
 
-def test_a_hand_written_instance_refuses_a_conversion_with_a_load_error() -> None:
-    # replace_parameters keeps each slot's dtype (and device): a hand-written instance cannot
-    # take converted parameters, and says so as a LoadError, not from deep in the core.
+def test_a_hand_written_instance_takes_a_dtype_conversion_through_its_own_replace() -> None:
+    # The loaded tensors go back through the instance's replace_own_parameters (map_tensors),
+    # so dtype= converts its parameters as it converts every other tensor.
     model = {
         "cell": _Cell(dp.make_independent(torch.zeros(2, 2)), dp.make_independent(torch.zeros(2)))
     }
     sd = {"cell.weight": torch.ones(2, 2), "cell.bias": torch.ones(2)}
-    with pytest.raises(dp.LoadError, match="hand-written instance"):
-        dp.load_state_dict(model, sd, dtype=torch.float64)
+    new = dp.load_state_dict(model, sd, dtype=torch.float64)
+    assert new["cell"].weight.dtype == torch.float64 and new["cell"].weight.requires_grad
+    assert torch.equal(new["cell"].bias, torch.ones(2, dtype=torch.float64))
+    assert model["cell"].weight.dtype == torch.float32  # the skeleton is unchanged
 
 
 # ---------------------------------------------------------------- files

@@ -6,7 +6,7 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar, overload
 
@@ -233,9 +233,12 @@ def save_params(
     save_tensors(state_dict(model), path, format=format, metadata=metadata, durable=durable)
 
 
-def _safetensors_source(f: io.BufferedReader, name: str, mmap: bool = False) -> dict[str, Stored]:
+def _safetensors_source(
+    f: io.BufferedReader, name: str, mmap: bool = False, wanted: Collection[str] = ()
+) -> dict[str, Stored]:
     """A safetensors file's tensors (aliases included), described; read on demand (or, with
-    ``mmap``, mapped: views of the file's pages, read as they are used)."""
+    ``mmap``, mapped: views of the file's pages, read as they are used). ``wanted``: the keys
+    a skeleton asks for, which a ``save_model`` tie entry of the metadata may supply."""
     size = os.fstat(f.fileno()).st_size
     header = _safetensors.read_header(f, size, name)
     # MAP_PRIVATE: writes to the tensors stay in this process; the file is never written.
@@ -263,11 +266,13 @@ def _safetensors_source(f: io.BufferedReader, name: str, mmap: bool = False) -> 
             )
         out.setdefault(alias, out[target])
     # safetensors.torch.save_model stores a tied tensor once and records each key it dropped
-    # in the metadata as {dropped key: kept key} (its load_model restores them): read those
-    # keys as aliases too, so that a torch model's tied weights load with no renaming.
-    for alias, target in header.metadata.items():
-        if alias not in out and alias != ALIASES and target in header.entries:
-            out[alias] = out[target]
+    # in the metadata as {dropped key: kept key}, which its load_model reads only for a key the
+    # model asks for and the file lacks. Do the same: any other metadata entry is the user's,
+    # whatever its value (an entry {"init": "weight"} is no tensor).
+    for wanted_key in wanted:
+        kept = header.metadata.get(wanted_key)
+        if wanted_key not in out and kept is not None and kept in header.entries:
+            out[wanted_key] = out[kept]
     return out
 
 
@@ -473,7 +478,10 @@ def load_params(
         if _format_for_loading(path, f, format) == "pt":
             source = _pt_source(path, name)
         else:
-            source = _safetensors_source(f, name, mmap)
+            # The skeleton's keys, for a tie a save_model file records in its metadata (with
+            # a key_map the file's keys are other names: no such look-up).
+            wanted = state_dict(skeleton).keys() if key_map is None else ()
+            source = _safetensors_source(f, name, mmap, wanted)
         result = load_into(
             skeleton,
             source,

@@ -640,7 +640,9 @@ def load_optimizer_state_dict(
         )
     kinds = type(pure).declaration().state
     per_param: list[int] = [0] * len(paths)
-    values = {k: list(getattr(pure, k)) for k in kinds}
+    # Copies, not the skeleton's own tensors: a parameter torch has no state for yet keeps
+    # its initial state, which a donating optimizer then updates in place.
+    values = {k: [None if t is None else t.clone() for t in getattr(pure, k)] for k in kinds}
     for tid, entry in state.items():
         i = index[tid]
         if not isinstance(entry, Mapping):

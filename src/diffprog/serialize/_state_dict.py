@@ -11,12 +11,10 @@ import torch
 from diffprog._autograd import make_independent
 from diffprog._errors import ModelError, PathKey, state_dict_path
 from diffprog._frozen import Frozen
+from diffprog._map import map_tensors, tensors
 from diffprog._random import DeviceLike
 from diffprog._traverse import (
-    flatten_parameters,
     name_clash_error,
-    replace_parameters,
-    substitute,
     walk_keys,
 )
 from diffprog.serialize._errors import LoadError, quoted
@@ -59,6 +57,9 @@ def _slots(model: Any) -> dict[str, _Slot]:
     Raises:
         NameClashError: two different tensors would get the same key.
     """
+    # A hand-written instance holding a tensor it does not list would leave that tensor out
+    # of every state dict and file without a word: tensors() refuses it, naming the path.
+    tensors(model)
     by_id: dict[int, _Slot] = {}
     by_key: dict[str, _Slot] = {}
     for path, leaf in walk_keys(model):
@@ -305,22 +306,20 @@ def _wrap(leaf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _rebuild(model: T, new: Mapping[int, torch.Tensor], name: str) -> T:
-    """``model`` with each tensor swapped for its new one (by id), ties kept."""
-    unreachable: set[int] = set()
-    result = substitute(model, new, unreachable=unreachable)
-    if unreachable:
-        # Parameters inside a hand-written instance: only its replace_own_parameters can put
-        # them back, so those go through replace_parameters (the others are already new).
-        params = flatten_parameters(result)
-        try:
-            result = replace_parameters(result, [new.get(id(p), p) for p in params])
-        except ModelError as e:  # e.g. a device replace_parameters does not move between
-            raise LoadError(
-                f"cannot put the loaded parameters into a hand-written instance: {e} Load "
-                "onto the skeleton's device (no device=), or move the skeleton first.",
-                source=_source_of(name),
-            ) from e
-    return result
+    """``model`` with each tensor swapped for its new one (by id).
+
+    ``map_tensors`` does it: ties stay ties, what holds no tensor is shared, and the tensors a
+    hand-written instance lists (parameters, frozen ones and buffers alike) go back through
+    its own ``replace_own_parameters``; one it holds without listing is refused, never left
+    with the skeleton's value.
+    """
+    try:
+        return map_tensors(lambda t: new.get(id(t), t), model)
+    except ModelError as e:
+        raise LoadError(
+            f"cannot put the loaded tensors into {type(model).__name__}: {e}",
+            source=_source_of(name),
+        ) from e
 
 
 def _error(
