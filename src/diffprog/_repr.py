@@ -115,6 +115,7 @@ class _Renderer:
         # A sub-value shared at several paths is rendered once per place on the line: without
         # this, a list holding one list three times, twelve levels deep, takes 3**12 renders.
         self.done: dict[tuple[int, int, int, int], str] = {}
+        self.signatures: dict[int, Any] = {}  # see _signature
 
     def render(self, value: Any, col: int, indent: int, tail: int) -> str:
         """``value``'s text, whose first line starts at column ``col`` (after its label) and
@@ -197,7 +198,8 @@ class _Renderer:
         two neighbours are identical."""
         runs: list[tuple[int, int]] = []  # (first index, last index)
         for i, value in enumerate(values):
-            if runs and _same(values[runs[-1][0]], parts[runs[-1][0]][1], value, parts[i][1]):
+            first = runs[-1][0] if runs else 0
+            if runs and _same(values[first], parts[first][1], value, parts[i][1], self.signatures):
                 runs[-1] = (runs[-1][0], i)
             else:
                 runs.append((i, i))
@@ -222,7 +224,48 @@ class _Renderer:
         return "" if kind == "index" else f"{_clip(str(name), room - 1)}="
 
 
-def _same(a: Any, text_a: str, b: Any, text_b: str) -> bool:
-    """Items shown once for a run: same type and same text (structure, shapes, static
-    fields), whatever their values."""
-    return type(a) is type(b) and text_a == text_b
+def _same(a: Any, text_a: str, b: Any, text_b: str, memo: dict[int, Any]) -> bool:
+    """Items shown once for a run: the same text and the same structure, whatever their values.
+
+    The text alone is not enough: it is shortened (deep or narrow sub-values folded to
+    ``Name(...)``, long static values and dict keys clipped, functions shown by name), so two
+    items that differ in a shape or a static field can print alike.
+    """
+    return (
+        type(a) is type(b)
+        and text_a == text_b
+        and _signature(a, memo, frozenset()) == _signature(b, memo, frozenset())
+    )
+
+
+def _signature(value: Any, memo: dict[int, Any], active: frozenset[int]) -> Any:
+    """What makes two items identical for folding: types, structure (keys), tensors' kind,
+    dtype, shape and device, and static values (by ``repr``; functions by identity).
+
+    ``memo`` holds the signature of each sub-value by ``id`` (for this rendering, whose
+    values stay alive): a sub-value shared at many paths is described once.
+    """
+    if isinstance(value, torch.Tensor):
+        return (type(value), value.dtype, tuple(value.shape), value.device)
+    node = node_for(type(value))
+    if isinstance(node, HandWrittenNode) and dataclasses.is_dataclass(value):
+        node = fields_node(type(value))
+    if not isinstance(node, (FieldsNode, _NamedTupleNode, _SequenceNode, _DictNode)):
+        if callable(value) and not isinstance(value, type):
+            return (type(value), id(value))  # two functions are alike only if they are one
+        return (type(value), repr(value))
+    known = memo.get(id(value))
+    if known is not None:
+        return known
+    if id(value) in active or len(active) > _MAX_SIGNATURE_DEPTH:
+        return (type(value), id(value))  # a cycle, or too deep to compare: never folded
+    inner = active | {id(value)}
+    signature = (
+        type(value),
+        tuple((key, _signature(v, memo, inner)) for key, v in node.children(value)),
+    )
+    memo[id(value)] = signature
+    return signature
+
+
+_MAX_SIGNATURE_DEPTH = 200
