@@ -295,3 +295,60 @@ def test_a_hand_written_class_is_registered_when_diffprog_first_meets_it() -> No
     assert Lazy not in pytree.SUPPORTED_NODES
     dp.flatten_parameters([Lazy(_param(2))])
     assert Lazy in pytree.SUPPORTED_NODES
+
+
+class Holder:
+    """A plain object diffprog does not traverse."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.p = p
+
+
+class Hiding(dp.Parameterized):
+    w: dp.Parameter
+    box: Any
+
+
+class Unlisting:
+    """A hand-written instance holding a buffer it does not list."""
+
+    def __init__(self, w: torch.Tensor, buffer: torch.Tensor) -> None:
+        self.w = w
+        self.buffer = buffer
+
+    def flatten_parameters(self) -> list[torch.Tensor]:
+        return [self.w]
+
+    def replace_own_parameters(self, stream: dp.ParamStream) -> Unlisting:
+        return Unlisting(stream.next_parameter(), self.buffer)
+
+
+dp.register_pytree(Unlisting)
+
+
+def test_flatten_refuses_what_a_transformation_would_silently_leave_out() -> None:
+    # a Parameter hidden in an opaque value would be neither mapped nor differentiated
+    with pytest.raises(dp.HiddenParameterError, match=r"at box\.p"):
+        pytree.tree_leaves(Hiding(_param(2), Holder(_param(2))))
+    assert len(pytree.tree_leaves(Hiding(_param(2), Holder(torch.zeros(2))))) == 1  # a constant
+    with pytest.raises(dp.InstanceError, match=r"without listing it.*at buffer"):
+        pytree.tree_leaves([Unlisting(_param(2), torch.zeros(2))])
+    shared = Circle(_param(1))  # a shared sub-model is no cycle
+    assert len(pytree.tree_leaves(Shapes(shared, shared))) == 1
+    cyclic: dict[str, Any] = {"w": _param(2)}
+    cyclic["self"] = cyclic
+    with pytest.raises(dp.CycleError):
+        pytree.tree_leaves(Hiding(_param(2), cyclic))
+
+
+# Dynamo reads the .grad of every tensor it guards, which warns for torch.func's wrapped ones.
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_torch_compile_reuses_its_graph_for_another_model_of_the_structure() -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    forward = torch.compile(lambda m, x: m(x), backend="eager")
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        model = dp.sample(MLPSpec([3, 5, 2]))
+        torch.testing.assert_close(forward(model, x), model(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -35,8 +35,15 @@ from typing import Any
 import torch
 import torch.utils._pytree as torch_pytree
 
-from diffprog._errors import PathKey, state_dict_path
-from diffprog._nodes import HandWrittenNode, _ModuleNode, _OpaqueNode, node_for
+from diffprog._errors import CycleError, InstanceError, ModelError, PathKey, state_dict_path
+from diffprog._nodes import (
+    _SCAN_LEAVES,
+    HandWrittenNode,
+    _ModuleNode,
+    _OpaqueNode,
+    node_for,
+    scan_children,
+)
 from diffprog._stream import ParamStream
 
 __all__ = ["Structure", "register_pytree", "tree_flatten_model", "tree_unflatten_model"]
@@ -115,14 +122,57 @@ class _Leaf:
         return f"<pytree leaf {self.value!r}>"
 
 
+def _located(error: ModelError, path: tuple[PathKey, ...]) -> ModelError:
+    for key in reversed(path):
+        error.push(*key)
+    return error
+
+
+def _refuse_unlisted(value: Any, listed: list[Any], path: tuple[PathKey, ...]) -> None:
+    """Raise if a hand-written instance holds a tensor its ``flatten_parameters`` does not list:
+    a transformation could neither map over it nor differentiate it (a silent wrong result)."""
+    ids = {id(t) for t in listed}
+    seen: set[int] = set()
+    stack: list[tuple[Any, tuple[PathKey, ...]]] = [(value, ())]
+    while stack:
+        x, inner = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            if id(x) not in ids:
+                raise _located(
+                    InstanceError(
+                        f"{type(value).__qualname__} is a hand-written instance holding this "
+                        "tensor without listing it in its flatten_parameters, so torch's "
+                        "transformations cannot see it",
+                        "List it in flatten_parameters (a constant may be listed: only "
+                        "Parameters are flattened), or make the class a derived Parameterized.",
+                    ),
+                    (*path, *inner),
+                )
+            continue
+        children = scan_children(x)
+        if isinstance(children, list):
+            stack.extend(
+                (c, (*inner, k)) for k, c in reversed(children) if type(c) not in _SCAN_LEAVES
+            )
+
+
 def _describe(
     value: Any,
     path: tuple[PathKey, ...],
     leaves: list[torch.Tensor],
     paths: list[str],
     seen: dict[int, int],
+    active: set[int],
 ) -> Key:
-    """The structure key of ``value``; its tensors are appended to ``leaves`` (once each)."""
+    """The structure key of ``value``; its tensors are appended to ``leaves`` (once each).
+
+    Raises as ``flatten_parameters`` does where a tensor would silently be left out: a
+    Parameter hidden in an opaque value, a tensor a hand-written instance does not list, a
+    cycle.
+    """
     if isinstance(value, (torch.Tensor, _Leaf)):
         index = seen.get(id(value))
         if index is not None:  # a tie: the same tensor at a second path
@@ -132,19 +182,40 @@ def _describe(
         paths.append(state_dict_path(path))
         return ("leaf",)
     node = node_for(type(value))
-    if node.static or isinstance(node, (_OpaqueNode, _ModuleNode)):
+    if node.static:
         return ("static", _Static(value))
+    if isinstance(node, (_OpaqueNode, _ModuleNode)):
+        try:
+            node.flatten(value, [])  # raises for a Parameter hidden inside
+        except ModelError as e:
+            raise _located(e, path) from None
+        return ("static", _Static(value))
+    if id(value) in active:
+        raise _located(
+            CycleError(
+                "this value is one of its own ancestors (a cycle)",
+                "A model must be a tree (shared sub-values are fine, loops are not).",
+            ),
+            path,
+        )
     if isinstance(node, HandWrittenNode):
         # What its flatten_parameters lists, unchecked: after an unflatten it may hold boxed
         # non-tensor leaves (see _Leaf), which the checked list refuses.
-        children = [(("index", i), c) for i, c in enumerate(node.flatten_fn(value))]
+        listed = list(node.flatten_fn(value))
+        if not any(isinstance(c, _Leaf) for c in listed):
+            _refuse_unlisted(value, listed, path)
+        children = [(("index", i), c) for i, c in enumerate(listed)]
     else:
         children = node.children(value)
-    return (
-        type(value),
-        tuple(k for k, _ in children),
-        tuple(_describe(c, (*path, k), leaves, paths, seen) for k, c in children),
-    )
+    active.add(id(value))
+    try:
+        return (
+            type(value),
+            tuple(k for k, _ in children),
+            tuple(_describe(c, (*path, k), leaves, paths, seen, active) for k, c in children),
+        )
+    finally:
+        active.discard(id(value))
 
 
 def tree_flatten_model(model: Any) -> tuple[list[torch.Tensor], Structure]:
@@ -159,7 +230,7 @@ def tree_flatten_model(model: Any) -> tuple[list[torch.Tensor], Structure]:
     """
     leaves: list[torch.Tensor] = []
     paths: list[str] = []
-    key = _describe(model, (), leaves, paths, {})
+    key = _describe(model, (), leaves, paths, {}, set())
     return leaves, Structure(key, model, tuple(paths))
 
 
