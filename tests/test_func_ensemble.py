@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import diffprog as dp
 from diffprog.func import per_example_grads, sample_stack, stack, unstack
@@ -73,8 +75,10 @@ def test_stack_refuses_models_of_different_structure_naming_the_path() -> None:
     with pytest.raises(ValueError, match=r"model 1 differs from model 0 at model\.layers\[1\]"):
         stack([a, tanh_vs_relu])
     wider = dp.sample(MLPSpec([2, 9, 1], activation=torch.tanh))
-    with pytest.raises(ValueError, match=r"'0\.weight' do not stack"):
+    with pytest.raises(ValueError, match=r"'0\.weight' do not stack: .*\(8, 2\).*\(9, 2\)"):
         stack([a, wider])
+    with pytest.raises(ValueError, match=r"'0\.weight' do not stack: .*float32.*float64"):
+        stack([a, dp.to(a, torch.float64)])  # torch.stack would promote silently
     with pytest.raises(ValueError, match="different children"):
         stack([{"a": a}, {"b": a}])
     untied = _tied(0)
@@ -184,3 +188,25 @@ def test_per_example_grads_refuses_bad_batches() -> None:
         per_example_grads(_mse, layer)
     with pytest.raises(ValueError, match="one size"):
         per_example_grads(_mse, layer, torch.randn(3, 2), torch.randn(4, 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    members=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_stack_then_unstack_gives_each_member_back_and_vmap_agrees(
+    sizes: list[int], members: int, seed: int
+) -> None:
+    spec = MLPSpec(sizes, activation=torch.tanh)
+    seeds = [seed + i for i in range(members)]
+    originals = [dp.sample(spec, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    ensemble = sample_stack(spec, seeds)
+    x = torch.randn(3, sizes[0])
+    out = torch.func.vmap(lambda m, x: m(x), in_dims=(0, None))(ensemble, x)
+    for i, (got, want) in enumerate(zip(unstack(ensemble), originals, strict=True)):
+        assert dp.tree_equal(got, want)
+        torch.testing.assert_close(out[i], want(x))
+    leaves, spec_tree = pytree.tree_flatten(ensemble)
+    assert dp.tree_equal(pytree.tree_unflatten(leaves, spec_tree), ensemble)

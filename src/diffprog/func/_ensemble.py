@@ -68,6 +68,20 @@ def _check_same_structure(structures: list[Structure]) -> None:
             )
 
 
+def _check_column(column: list[torch.Tensor], path: str) -> None:
+    """Refuse tensors at one path that differ in shape, dtype or device (``torch.stack``
+    would promote mixed dtypes silently)."""
+    first = column[0]
+    for index, t in enumerate(column[1:], start=1):
+        if (t.shape, t.dtype, t.device) != (first.shape, first.dtype, first.device):
+            raise ValueError(
+                f"stack: the tensors at {path!r} do not stack: model 0 has "
+                f"{first.dtype} {tuple(first.shape)} on {first.device}, model {index} "
+                f"{t.dtype} {tuple(t.shape)} on {t.device}. Stack models of one spec, "
+                "converted alike (dp.to)."
+            )
+
+
 def stack(models: Sequence[M]) -> M:
     """One model whose every tensor is the models' tensors stacked on a new leading axis.
 
@@ -101,14 +115,8 @@ def stack(models: Sequence[M]) -> M:
     stacked: list[torch.Tensor] = []
     for index, old in enumerate(template_leaves):
         column = [leaves[index] for leaves, _ in flat]
-        try:
-            new = torch.stack([t.detach() for t in column])
-        except RuntimeError as e:
-            raise ValueError(
-                f"stack: the tensors at {structure.paths[index]!r} do not stack: "
-                f"{[tuple(t.shape) for t in column]} ({e})"
-            ) from None
-        stacked.append(_like(old, new))
+        _check_column(column, structure.paths[index])
+        stacked.append(_like(old, torch.stack([t.detach() for t in column])))
     return tree_unflatten_model(stacked, structure)  # type: ignore[no-any-return]
 
 
