@@ -352,3 +352,16 @@ def test_torch_compile_reuses_its_graph_for_another_model_of_the_structure() -> 
         model = dp.sample(MLPSpec([3, 5, 2]))
         torch.testing.assert_close(forward(model, x), model(x))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("case", models()[1:], ids=lambda c: c[0])
+def test_torch_export_names_inputs_by_state_dict_path(case: tuple[str, Any, torch.Tensor]) -> None:
+    class Apply(torch.nn.Module):
+        def forward(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+            return model(x)  # type: ignore[no-any-return]
+
+    _, model, x = case
+    program = torch.export.export(Apply(), (model, x))
+    names = [name.replace(".", "_") for name, _ in dp.named_tensors(model)]
+    assert program.graph_signature.user_inputs == (*(f"model_{n}" for n in names), "x")
+    torch.testing.assert_close(program.module()(model, x), model(x))

@@ -45,6 +45,7 @@ from diffprog._nodes import (
     scan_children,
 )
 from diffprog._stream import ParamStream
+from diffprog._traverse import _hand_written_leaves
 
 __all__ = ["Structure", "register_pytree", "tree_flatten_model", "tree_unflatten_model"]
 
@@ -204,15 +205,19 @@ def _describe(
         listed = list(node.flatten_fn(value))
         if not any(isinstance(c, _Leaf) for c in listed):
             _refuse_unlisted(value, listed, path)
-        children = [(("index", i), c) for i, c in enumerate(listed)]
+        # Each listed tensor named by the field that holds it (as named_parameters names it).
+        named = [(tuple(keys), c) for keys, c in _hand_written_leaves(listed, value, ())]
+        children_keys: tuple[PathKey, ...] = tuple(("index", i) for i in range(len(listed)))
     else:
         children = node.children(value)
+        named = [((k,), c) for k, c in children]
+        children_keys = tuple(k for k, _ in children)
     active.add(id(value))
     try:
         return (
             type(value),
-            tuple(k for k, _ in children),
-            tuple(_describe(c, (*path, k), leaves, paths, seen, active) for k, c in children),
+            children_keys,
+            tuple(_describe(c, (*path, *k), leaves, paths, seen, active) for k, c in named),
         )
     finally:
         active.discard(id(value))
