@@ -12,7 +12,9 @@ import safetensors.torch
 import torch
 
 import diffprog as dp
-from diffprog.examples import char_lm, digits, predict, xor_mlp
+from diffprog.examples import char_lm, digits, ensemble, predict, xor_mlp
+from diffprog.func import unstack
+from diffprog.optim import Adam, run_step
 
 
 def test_xor_mlp_learns_xor(capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,3 +154,32 @@ def test_char_lm_train_keeps_the_best_model() -> None:
     assert result.best_loss <= before
     assert char_lm.evaluate(result.best, data[-200:]) == pytest.approx(result.best_loss)
     assert result.model.head.weight is result.model.token.weight
+
+
+def test_ensemble_trains_members_at_once_and_plots_their_spread(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plot = tmp_path / "spread.png"
+    ensemble.main([str(plot), "--members", "4"])
+    out = capsys.readouterr().out
+    assert "4 members" in out and f"Plot saved to {plot.resolve()}" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    spread = {
+        name: float(value) for name, value in re.findall(r"spread \(.*?\) (\w+).*: ([\d.]+)", out)
+    }
+    # the members agree on the data and disagree away from it
+    assert spread["beyond"] > 2 * spread["data"], out
+
+
+def test_ensemble_members_equal_their_own_training() -> None:
+    trained, _ = ensemble.train(members=2, steps=3, seed=1)
+    generator = torch.Generator().manual_seed(1)
+    x, y = ensemble.data(generator)
+    xs, ys = ensemble.bootstrap(x, y, 2, generator)
+    for i, member in enumerate(unstack(trained)):
+        alone = dp.sample(ensemble.SPEC, generator=torch.Generator().manual_seed(1000 + i))
+        optimizer = Adam.init(alone)
+        for _ in range(3):
+            loss = ensemble.member_loss(alone, xs[i], ys[i])
+            alone, optimizer = run_step(alone, optimizer, loss, 1e-2)
+        assert dp.allclose(member, alone, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ from diffprog._map import (
 )
 from diffprog._nodes import register_parameterized
 from diffprog._parameterized import Parameterized, field
+from diffprog._pytree import register_pytree
 from diffprog._random import DeviceLike, Randomizable, init_parameter, sample
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
@@ -72,6 +73,7 @@ __all__ = [
     "replace_parameters",
     "named_parameters",
     "register_parameterized",
+    "register_pytree",
     "ParamStream",
     "walk",
     "tree_repr",

@@ -871,6 +871,8 @@ def node_for(t: type) -> Node:
     if node is None:
         node = _resolve(t)
         _CACHE[t] = node
+        if isinstance(node, HandWrittenNode):
+            _register_pytree(t)
         if node.static:
             _STATIC_SEEN.add(t)
     return node
@@ -947,3 +949,12 @@ def register_parameterized(
     _REGISTERED[cls] = HandWrittenNode(cls, flatten, replace)
     _CACHE.clear()
     _STATIC_SEEN.clear()
+    _register_pytree(cls)
+
+
+def _register_pytree(cls: type) -> None:
+    """Register a type with a hand-written instance in torch's pytree registry (so that
+    torch.func and torch.compile take its values), unless it is there already."""
+    from diffprog._pytree import register_pytree  # imports this module
+
+    register_pytree(cls)

@@ -11,6 +11,7 @@ from typing_extensions import Self, dataclass_transform
 from diffprog._errors import HiddenParameterError, InstanceError
 from diffprog._layer_fields import install_check
 from diffprog._nodes import INLINE, fields_node, scan_hidden, unique
+from diffprog._pytree import register_pytree
 from diffprog._repr import tree_repr
 from diffprog._stream import ParamStream
 
@@ -98,6 +99,8 @@ class Parameterized:
         dataclasses.dataclass(cls, frozen=True, eq=False, repr=False, **options)
         install_check(cls)  # a spec where a layer belongs is refused at construction
         _refuse_parameters_outside_fields(cls)
+        # torch.func, torch.compile and torch.export read torch's pytree registry.
+        register_pytree(cls)
 
     def flatten_parameters(self) -> list[Any]:
         """This value's parameters, depth first in field order (the derived default).
