@@ -236,3 +236,21 @@ def test_fused_kernels_are_not_traced() -> None:
     assert dp.optim._pure.has_fused("_fused_adam_", torch.device("cpu"))
     step = compile_step(mse, torch.tensor(0.1), backend="aot_eager")
     step(model, AdamW.init(model), x, y)
+
+
+def test_compile_step_steps_a_parameter_the_loss_does_not_reach() -> None:
+    # Documented difference from run_step: torch.func.grad gives such a parameter a zero
+    # gradient, so the compiled step moves it on weight decay (run_step leaves it alone).
+    model = mlp()
+    x, y = batch()
+
+    def first_layer_only(m: MLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return m.layers[0](x).pow(2).mean()
+
+    step = compile_step(first_layer_only, 0.1, backend="eager")
+    opt = AdamW.init(model, weight_decay=0.5)
+    ours, _, _ = step(model, opt, x, y)
+    ref, ref_opt = run_step(model, opt, first_layer_only(model, x, y), 0.1)
+    last = model.layers[-1].weight
+    assert torch.equal(ref.layers[-1].weight, last) and ref_opt.param_counts
+    torch.testing.assert_close(ours.layers[-1].weight, last * (1 - 0.1 * 0.5))
