@@ -1,4 +1,4 @@
-"""``compile_step``: a whole training step under ``torch.compile``; ``as_module``.
+"""``compile_step``: a whole training step under ``torch.compile``.
 
 The compiled region is a pure function of tensors: the model's parameters (plain tensors),
 the optimizer's state, the learning rate and the batch go in; the gradients
