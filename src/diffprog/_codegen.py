@@ -89,7 +89,8 @@ def make_replace(
     lines += _error_path(keys)
     same = " and ".join(f"new_{n} is old_{n}" for _, n in keys) or "True"
     lines += [
-        f"    if {same}:",
+        # (Not while torch.compile traces: see ParamStream.traced.)
+        f"    if not stream.traced and {same}:",
         "        return value",
         *_copy_lines(keys, cached, "d", [f"new_{n}" for _, n in keys]),
         "    # keep(): the version built first, if this value is shared at several paths",

@@ -126,8 +126,8 @@ class Node:
         except ModelError as e:
             self._push(e, value, len(new))  # the child that failed is the next one
             raise
-        if all(map(operator.is_, new, old)):
-            return value
+        if not stream.traced and all(map(operator.is_, new, old)):
+            return value  # (not while torch.compile traces: see ParamStream.traced)
         return stream.keep(value, self.rebuild(value, new))
 
     def _push(self, error: ModelError, value: Any, index: int) -> None:

@@ -33,7 +33,7 @@ class ParamStream:
         (torch.Size([2]), 1)
     """
 
-    __slots__ = ("_alive", "_built", "_memo", "_olds", "_params", "_slotless")
+    __slots__ = ("_alive", "_built", "_memo", "_olds", "_params", "_slotless", "traced")
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         self._params: list[Any] = list(params)
@@ -47,6 +47,11 @@ class ParamStream:
         # id(old sub-model or container) -> its first rebuilt version, see keep().
         self._built: dict[int, Any] = {}
         self._alive: list[Any] = []
+        # Whether torch.compile is tracing this replace (the loss of diffprog.func.compile_step):
+        # then object identities are not asked for (id() would make dynamo guard on these very
+        # objects, recompiling for every new model; `is` between containers does not trace),
+        # and tied parameters are found with `is`, which dynamo guards as the model's structure.
+        self.traced = torch.compiler.is_compiling()
 
     @property
     def params(self) -> list[Any]:
@@ -64,6 +69,7 @@ class ParamStream:
         sub = ParamStream(params)
         sub._built = self._built
         sub._alive = self._alive
+        sub.traced = self.traced
         return sub
 
     @property
@@ -97,6 +103,8 @@ class ParamStream:
         Raises:
             ParameterCountError: the stream is exhausted.
         """
+        if self.traced:
+            return self._take_traced(old)
         memo = self._memo
         new = memo.get(id(old), _NOT_TAKEN)
         if new is _NOT_TAKEN:
@@ -106,6 +114,18 @@ class ParamStream:
             new = memo[id(old)] = self._params[len(olds)]
             olds.append(old)
         return new
+
+    def _take_traced(self, old: torch.Tensor) -> Any:
+        # take() while traced (see __init__): a tie is found by `is` among the parameters
+        # taken so far. Quadratic in the number of parameters, but it runs only while tracing.
+        olds = self._olds
+        for k, seen in enumerate(olds):
+            if seen is old:
+                return self._params[k]
+        if len(olds) == len(self._params):
+            raise self._exhausted()
+        olds.append(old)
+        return self._params[len(olds) - 1]
 
     def replace(self, value: T) -> T:
         """Rebuild ``value`` (any model or sub-model) with parameters read from this stream.
@@ -126,6 +146,10 @@ class ParamStream:
         path (the memo of :meth:`take`), so the versions built at later paths are equal to the
         first and are dropped.
         """
+        if self.traced:
+            # While traced (see __init__) the rebuilt model is only read by the loss; its tied
+            # parameters stay tied (take), but a shared block is rebuilt once per path.
+            return rebuilt
         first = self._built.setdefault(id(value), rebuilt)
         if first is rebuilt:
             # Keep the old value alive, so that its id, the key, cannot be reused by a
@@ -146,7 +170,9 @@ class ParamStream:
         """
         olds = self._olds
         news = self._params if len(olds) == len(self._params) else self._params[: len(olds)]
-        if not self._slotless:
+        # While traced the plain loop below runs (is_same_size returns no tensor, which
+        # dynamo cannot trace); the shapes are known then, so it costs nothing at run time.
+        if not self._slotless and not self.traced:
             # The usual case in C-level map()s, without a Python frame per parameter (and
             # is_same_size makes no torch.Size objects for the garbage collector to count).
             # Only a wrong replacement (not a tensor) raises: the loop below then names it.

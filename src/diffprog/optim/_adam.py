@@ -151,7 +151,9 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
                     maximize=hyper["maximize"],
                 )
             else:
-                _foreach_adam(hyper, float(lr), count + 1, ps, gs, ms, vs, maxs, decoupled)
+                # Traced by diffprog.func.compile_step, lr stays a tensor (an input of the graph).
+                step_lr = lr if torch.compiler.is_compiling() else float(lr)
+                _foreach_adam(hyper, step_lr, count + 1, ps, gs, ms, vs, maxs, decoupled)
         return new
 
 
@@ -180,7 +182,7 @@ def mk_adam(iter: int, beta1: float, beta2: float, params: Sequence[torch.Tensor
 
 def _foreach_adam(
     hyper: Mapping[str, Any],
-    lr: float,
+    lr: float | torch.Tensor,
     step: int,
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -203,8 +205,17 @@ def _foreach_adam(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    traced = torch.compiler.is_compiling()
+    if traced:
+        # Under torch.compile (diffprog.func.compile_step) the step count is a symbol: as
+        # Python numbers the bias corrections would be recomputed (pow in double) for every
+        # element of the generated loops; as 0-dim float64 tensors they are computed once.
+        step = torch.scalar_tensor(step, dtype=torch.float64, device=params[0].device)  # type: ignore[assignment]
     step_size = -lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    if traced:  # computed in float64 as the Python numbers are, used in the parameters' dtype
+        step_size = step_size.to(params[0].dtype)
+        bias_correction2_sqrt = bias_correction2_sqrt.to(params[0].dtype)
     if max_exp_avg_sqs:
         torch._foreach_maximum_(max_exp_avg_sqs[0], exp_avg_sqs)
         denom = torch._foreach_sqrt(max_exp_avg_sqs[0])
@@ -212,4 +223,9 @@ def _foreach_adam(
         denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, hyper["eps"])
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+    if traced:
+        torch._foreach_add_(
+            params, torch._foreach_mul(torch._foreach_div(exp_avgs, denom), step_size)
+        )
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)

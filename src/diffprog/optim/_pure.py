@@ -792,6 +792,12 @@ def has_fused(op: str, device: torch.device) -> bool:
     """
     if not USE_FUSED:
         return False
+    if torch.compiler.is_compiling():
+        # Traced (diffprog.func.compile_step): torch.compile cannot functionalize the fused
+        # kernels (they mutate their inputs and have no fake kernels for a tensor lr), while
+        # it fuses the _foreach_ fallbacks into loops of its own, as for torch.optim's
+        # compiled step.
+        return False
     key = (op, device.type)
     found = _FUSED_CACHE.get(key)
     if found is None:
