@@ -16,14 +16,22 @@ import torch
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
 from diffprog.optim import (
+    ASGD,
     GD,
     GDM,
     SGD,
+    Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
+    Adamax,
     AdamW,
     ClipGradNorm,
+    Lion,
+    NAdam,
+    RAdam,
     RMSprop,
+    Rprop,
     apply_gradients,
     run_step,
 )
@@ -48,10 +56,26 @@ CASES: dict[str, tuple[Callable[..., Any], type[torch.optim.Optimizer], dict[str
     "Adam-amsgrad": (Adam.init, torch.optim.Adam, {"amsgrad": True, "betas": (0.8, 0.9)}, 0.05),
     "Adam-maximize": (Adam.init, torch.optim.Adam, {"maximize": True}, 0.01),
     "AdamW": (AdamW.init, torch.optim.AdamW, {"weight_decay": 0.5}, 0.05),
+    "RMSprop": (RMSprop.init, torch.optim.RMSprop, {"weight_decay": 0.1}, 0.01),
+    "RMSprop-centered-momentum": (
+        RMSprop.init,
+        torch.optim.RMSprop,
+        {"centered": True, "momentum": 0.5, "alpha": 0.9, "maximize": True},
+        0.01,
+    ),
+    "Adagrad": (
+        Adagrad.init,
+        torch.optim.Adagrad,
+        {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
+        0.05,
+    ),
 }
 # Where torch.optim's differentiable=True gives no correct meta-gradient (the tests
 # test_torch_... pin how): ours is compared with finite differences only.
-TORCH_CUTS = {"SGD-momentum", "GDM-nesterov", "Adam-amsgrad"}
+TORCH_CUTS = {"SGD-momentum", "GDM-nesterov", "Adam-amsgrad", "RMSprop-centered-momentum"}
+# torch.optim's RMSprop and Adagrad take no tensor lr in their differentiable path
+# (``addcdiv_(value=lr)``): compared with torch w.r.t. the initial weights only.
+TORCH_FLOAT_LR = {"RMSprop", "RMSprop-centered-momentum", "Adagrad"}
 
 
 def make_model() -> Linear:
@@ -106,16 +130,20 @@ def torch_meta_gradient(name: str) -> list[torch.Tensor]:
     # torch keeps its step count in the default dtype's scalar type: float64 here, as ours.
     torch.set_default_dtype(torch.float64)
     try:
-        return _torch_meta_gradient(shell, torch_cls, settings, lr0)
+        return _torch_meta_gradient(shell, torch_cls, settings, lr0, name not in TORCH_FLOAT_LR)
     finally:
         torch.set_default_dtype(torch.float32)
 
 
 def _torch_meta_gradient(
-    shell: Linear, torch_cls: type[torch.optim.Optimizer], settings: dict[str, Any], lr0: float
+    shell: Linear,
+    torch_cls: type[torch.optim.Optimizer],
+    settings: dict[str, Any],
+    lr0: float,
+    tensor_lr: bool,
 ) -> list[torch.Tensor]:
     leaves = [p.detach().clone().requires_grad_() for p in dp.flatten_parameters(shell)]
-    lr = torch.tensor(lr0, dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(lr0, dtype=torch.float64, requires_grad=True) if tensor_lr else lr0
     work = [p.clone() for p in leaves]  # torch steps these in place, keeping the graph
     optimizer = torch_cls(work, lr=lr, differentiable=True, **settings)
     for _ in range(K):
@@ -123,7 +151,8 @@ def _torch_meta_gradient(
         for p, g in zip(work, torch.autograd.grad(loss, work, create_graph=True), strict=True):
             p.grad = g
         optimizer.step()
-    return list(torch.autograd.grad(loss_of(dp.replace_parameters(shell, work)), [*leaves, lr]))
+    inputs = [*leaves, lr] if isinstance(lr, torch.Tensor) else leaves
+    return list(torch.autograd.grad(loss_of(dp.replace_parameters(shell, work)), inputs))
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
@@ -134,7 +163,8 @@ def test_meta_gradient_matches_torch_optim_differentiable(name: str) -> None:
     lr = torch.tensor(lr0, dtype=torch.float64, requires_grad=True)
     after, _ = inner_loop(model, make(model, **settings, differentiable=True), lr)
     ours = torch.autograd.grad(loss_of(after), [*dp.flatten_parameters(model), lr])
-    torch.testing.assert_close(list(ours), torch_meta_gradient(name))
+    theirs = torch_meta_gradient(name)
+    torch.testing.assert_close(list(ours)[: len(theirs)], theirs)
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
@@ -152,12 +182,12 @@ def test_torch_sgd_nesterov_cuts_the_first_buffer_where_ours_does_not() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-@pytest.mark.parametrize("name", ["SGD-momentum", "Adam-amsgrad"])
+@pytest.mark.parametrize("name", ["SGD-momentum", "Adam-amsgrad", "RMSprop-centered-momentum"])
 def test_torch_in_place_state_meta_gradient_fails_where_ours_works(name: str) -> None:
-    """torch.optim.SGD(momentum>0) and Adam(amsgrad=True) with differentiable=True update
-    state in place (``buf.mul_(momentum).add_(...)``, ``max_exp_avg_sq.copy_(...)``), which
-    the backward pass through K > 1 steps refuses; ours is out of place and matches finite
-    differences (test above)."""
+    """torch.optim.SGD(momentum>0), Adam(amsgrad=True) and RMSprop(centered=True) with
+    differentiable=True update state in place (``buf.mul_(momentum).add_(...)``,
+    ``max_exp_avg_sq.copy_(...)``, ``grad_avg.lerp_(...)``), which the backward pass through
+    K > 1 steps refuses; ours is out of place and matches finite differences (test above)."""
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch_meta_gradient(name)
 
@@ -173,6 +203,10 @@ def test_torch_in_place_state_meta_gradient_fails_where_ours_works(name: str) ->
         ("SGD-momentum", "momentum", None),
         ("SGD-momentum", "dampening", None),
         ("GDM-nesterov", "weight_decay", None),
+        ("RMSprop-centered-momentum", "alpha", None),
+        ("RMSprop-centered-momentum", "momentum", None),
+        ("Adagrad", "lr_decay", None),
+        ("Adagrad", "weight_decay", None),
     ],
 )
 def test_meta_gradient_of_a_tensor_hyper_parameter(
@@ -244,10 +278,16 @@ def test_the_default_step_stays_non_differentiable() -> None:
     assert all(p.is_leaf for p in dp.flatten_parameters(after))
 
 
-@pytest.mark.parametrize("cls", [RMSprop, Adagrad])
+@pytest.mark.parametrize("cls", [NAdam, RAdam, Adamax, Adadelta, Rprop, ASGD])
 def test_an_optimizer_without_a_differentiable_step_refuses_it(cls: Any) -> None:
     with pytest.raises(ValueError, match=r"has no differentiable step yet\. Use one of GD, GDM"):
         cls.init(make_model(), differentiable=True)
+
+
+@pytest.mark.parametrize("cls", [Lion, Adafactor])
+def test_optimizers_without_the_option_refuse_it_when_built_directly(cls: Any) -> None:
+    with pytest.raises(ValueError, match=r"has no differentiable step yet"):
+        cls(differentiable=True)
 
 
 def test_a_learned_hyper_parameter_needs_differentiable() -> None:
