@@ -308,3 +308,82 @@ def test_gradient_transforms_refuse_a_differentiable_inner_optimizer() -> None:
     clipped = ClipGradNorm(Adam.init(model, differentiable=True), 1.0)
     with pytest.raises(dp.DiffprogError, match=r"does not take a differentiable inner"):
         run_step(model, clipped, loss_of(model), 0.1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_differentiable_steps_give_the_default_steps_numbers_with_overrides_and_freezing(
+    name: str,
+) -> None:
+    """The grid a step runs through (groups with their own settings, a parameter frozen in
+    the optimizer, complex parameters): the differentiable step's values are the default
+    step's (float64 rounding), and its meta-gradient is defined."""
+    make, _, settings, lr0 = CASES[name]
+    model = {
+        "a": dp.make_independent(torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)),
+        "b": dp.make_independent(torch.tensor([0.5, -0.25], dtype=torch.float64)),
+        "c": dp.make_independent(torch.tensor([1 + 2j, -0.5j], dtype=torch.complex128)),
+        "frozen": dp.make_independent(torch.ones(2, dtype=torch.float64)),
+    }
+
+    def loss(m: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = (m["a"] @ torch.arange(3.0, dtype=torch.float64)) * m["b"] + m["frozen"]
+        return out.square().sum() + (m["c"] * m["c"].conj()).real.sum() * m["b"].sum()
+
+    options: dict[str, Any] = {"freeze": "frozen", "overrides": {"b": {"lr_scale": 0.5}}}
+    lr = torch.tensor(lr0, dtype=torch.float64, requires_grad=True)
+    plain, plain_opt = model, make(model, **settings, **options)
+    meta, meta_opt = model, make(model, **settings, **options, differentiable=True)
+    for _ in range(K):
+        plain, plain_opt = run_step(plain, plain_opt, loss(plain), lr0)
+        meta, meta_opt = run_step(meta, meta_opt, loss(meta), lr)
+    for a, b in zip(dp.flatten_parameters(meta), dp.flatten_parameters(plain), strict=True):
+        torch.testing.assert_close(a.detach(), b)
+    assert torch.equal(meta["frozen"].detach(), model["frozen"].detach())
+    (d_lr,) = torch.autograd.grad(loss(meta), [lr])
+
+    def after(lr_value: float) -> float:
+        current, optimizer = model, make(model, **settings, **options)
+        for _ in range(K):
+            current, optimizer = run_step(current, optimizer, loss(current), lr_value)
+        return float(loss(current).detach())
+
+    h = 1e-6
+    # a[:, 0] gets a zero gradient at every step: sqrt of a zero moment (sqrt_of_moment)
+    assert float(d_lr) == pytest.approx((after(lr0 + h) - after(lr0 - h)) / (2 * h), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_zero_second_moment_gives_a_zero_not_a_nan_meta_gradient_unlike_torch() -> None:
+    """An entry whose gradient is 0 at every step has a zero second moment; torch.optim's
+    differentiable Adam differentiates sqrt at 0 (inf * 0 = nan), ours gives the true 0."""
+    w0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    x = torch.tensor([1.0, 0.0], dtype=torch.float64)  # w[1] never gets a gradient
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return ((w * x).sum() - 3.0) ** 2
+
+    model = {"w": dp.make_independent(w0)}
+    current, optimizer = model, Adam.init(model, differentiable=True)
+    for _ in range(K):
+        current, optimizer = run_step(current, optimizer, loss(current["w"]), 0.1)
+    (ours,) = torch.autograd.grad(loss(current["w"]), [model["w"]])
+    assert torch.isfinite(ours).all() and float(ours[1]) == 0.0
+    leaf = w0.clone().requires_grad_()
+    work = leaf.clone()
+    theirs_opt = torch.optim.Adam([work], lr=0.1, differentiable=True)
+    for _ in range(K):
+        (work.grad,) = torch.autograd.grad(loss(work), [work], create_graph=True)
+        theirs_opt.step()
+    (theirs,) = torch.autograd.grad(loss(work), [leaf])
+    assert torch.isnan(theirs).all()  # the nan spreads to every entry of the tensor
+
+    def after(first: float) -> float:
+        current, optimizer = model, Adam.init(model)
+        start = {"w": dp.make_independent(torch.tensor([first, 2.0], dtype=torch.float64))}
+        current = start
+        for _ in range(K):
+            current, optimizer = run_step(current, optimizer, loss(current["w"]), 0.1)
+        return float(loss(current["w"]).detach())
+
+    h = 1e-6
+    assert float(ours[0]) == pytest.approx((after(1.0 + h) - after(1.0 - h)) / (2 * h), rel=1e-5)

@@ -15,6 +15,7 @@ from diffprog.optim._pure import (
     fused_layouts,
     has_fused,
     lr_on,
+    sqrt_of_moment,
 )
 
 __all__ = ["Adagrad"]
@@ -111,7 +112,7 @@ class Adagrad(PureOptimizer, torch_options=("foreach", "differentiable", "fused"
                 g = g + decay * p
             s = state["sum"][i] + g * g
             state["sum"][i] = s
-            new.append(p - clr * g / (s.sqrt() + eps))
+            new.append(p - clr * g / (sqrt_of_moment(s) + eps))
         return new
 
 

@@ -22,6 +22,7 @@ from diffprog.optim._pure import (
     fused_layouts,
     has_fused,
     lr_on,
+    sqrt_of_moment,
 )
 
 __all__ = ["Adam", "mk_adam"]
@@ -191,7 +192,7 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
             if hyper["amsgrad"]:
                 v = torch.maximum(state["max_exp_avg_sq"][i], v)
                 state["max_exp_avg_sq"][i] = v
-            new.append(p - step_size * m / (v.sqrt() / correction2_sqrt + eps))
+            new.append(p - step_size * m / (sqrt_of_moment(v) / correction2_sqrt + eps))
         return new
 
 

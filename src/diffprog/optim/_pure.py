@@ -29,7 +29,7 @@ from diffprog.optim._optimizer import (
 )
 from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve_settings
 
-__all__ = ["PureOptimizer", "consuming_step", "pieces_of"]
+__all__ = ["PureOptimizer", "consuming_step", "pieces_of", "sqrt_of_moment"]
 
 Overrides = Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]]
 
@@ -668,6 +668,24 @@ def _consumes(cls: type) -> bool:
 
 DIFFERENTIABLE = ("GD", "GDM", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
 """The pure optimizers with a differentiable step (``differentiable=True``)."""
+
+
+def sqrt_of_moment(v: torch.Tensor) -> torch.Tensor:
+    """``v.sqrt()`` for a differentiable step, its gradient 0 where ``v`` is 0 (not NaN).
+
+    Why: a second moment is 0 only where every gradient so far was 0, and then so is the
+    numerator it divides (the first moment, the gradient), so the update's true derivative
+    through the square root is 0; autograd's ``sqrt`` gives ``inf * 0 = nan`` there (as
+    torch.optim's ``differentiable=True`` does), for an entry the loss never moves.
+
+    Example:
+        >>> v = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> sqrt_of_moment(v).sum().backward()
+        >>> v.grad
+        tensor([0.0000, 0.2500])
+    """
+    zero = v == 0  # (a negative v, from rounding, gives NaN as sqrt does)
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
 
 
 def _requires_grad(value: Any) -> bool:

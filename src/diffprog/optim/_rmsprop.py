@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffprog.optim._declare import hyper, non_negative, state
-from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._pure import PureOptimizer, sqrt_of_moment
 
 __all__ = ["RMSprop"]
 
@@ -115,7 +115,7 @@ class RMSprop(PureOptimizer, torch_options=("capturable", "foreach", "differenti
                 a = torch.lerp(state["grad_avg"][i], g, 1 - alpha)
                 state["grad_avg"][i] = a
                 v = v - a * a
-            avg = v.sqrt() + eps
+            avg = sqrt_of_moment(v) + eps
             if bool(momentum > 0):
                 b = state["momentum_buffer"][i] * momentum + g / avg
                 state["momentum_buffer"][i] = b
