@@ -63,6 +63,12 @@ CASES: dict[str, tuple[Callable[..., Any], type[torch.optim.Optimizer], dict[str
         {"centered": True, "momentum": 0.5, "alpha": 0.9, "maximize": True},
         0.01,
     ),
+    "Adamax": (
+        Adamax.init,
+        torch.optim.Adamax,
+        {"weight_decay": 0.1, "betas": (0.8, 0.9), "maximize": True},
+        0.01,
+    ),
     "Adagrad": (
         Adagrad.init,
         torch.optim.Adagrad,
@@ -72,10 +78,16 @@ CASES: dict[str, tuple[Callable[..., Any], type[torch.optim.Optimizer], dict[str
 }
 # Where torch.optim's differentiable=True gives no correct meta-gradient (the tests
 # test_torch_... pin how): ours is compared with finite differences only.
-TORCH_CUTS = {"SGD-momentum", "GDM-nesterov", "Adam-amsgrad", "RMSprop-centered-momentum"}
-# torch.optim's RMSprop and Adagrad take no tensor lr in their differentiable path
+TORCH_CUTS = {
+    "SGD-momentum",
+    "GDM-nesterov",
+    "Adam-amsgrad",
+    "RMSprop-centered-momentum",
+    "Adamax",
+}
+# torch.optim's RMSprop, Adagrad and Adamax take no tensor lr in their differentiable path
 # (``addcdiv_(value=lr)``): compared with torch w.r.t. the initial weights only.
-TORCH_FLOAT_LR = {"RMSprop", "RMSprop-centered-momentum", "Adagrad"}
+TORCH_FLOAT_LR = {"RMSprop", "RMSprop-centered-momentum", "Adagrad", "Adamax"}
 
 
 def make_model() -> Linear:
@@ -182,12 +194,15 @@ def test_torch_sgd_nesterov_cuts_the_first_buffer_where_ours_does_not() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-@pytest.mark.parametrize("name", ["SGD-momentum", "Adam-amsgrad", "RMSprop-centered-momentum"])
+@pytest.mark.parametrize(
+    "name", ["SGD-momentum", "Adam-amsgrad", "RMSprop-centered-momentum", "Adamax"]
+)
 def test_torch_in_place_state_meta_gradient_fails_where_ours_works(name: str) -> None:
-    """torch.optim.SGD(momentum>0), Adam(amsgrad=True) and RMSprop(centered=True) with
-    differentiable=True update state in place (``buf.mul_(momentum).add_(...)``,
-    ``max_exp_avg_sq.copy_(...)``, ``grad_avg.lerp_(...)``), which the backward pass through
-    K > 1 steps refuses; ours is out of place and matches finite differences (test above)."""
+    """torch.optim.SGD(momentum>0), Adam(amsgrad=True), RMSprop(centered=True) and Adamax
+    with differentiable=True update state in place (``buf.mul_(momentum).add_(...)``,
+    ``max_exp_avg_sq.copy_(...)``, ``grad_avg.lerp_(...)``, ``exp_avg.lerp_(...)``), which
+    the backward pass through K > 1 steps refuses; ours is out of place and matches finite
+    differences (test above)."""
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch_meta_gradient(name)
 
@@ -205,6 +220,8 @@ def test_torch_in_place_state_meta_gradient_fails_where_ours_works(name: str) ->
         ("GDM-nesterov", "weight_decay", None),
         ("RMSprop-centered-momentum", "alpha", None),
         ("RMSprop-centered-momentum", "momentum", None),
+        ("Adamax", "betas", 0),
+        ("Adamax", "betas", 1),
         ("Adagrad", "lr_decay", None),
         ("Adagrad", "weight_decay", None),
     ],
@@ -278,7 +295,7 @@ def test_the_default_step_stays_non_differentiable() -> None:
     assert all(p.is_leaf for p in dp.flatten_parameters(after))
 
 
-@pytest.mark.parametrize("cls", [NAdam, RAdam, Adamax, Adadelta, Rprop, ASGD])
+@pytest.mark.parametrize("cls", [NAdam, RAdam, Adadelta, Rprop, ASGD])
 def test_an_optimizer_without_a_differentiable_step_refuses_it(cls: Any) -> None:
     with pytest.raises(ValueError, match=r"has no differentiable step yet\. Use one of GD, GDM"):
         cls.init(make_model(), differentiable=True)
