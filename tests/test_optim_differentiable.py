@@ -69,6 +69,12 @@ CASES: dict[str, tuple[Callable[..., Any], type[torch.optim.Optimizer], dict[str
         {"weight_decay": 0.1, "betas": (0.8, 0.9), "maximize": True},
         0.01,
     ),
+    "Adadelta": (
+        Adadelta.init,
+        torch.optim.Adadelta,
+        {"rho": 0.8, "eps": 1e-3, "weight_decay": 0.1},
+        1.0,
+    ),
     "Adagrad": (
         Adagrad.init,
         torch.optim.Adagrad,
@@ -85,9 +91,9 @@ TORCH_CUTS = {
     "RMSprop-centered-momentum",
     "Adamax",
 }
-# torch.optim's RMSprop, Adagrad and Adamax take no tensor lr in their differentiable path
-# (``addcdiv_(value=lr)``): compared with torch w.r.t. the initial weights only.
-TORCH_FLOAT_LR = {"RMSprop", "RMSprop-centered-momentum", "Adagrad", "Adamax"}
+# torch.optim's RMSprop, Adagrad, Adamax and Adadelta take no tensor lr in their differentiable
+# path (``addcdiv_(value=lr)``): compared with torch w.r.t. the initial weights only.
+TORCH_FLOAT_LR = {"RMSprop", "RMSprop-centered-momentum", "Adagrad", "Adamax", "Adadelta"}
 
 
 def make_model() -> Linear:
@@ -222,6 +228,8 @@ def test_torch_in_place_state_meta_gradient_fails_where_ours_works(name: str) ->
         ("RMSprop-centered-momentum", "momentum", None),
         ("Adamax", "betas", 0),
         ("Adamax", "betas", 1),
+        ("Adadelta", "rho", None),
+        ("Adadelta", "eps", None),
         ("Adagrad", "lr_decay", None),
         ("Adagrad", "weight_decay", None),
     ],
@@ -295,7 +303,7 @@ def test_the_default_step_stays_non_differentiable() -> None:
     assert all(p.is_leaf for p in dp.flatten_parameters(after))
 
 
-@pytest.mark.parametrize("cls", [NAdam, RAdam, Adadelta, Rprop, ASGD])
+@pytest.mark.parametrize("cls", [NAdam, RAdam, Rprop, ASGD])
 def test_an_optimizer_without_a_differentiable_step_refuses_it(cls: Any) -> None:
     with pytest.raises(ValueError, match=r"has no differentiable step yet\. Use one of GD, GDM"):
         cls.init(make_model(), differentiable=True)

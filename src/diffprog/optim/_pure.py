@@ -666,7 +666,7 @@ def _consumes(cls: type) -> bool:
     return False
 
 
-DIFFERENTIABLE = ("GD", "GDM", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax")
+DIFFERENTIABLE = ("GD", "GDM", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta")
 """The pure optimizers with a differentiable step (``differentiable=True``)."""
 
 
