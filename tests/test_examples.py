@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 import diffprog as dp
-from diffprog.examples import char_lm, digits, ensemble, predict, xor_mlp
+from diffprog.examples import char_lm, digits, ensemble, maml, predict, xor_mlp
 from diffprog.func import unstack
 from diffprog.optim import Adam, run_step
 
@@ -183,3 +183,53 @@ def test_ensemble_members_equal_their_own_training() -> None:
             loss = ensemble.member_loss(alone, xs[i], ys[i])
             alone, optimizer = run_step(alone, optimizer, loss, 1e-2)
         assert dp.allclose(member, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_maml_short_run(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plot = tmp_path / "maml.png"
+    maml.main(["--iterations", "10", "--eval-steps", "2", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "iteration    10 | meta-loss" in out
+    assert re.search(r"learned inner learning rate: 0\.0\d+ \(started at 0\.0300\)", out)
+    rows = re.findall(r"^\s+(\d) \|\s+([\d.]+) \|\s+([\d.]+)$", out, re.MULTILINE)
+    assert [int(k) for k, _, _ in rows] == [0, 1, 2]
+    assert f"saved the plot to {plot}" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_maml_inner_steps_equal_hand_written_sgd_and_carry_the_meta_gradient() -> None:
+    gen = torch.Generator().manual_seed(0)
+    meta = {
+        "init": dp.sample(maml.MLPSpec((1, 8, 1)), generator=gen),
+        "log_lr": dp.make_independent(torch.tensor(-3.0)),
+    }
+    x = torch.linspace(-5, 5, 10).reshape(-1, 1)
+    y = 2 * torch.sin(x)
+    lr = meta["log_lr"].exp()
+    adapted = maml.adapt(meta["init"], x, y, lr, 2)[-1]
+    params = dp.flatten_parameters(meta["init"])
+    by_hand = params
+    for _ in range(2):  # p - lr * g, with create_graph: the textbook MAML inner step
+        current = dp.replace_parameters(meta["init"], by_hand)
+        grads = torch.autograd.grad(
+            torch.nn.functional.mse_loss(current(x), y), by_hand, create_graph=True
+        )
+        by_hand = [p - lr * g for p, g in zip(by_hand, grads, strict=True)]
+    expected = dp.replace_parameters(meta["init"], by_hand)
+    query = torch.linspace(-4, 4, 7).reshape(-1, 1)
+    inputs = [*params, meta["log_lr"]]
+    ours = dp.grad(torch.nn.functional.mse_loss(adapted(query), 2 * torch.sin(query)), inputs)
+    theirs = dp.grad(torch.nn.functional.mse_loss(expected(query), 2 * torch.sin(query)), inputs)
+    torch.testing.assert_close(ours, theirs)
+    assert float(ours[-1].abs()) > 0  # the learning rate gets a meta-gradient
+
+
+def test_maml_meta_trained_init_adapts_better_than_a_plain_one() -> None:
+    meta, history = maml.meta_train(iterations=100, log_every=0)
+    assert len(history) == 100 and meta["log_lr"].exp().item() != pytest.approx(0.03)
+    plain = dp.sample(maml.MLPSpec((1, 40, 40, 1)), generator=torch.Generator().manual_seed(0))
+    lr = meta["log_lr"].exp().item()
+    ours = maml.evaluate(meta["init"], lr, 3, 20, torch.Generator().manual_seed(1))
+    theirs = maml.evaluate(plain, lr, 3, 20, torch.Generator().manual_seed(1))
+    assert ours[-1] < 0.9 * theirs[-1]  # after 3 steps on 10 points of a new task
+    assert ours[-1] < ours[0]  # adaptation helps the meta-trained init

@@ -316,8 +316,10 @@ def test_torchs_options_without_pure_meaning_are_accepted_where_torch_accepts_th
         TORCH[cls]([torch.zeros(1, requires_grad=True)], **{option: value})  # torch takes it
         given = cls.init(model, **{option: value})
         assert repr(given) == repr(plain)  # no effect, nothing kept
-    if "differentiable" in options:
-        message = rf"^{cls.__name__}\(differentiable=True\) is not supported: a pure step runs"
+    if "differentiable" in options and cls._differentiable_ok:
+        assert cls.init(model, differentiable=True).differentiable  # docs/optim.md
+    elif "differentiable" in options:
+        message = rf"^{cls.__name__}\(differentiable=True\) is not supported: {cls.__name__} has"
         with pytest.raises(ValueError, match=message):
             cls.init(model, differentiable=True)
     # torch refuses fused with foreach or differentiable with its RuntimeError, and when all

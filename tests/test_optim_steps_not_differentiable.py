@@ -1,7 +1,7 @@
-"""Optimizer steps are not differentiable (yet): no meta-gradient flows through a step.
+"""Optimizer steps are not differentiable by default: no meta-gradient flows through a step.
 
-The docs say so (docs/optim.md, docs/autograd.md, README.md). These tests pin the behaviour, so
-that when differentiable steps land, these tests and those docs are changed deliberately.
+``differentiable=True`` makes them so (tests/test_optim_differentiable.py); the default stays
+``False``, as torch.optim's. The docs say so (docs/optim.md, docs/autograd.md, README.md).
 """
 
 from __future__ import annotations
@@ -108,9 +108,14 @@ def test_a_hand_written_inner_step_does_carry_the_meta_gradient() -> None:
     torch.testing.assert_close(meta, list(expected))
 
 
-def test_the_docs_say_steps_are_not_differentiable() -> None:
+def test_the_docs_say_steps_are_not_differentiable_by_default() -> None:
     optim = (DOCS / "optim.md").read_text()
-    assert "**Steps are not differentiable.**" in optim
-    assert "meta-learning experiments" not in optim
-    assert "not differentiable" in (DOCS / "autograd.md").read_text()
-    assert "a step itself is not differentiable" in (DOCS.parent / "README.md").read_text()
+    assert "**Steps are not differentiable by default.**" in optim
+    assert "### Differentiable steps" in optim
+    assert "are **not differentiable**" in (DOCS / "autograd.md").read_text()
+    assert "with `differentiable=True` a step is itself" in (DOCS.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", [n for n in PURE if n not in ("ClipGradNorm(Adam)",)])
+def test_differentiable_defaults_to_false(name: str) -> None:
+    assert PURE[name](make_model()).differentiable is False

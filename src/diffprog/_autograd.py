@@ -98,8 +98,8 @@ def grad(
         params: the tensors to differentiate with respect to, usually
             ``flatten_parameters(model)``.
         create_graph: build a graph of the gradients themselves (for higher-order gradients,
-            e.g. a meta-gradient through a hand-written inner step ``p - lr * g``; the
-            optimizers' steps are not differentiable).
+            e.g. a meta-gradient through an inner step ``p - lr * g``, or through the
+            optimizers' steps with ``differentiable=True``).
         retain_graph: keep the graph of ``loss`` for another backward pass (default ``True``,
             unlike ``torch.autograd.grad``; ``False`` frees it).
 

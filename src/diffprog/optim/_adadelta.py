@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -53,6 +53,8 @@ class Adadelta(PureOptimizer, torch_options=("foreach", "capturable", "different
     square_avg: tuple[torch.Tensor | None, ...] = state(doc="the running average of g^2")
     acc_delta: tuple[torch.Tensor | None, ...] = state(doc="the running average of the steps^2")
 
+    _differentiable_ok: ClassVar[bool] = True
+
     def _update(
         self,
         hyper: Mapping[str, Any],
@@ -80,3 +82,28 @@ class Adadelta(PureOptimizer, torch_options=("foreach", "capturable", "different
         torch._foreach_mul_(acc_deltas, rho)
         torch._foreach_addcmul_(acc_deltas, deltas, deltas, value=1 - rho)
         return list(torch._foreach_add(params, deltas, alpha=-lr))
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.Adadelta's single-tensor path, out of place (eps keeps both square
+        # roots away from 0).
+        rho, eps, decay = hyper["rho"], hyper["eps"], hyper["weight_decay"]
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                g = g + decay * p
+            v = state["square_avg"][i] * rho + (1 - rho) * g * g
+            delta = (state["acc_delta"][i] + eps).sqrt() / (v + eps).sqrt() * g
+            u = state["acc_delta"][i] * rho + (1 - rho) * delta * delta
+            state["square_avg"][i], state["acc_delta"][i] = v, u
+            new.append(p - lr * delta)
+        return new

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -15,6 +15,7 @@ from diffprog.optim._pure import (
     fused_layouts,
     has_fused,
     lr_on,
+    sqrt_of_moment,
 )
 
 __all__ = ["Adagrad"]
@@ -54,6 +55,8 @@ class Adagrad(PureOptimizer, torch_options=("foreach", "differentiable", "fused"
     maximize: bool = hyper(False, doc="ascend instead of descend")
     sum: tuple[torch.Tensor | None, ...] = state(doc="the accumulated squared gradients")
 
+    _differentiable_ok: ClassVar[bool] = True
+
     @classmethod
     def _init_state(cls, name: str, param: torch.Tensor, hyper: Mapping[str, Any]) -> torch.Tensor:
         init = hyper["initial_accumulator_value"]
@@ -87,6 +90,29 @@ class Adagrad(PureOptimizer, torch_options=("foreach", "differentiable", "fused"
                 )
             else:
                 _foreach_adagrad(hyper, float(lr), count + 1, ps, gs, ss)
+        return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.Adagrad's single-tensor path (dense gradients), out of place.
+        decay, eps = hyper["weight_decay"], hyper["eps"]
+        clr = lr / (1 + count * hyper["lr_decay"])
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                g = g + decay * p
+            s = state["sum"][i] + g * g
+            state["sum"][i] = s
+            new.append(p - clr * g / (sqrt_of_moment(s) + eps))
         return new
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +22,7 @@ from diffprog.optim._pure import (
     fused_layouts,
     has_fused,
     lr_on,
+    sqrt_of_moment,
 )
 
 __all__ = ["Adam", "mk_adam"]
@@ -38,7 +39,7 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
     Adam kernel on fresh copies of the parameters and moments, so the old ones stay valid (on a
     device without the kernel, ``_foreach_`` operations in torch's multi-tensor order).
     ``Adam.init(model, ...)`` takes torch's keyword arguments with torch's defaults (and
-    ``foreach``, ``capturable``, ``differentiable=False``, ``fused``, which change nothing here).
+    ``foreach``, ``capturable``, ``fused``, which change nothing here, and ``differentiable``).
 
     Hasktorch's ``Adam`` holds ``beta1``, ``beta2``, ``m1``, ``m2`` and ``iter``: here
     ``betas``, ``exp_avg``, ``exp_avg_sq`` and ``count`` (torch's names). Its ``eps`` is fixed
@@ -59,6 +60,10 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
         donate: when True, a step updates this value's moments in place and hands them to the
             optimizer it returns, and this value can no longer step: less memory and time, at
             the price of the old optimizer (never the old parameters).
+        differentiable: when True, a step runs with autograd on (torch.optim's
+            ``differentiable=True``): the new parameters and moments are differentiable
+            functions of the old ones, the gradients and the hyper-parameters (``lr``,
+            ``betas``, ``eps``, ``weight_decay`` may be tensors that require grad).
         lease: with ``donate``, whether this value still holds its state (see ``Lease``).
 
     Example:
@@ -90,6 +95,7 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
             frozen=(),
           ),
           donate=False,
+          differentiable=False,
           lease=None,
         )
     """
@@ -110,6 +116,8 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
     exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the first moment, torch's exp_avg")
     exp_avg_sq: tuple[torch.Tensor | None, ...] = state(doc="the second moment")
     max_exp_avg_sq: tuple[torch.Tensor | None, ...] = state(doc="the maximum of exp_avg_sq")
+
+    _differentiable_ok: ClassVar[bool] = True
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
@@ -154,6 +162,39 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
                 # Traced by diffprog.func.compile_step, lr stays a tensor (an input of the graph).
                 step_lr = lr if torch.compiler.is_compiling() else float(lr)
                 _foreach_adam(hyper, step_lr, count + 1, ps, gs, ms, vs, maxs, decoupled)
+        return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.Adam's single-tensor path (differentiable=True), out of place.
+        beta1, beta2 = hyper["betas"]
+        decay, eps, t = hyper["weight_decay"], hyper["eps"], count + 1
+        # The bias corrections and step size, as torch computes them for a tensor step count.
+        step_size = lr / (1 - beta1**t)
+        correction2_sqrt = (1 - beta2**t) ** 0.5
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                if hyper["decoupled_weight_decay"]:
+                    p = p * (1 - lr * decay)
+                else:
+                    g = g + decay * p
+            m = torch.lerp(state["exp_avg"][i], g, 1 - beta1)
+            v = state["exp_avg_sq"][i] * beta2 + (1 - beta2) * g * g
+            state["exp_avg"][i], state["exp_avg_sq"][i] = m, v
+            if hyper["amsgrad"]:
+                v = torch.maximum(state["max_exp_avg_sq"][i], v)
+                state["max_exp_avg_sq"][i] = v
+            new.append(p - step_size * m / (sqrt_of_moment(v) / correction2_sqrt + eps))
         return new
 
 

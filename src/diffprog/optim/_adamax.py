@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,6 +58,8 @@ class Adamax(PureOptimizer, torch_options=("foreach", "differentiable", "captura
     exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the first moment, torch's exp_avg")
     exp_inf: tuple[torch.Tensor | None, ...] = state(doc="the infinity norm, torch's exp_inf")
 
+    _differentiable_ok: ClassVar[bool] = True
+
     def _update(
         self,
         hyper: Mapping[str, Any],
@@ -71,6 +73,33 @@ class Adamax(PureOptimizer, torch_options=("foreach", "differentiable", "captura
         lists = [new, grads, state["exp_avg"], state["exp_inf"]]
         for _, (ps, gs, ms, us) in device_groups(*lists):
             _foreach_adamax(hyper, float(lr), count + 1, ps, gs, ms, us)
+        return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.Adamax's single-tensor path (differentiable=True), out of place: the
+        # maximum as torch's amax over the two stacked candidates (ties share the gradient).
+        beta1, beta2 = hyper["betas"]
+        decay = hyper["weight_decay"]
+        step_size = lr / (1 - beta1 ** (count + 1))
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                g = g + decay * p
+            m = torch.lerp(state["exp_avg"][i], g, 1 - beta1)
+            candidates = torch.stack([state["exp_inf"][i] * beta2, g.abs() + hyper["eps"]])
+            u = torch.amax(candidates, 0)
+            state["exp_avg"][i], state["exp_inf"][i] = m, u
+            new.append(p - step_size * m / u)
         return new
 
 

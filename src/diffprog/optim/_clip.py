@@ -220,6 +220,14 @@ class Chained(Generic[OptT]):
     ) -> tuple[list[torch.Tensor], Self]:
         """:meth:`step`; with ``consume``, the caller hands ``grads`` over: they are dropped
         once transformed, and the transformed ones are handed to the inner optimizer in turn."""
+        if getattr(self.inner, "differentiable", False) is True:
+            # The transforms run under torch.no_grad(): the meta-gradient would be cut silently.
+            raise DiffprogError(
+                f"{type(self).__name__} does not take a differentiable inner optimizer "
+                f"({type(self.inner).__name__} has differentiable=True): its gradient "
+                "transforms are not differentiable. Transform the gradients yourself and "
+                "call apply_gradients with the differentiable optimizer."
+            )
         read = self._read(grads, params, consume, used)
         chosen = [grads[i] for i in read]
         transforms = []

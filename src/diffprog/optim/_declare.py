@@ -121,10 +121,20 @@ def non_negative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {label} value: {value} (must be >= 0).")
 
 
-def pair_of_floats(betas: Sequence[float]) -> tuple[float, float]:
-    """``betas`` as a tuple of two floats (a list, or 0-dim tensors, as torch takes them)."""
+def pair_of_floats(betas: Sequence[Any]) -> tuple[Any, Any]:
+    """``betas`` as a tuple of two floats (a list, or 0-dim tensors, as torch takes them).
+
+    A tensor that requires grad is kept as it is (a hyper-parameter of a ``differentiable``
+    optimizer, to be learned): ``float`` would cut its gradient silently.
+    """
     b1, b2 = betas
-    return (float(b1), float(b2))
+    return (_float_unless_learned(b1), _float_unless_learned(b2))
+
+
+def _float_unless_learned(value: Any) -> Any:
+    if getattr(value, "requires_grad", False):
+        return value
+    return float(value)
 
 
 def betas_in(upper: float, *, closed: bool) -> Check:
@@ -200,6 +210,7 @@ _COMMON_BEFORE_STATE = (("count", int, 0), ("param_counts", tuple[int, ...], ())
 _COMMON_AFTER_STATE = (
     ("settings", ParamSettings | None, None),
     ("donate", bool, False),
+    ("differentiable", bool, False),
     ("lease", Lease | None, None),
 )
 
@@ -304,7 +315,8 @@ def _derived_init(cls: Any) -> classmethod[Any, Any, Any]:
         bound = signature.bind(cls, *args, **kwargs)
         bound.apply_defaults()
         given = dict(bound.arguments)
-        _check_torch_options(cls.__name__, {k: given.pop(k) for k in declared.torch_options})
+        options = {k: given.pop(k) for k in declared.torch_options}
+        _check_torch_options(cls.__name__, options)
         settings: dict[str, Any] = dict(fixed)
         for f in settable:
             convert = f.metadata[_HYPER].convert
@@ -316,6 +328,7 @@ def _derived_init(cls: Any) -> classmethod[Any, Any, Any]:
             given["overrides"],
             given["freeze"],
             given.get("donate", False),
+            differentiable=bool(options.get("differentiable", False)),
         )
 
     init.__signature__ = signature  # type: ignore[attr-defined]
@@ -331,9 +344,10 @@ def _check_torch_options(owner: str, options: Mapping[str, Any]) -> None:
 
     They choose nothing in a pure step, which always runs torch's fused kernel where the device
     has one, else ``_foreach_`` operations in torch's multi-tensor order, on fresh tensors (so
-    ``capturable``'s CUDA-graph bookkeeping has nothing to do). ``differentiable=True`` is
-    refused: a pure step runs under ``torch.no_grad()`` and carries no graph. (A switch that
-    does choose something, ASGD's and Adafactor's ``foreach``, is a :func:`hyper` field.)
+    ``capturable``'s CUDA-graph bookkeeping has nothing to do). ``differentiable`` does choose
+    something (a step with autograd on, see ``PureOptimizer``): ``init`` hands it to the
+    optimizer, which refuses it where it has no differentiable step. (A switch that does
+    choose something, ASGD's and Adafactor's ``foreach``, is a :func:`hyper` field.)
 
     Args:
         owner: the optimizer's name, for the messages.
@@ -342,7 +356,6 @@ def _check_torch_options(owner: str, options: Mapping[str, Any]) -> None:
     Raises:
         RuntimeError: ``fused`` with ``differentiable`` or ``foreach`` (torch's own errors, in
             torch's order).
-        ValueError: ``differentiable=True``.
 
     Example:
         >>> _check_torch_options("SGD", {"foreach": True, "fused": False})
@@ -357,13 +370,6 @@ def _check_torch_options(owner: str, options: Mapping[str, Any]) -> None:
             raise RuntimeError("`fused` does not support `differentiable`")
         if options.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if differentiable:
-        raise ValueError(
-            f"{owner}(differentiable=True) is not supported: a pure step runs under "
-            "torch.no_grad() and its result carries no graph (docs/optim.md, 'Steps are not "
-            "differentiable'). Write a differentiable inner step by hand with "
-            "dp.grad(..., create_graph=True), or leave differentiable=False."
-        )
 
 
 def _init_doc(cls: Any, settable: list[dataclasses.Field[Any]]) -> str:
@@ -388,7 +394,8 @@ def _init_doc(cls: Any, settable: list[dataclasses.Field[Any]]) -> str:
     if declared.torch_options:
         names = ", ".join(f"``{o}``" for o in declared.torch_options)
         lines.append(
-            f"    {names}: accepted as torch.optim accepts them; no effect (docs/optim.md)."
+            f"    {names}: accepted as torch.optim accepts them (docs/optim.md);"
+            " ``differentiable=True`` makes the step differentiable where supported."
         )
     lines += [
         "",

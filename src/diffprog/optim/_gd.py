@@ -12,7 +12,7 @@ from diffprog.optim._pure import PureOptimizer
 __all__ = ["GD"]
 
 
-class GD(PureOptimizer):
+class GD(PureOptimizer, torch_options=("differentiable",)):
     """Gradient descent: ``p - lr * g``. Hasktorch's ``GD``; ``torch.optim.SGD`` without momentum.
 
     ``GD()`` trains every parameter; ``GD.init(model, ...)`` adds per-parameter learning-rate
@@ -35,6 +35,7 @@ class GD(PureOptimizer):
     donate: ClassVar[bool] = False  # no state to donate
 
     _sparse_ok: ClassVar[bool] = True
+    _differentiable_ok: ClassVar[bool] = True
 
     def _update(
         self,
@@ -48,3 +49,15 @@ class GD(PureOptimizer):
         if isinstance(lr, torch.Tensor):
             return list(torch._foreach_sub(params, torch._foreach_mul(grads, lr)))
         return list(torch._foreach_add(params, grads, alpha=-lr))
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.SGD's single-tensor path: p - lr * g, out of place.
+        return [p - g * lr for p, g in zip(params, grads, strict=True)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -56,6 +56,8 @@ class GDM(PureOptimizer, torch_options=("foreach", "differentiable", "fused")):
     maximize: bool = hyper(False, doc="ascend instead of descend")
     momentum_buffer: tuple[torch.Tensor | None, ...] = state(doc="torch's momentum_buffer")
 
+    _differentiable_ok: ClassVar[bool] = True
+
     @classmethod
     def _check(cls, hyper: Mapping[str, Any]) -> None:
         if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
@@ -94,6 +96,38 @@ class GDM(PureOptimizer, torch_options=("foreach", "differentiable", "fused")):
             else:
                 _foreach_sgd(hyper, float(lr), count == 0, ps, gs, bs[0] if bs else [])
         return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.SGD's single-tensor path, out of place. One difference: torch starts
+        # the buffer at grad.detach() on a parameter's first step, which cuts the gradient
+        # of that step's update with respect to the gradient; here it is the gradient itself.
+        momentum, damp, decay = hyper["momentum"], hyper["dampening"], hyper["weight_decay"]
+        buffers = state.get("momentum_buffer", [])
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if _nonzero(decay):
+                g = g + decay * p
+            if _nonzero(momentum):
+                b = g if count == 0 else buffers[i] * momentum + (1 - damp) * g
+                buffers[i] = b
+                g = g + momentum * b if hyper["nesterov"] else b
+            new.append(p - g * lr)
+        return new
+
+
+def _nonzero(value: float | torch.Tensor) -> bool:
+    """Whether a hyper-parameter (a float, or a tensor to learn) is not 0."""
+    return bool(value != 0)
 
 
 def _foreach_sgd(

@@ -7,7 +7,13 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from diffprog import DiffprogError, flatten_parameters, make_independent, replace_parameters
+from diffprog import (
+    DiffprogError,
+    Parameter,
+    flatten_parameters,
+    make_independent,
+    replace_parameters,
+)
 from diffprog._autograd import gradients as grads_and_used
 from diffprog.optim._grad import (
     OnNonFinite,
@@ -103,14 +109,16 @@ def run_step(
     params = flatten_parameters(model)
     trainable = getattr(optimizer, "trainable", None)
     check_trains_something(model, len(params), trainable, type(optimizer).__name__)
+    # A differentiable step needs the gradients as functions of the parameters (second order).
+    graph = is_differentiable(optimizer)
     if trainable is None or all(trainable):
-        gradients, reached = grads_and_used(loss, params)
+        gradients, reached = grads_and_used(loss, params, create_graph=graph)
         indices: list[int] | range = range(len(params))
         checked = gradients
         used = reached
     else:
         indices = [i for i, t in enumerate(trainable) if t]
-        checked, reached = grads_and_used(loss, [params[i] for i in indices])
+        checked, reached = grads_and_used(loss, [params[i] for i in indices], create_graph=graph)
         # Frozen parameters get a zero of their shape that takes no memory (never read).
         gradients = [_zero_like(p) for p in params]
         used = [True] * len(params)  # a frozen parameter is not trained either way
@@ -252,8 +260,25 @@ def _step_and_rebuild(
         # lr may be None for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
         new_params, stepped = step_with_used(optimizer, lr, gradients, params, mask)
     new_optimizer = cast(OptT, stepped)
-    new_model = replace_parameters(model, [make_independent(p) for p in new_params])
-    return new_model, new_optimizer
+    if is_differentiable(optimizer):
+        # The new parameters stay in the graph of the step: Parameters (what flatten_parameters
+        # finds) that are not leaves. as_subclass keeps the autograd history; make_independent
+        # would cut it.
+        rebuilt = [p.as_subclass(Parameter) for p in new_params]
+    else:
+        rebuilt = [make_independent(p) for p in new_params]
+    return replace_parameters(model, rebuilt), new_optimizer
+
+
+def is_differentiable(optimizer: object) -> bool:
+    """Whether ``optimizer`` takes differentiable steps (``differentiable=True``).
+
+    Example:
+        >>> from diffprog.optim import GD
+        >>> is_differentiable(GD()), is_differentiable(GD(differentiable=True))
+        (False, True)
+    """
+    return getattr(optimizer, "differentiable", False) is True
 
 
 def _zero_like(p: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from diffprog.optim._optimizer import (
 )
 from diffprog.optim._select import ParamGroup, ParamSettings, Selection, resolve_settings
 
-__all__ = ["PureOptimizer", "consuming_step", "pieces_of"]
+__all__ = ["PureOptimizer", "consuming_step", "pieces_of", "sqrt_of_moment"]
 
 Overrides = Mapping[Any, Mapping[str, Any]] | Iterable[tuple[Any, Mapping[str, Any]]]
 
@@ -53,6 +53,9 @@ class PureOptimizer(Parameterized):
     #: Whether ``_update`` takes sparse gradients (``EmbeddingSpec(sparse=True)``).
     _sparse_ok: ClassVar[bool] = False
 
+    #: Whether the class writes ``_update_differentiable`` (``differentiable=True``).
+    _differentiable_ok: ClassVar[bool] = False
+
     if TYPE_CHECKING:  # added to every subclass as dataclass fields (see the module docstring)
 
         @property
@@ -70,6 +73,10 @@ class PureOptimizer(Parameterized):
         @property
         def donate(self) -> bool:
             """Whether a step may reuse this value's state."""
+
+        @property
+        def differentiable(self) -> bool:
+            """Whether a step runs with autograd on (a differentiable function of its inputs)."""
 
         @property
         def lease(self) -> Lease | None:
@@ -129,6 +136,25 @@ class PureOptimizer(Parameterized):
         """
         raise NotImplementedError
 
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """``_update`` for ``differentiable=True``: out-of-place operations only, run with
+        autograd on, so the new parameters and state (put in ``state``'s lists in place of
+        the old entries) are differentiable functions of ``params``, ``grads``, ``lr``, the
+        old state and the hyper-parameters (which may be tensors that require grad).
+
+        torch.optim's ``differentiable=True`` runs its single-tensor path; this is that
+        algorithm, in its order, without writing into any tensor.
+        """
+        raise NotImplementedError
+
     # --- building -----------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -141,6 +167,38 @@ class PureOptimizer(Parameterized):
                     f"{getattr(self, name)!r}."
                 )
         type(self)._validate(self._defaults())
+        self._check_differentiable()
+
+    def _check_differentiable(self) -> None:
+        """Refuse ``differentiable=True`` where this class has no differentiable step, and
+        a learned (grad-requiring) hyper-parameter without it: a step would cut its gradient
+        silently."""
+        owner = type(self).__name__
+        if self.differentiable:
+            if not self._differentiable_ok:
+                raise ValueError(
+                    f"{owner}(differentiable=True) is not supported: {owner} has no "
+                    f"differentiable step yet. Use one of {', '.join(DIFFERENTIABLE)} "
+                    "(docs/optim.md, 'Differentiable steps'), or leave differentiable=False."
+                )
+            if self.donate:
+                raise ValueError(
+                    f"{owner}: donate=True and differentiable=True cannot be combined: a "
+                    "donated step writes into the old state, which the graph of a "
+                    "differentiable step still needs. Leave donate=False."
+                )
+            return
+        learned = [
+            f.name
+            for f in declaration_of(type(self)).hyper
+            if _requires_grad(getattr(self, f.name))
+        ]
+        if learned:
+            raise ValueError(
+                f"{owner}: the hyper-parameter(s) {', '.join(learned)} are tensors that "
+                "require grad, but a step with differentiable=False runs under "
+                "torch.no_grad() and would cut their gradient. Pass differentiable=True."
+            )
 
     def _defaults(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in declaration_of(type(self)).hyper}
@@ -165,6 +223,8 @@ class PureOptimizer(Parameterized):
         freeze: Selection | None,
         donate: bool,
         count: int = 0,
+        *,
+        differentiable: bool = False,
     ) -> Self:
         """Resolve the settings against ``model`` and create the zero state."""
         declared = declaration_of(cls)
@@ -183,6 +243,7 @@ class PureOptimizer(Parameterized):
             fields["donate"] = donate
             fields["lease"] = Lease() if donate else None
         fields["count"], fields["settings"] = count, settings
+        fields["differentiable"] = differentiable
         return cls(**hyper, **fields)
 
     @classmethod
@@ -418,7 +479,8 @@ class PureOptimizer(Parameterized):
         whole = settings.is_plain and pieces is None and mask is None and not counts
         new_params = list(params)
         new_state: dict[str, list[torch.Tensor | None]] = {}
-        with torch.no_grad():
+        # torch.optim's differentiable=True sets the grad mode to it, whatever the caller's.
+        with torch.set_grad_enabled(self.differentiable):
             for group in settings.groups:
                 hyper = {**defaults, **dict(group.overrides)} if group.overrides else defaults
                 scale = hyper.get("lr_scale", 1.0)
@@ -517,7 +579,8 @@ class PureOptimizer(Parameterized):
             # Every trained parameter has state of each kind its group needs: no None here.
             work[name] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
             copied.append(name)
-        if copied and not self.donate:
+        if copied and not self.donate and not self.differentiable:
+            # (A differentiable step writes into no tensor: it needs no copies.)
             # Every kind copied in one multi-tensor call: one dispatch rather than one per kind
             # (a small model's step is dominated by such per-call costs).
             copies = clone_all([t for name in copied for t in work[name]])
@@ -546,13 +609,14 @@ class PureOptimizer(Parameterized):
     ) -> list[torch.Tensor]:
         """``_update`` on real views of complex tensors (as torch.optim does), its result
         checked: one new tensor per parameter."""
+        update = self._update_differentiable if self.differentiable else self._update
         if not any(map(torch.Tensor.is_complex, params)):
-            return self._checked(self._update(hyper, lr, count, params, grads, state), params)
+            return self._checked(update(hyper, lr, count, params, grads, state), params)
         real = torch.view_as_real
         r_params = [real(p) if p.is_complex() else p for p in params]
         r_grads = [real(g) if g.is_complex() else g for g in grads]
         r_state = {k: [real(t) if t.is_complex() else t for t in v] for k, v in state.items()}
-        outs = self._checked(self._update(hyper, lr, count, r_params, r_grads, r_state), params)
+        outs = self._checked(update(hyper, lr, count, r_params, r_grads, r_state), params)
         for name, values in r_state.items():
             # _update may have replaced a state tensor (by a copy in its parameter's layout,
             # see fused_layouts): hand the replacement on.
@@ -600,6 +664,35 @@ def _consumes(cls: type) -> bool:
         if "_diffprog_step" in vars(base):
             return getattr(cls, "step", None) is vars(base).get("step")
     return False
+
+
+DIFFERENTIABLE = ("GD", "GDM", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta")
+"""The pure optimizers with a differentiable step (``differentiable=True``)."""
+
+
+def sqrt_of_moment(v: torch.Tensor) -> torch.Tensor:
+    """``v.sqrt()`` for a differentiable step, its gradient 0 where ``v`` is 0 (not NaN).
+
+    Why: a second moment is 0 only where every gradient so far was 0, and then so is the
+    numerator it divides (the first moment, the gradient), so the update's true derivative
+    through the square root is 0; autograd's ``sqrt`` gives ``inf * 0 = nan`` there (as
+    torch.optim's ``differentiable=True`` does), for an entry the loss never moves.
+
+    Example:
+        >>> v = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> sqrt_of_moment(v).sum().backward()
+        >>> v.grad
+        tensor([0.0000, 0.2500])
+    """
+    zero = v == 0  # (a negative v, from rounding, gives NaN as sqrt does)
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
+
+
+def _requires_grad(value: Any) -> bool:
+    """Whether ``value`` (a hyper-parameter) is, or holds, a tensor that requires grad."""
+    if isinstance(value, tuple):
+        return any(map(_requires_grad, value))
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 PIECE_BYTES = 64 * 2**20

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from diffprog.optim._declare import hyper, non_negative, state
-from diffprog.optim._pure import PureOptimizer
+from diffprog.optim._pure import PureOptimizer, sqrt_of_moment
 
 __all__ = ["RMSprop"]
 
@@ -46,6 +46,8 @@ class RMSprop(PureOptimizer, torch_options=("capturable", "foreach", "differenti
     square_avg: tuple[torch.Tensor | None, ...] = state(doc="the running average of g^2")
     momentum_buffer: tuple[torch.Tensor | None, ...] = state(doc="with momentum > 0")
     grad_avg: tuple[torch.Tensor | None, ...] = state(doc="with centered, the average of g")
+
+    _differentiable_ok: ClassVar[bool] = True
 
     @classmethod
     def _state_names(cls, hyper: Mapping[str, Any]) -> tuple[str, ...]:
@@ -88,3 +90,36 @@ class RMSprop(PureOptimizer, torch_options=("capturable", "foreach", "differenti
             torch._foreach_addcdiv_(buf, grads, avg)
             return list(torch._foreach_add(params, buf, alpha=-lr))
         return list(torch._foreach_addcdiv(params, grads, avg, value=-lr))
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.RMSprop's single-tensor path, out of place.
+        alpha, eps, decay = hyper["alpha"], hyper["eps"], hyper["weight_decay"]
+        momentum = hyper["momentum"]
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                g = g + decay * p
+            v = state["square_avg"][i] * alpha + (1 - alpha) * g * g
+            state["square_avg"][i] = v
+            if hyper["centered"]:
+                a = torch.lerp(state["grad_avg"][i], g, 1 - alpha)
+                state["grad_avg"][i] = a
+                v = v - a * a
+            avg = sqrt_of_moment(v) + eps
+            if bool(momentum > 0):
+                b = state["momentum_buffer"][i] * momentum + g / avg
+                state["momentum_buffer"][i] = b
+                new.append(p - lr * b)
+            else:
+                new.append(p - lr * g / avg)
+        return new
