@@ -61,3 +61,36 @@ def test_freeze_inside_delegating_instance_is_refused_naming_the_place() -> None
     u = dp.unfreeze(f)
     assert type(u.inner.weight) is torch.nn.Parameter
     assert len(dp.flatten_parameters(u)) == 3
+
+
+class Tied(dp.Parameterized):
+    """A hand-written instance listing one tied Parameter twice."""
+
+    enc: torch.nn.Parameter
+    dec: torch.nn.Parameter
+
+    def flatten_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.enc, self.dec]
+
+    def replace_own_parameters(self, stream: dp.ParamStream) -> Tied:
+        return Tied(stream.next_parameter(), stream.next_parameter())
+
+
+def test_tie_listed_twice_by_hand_written_instance_is_kept_by_at_and_freeze() -> None:
+    w = torch.nn.Parameter(torch.randn(2))
+    t = Tied(w, w)
+    for name in ("enc", "dec"):
+        r = dp.at(t, name).set(torch.zeros(2))
+        assert r.enc is r.dec and r.enc.sum() == 0, name
+    r = dp.at(t, lambda q: q.dec).set(torch.ones(2))
+    assert r.enc is r.dec and r.enc.sum() == 2
+    for filter in (None, "enc", "dec"):
+        f = dp.freeze(t, filter)
+        assert f.enc is f.dec and isinstance(f.enc, dp.Frozen), filter
+        u = dp.unfreeze(f)
+        assert u.enc is u.dec and type(u.enc) is torch.nn.Parameter
+    assert dp.at(t, "dec").paths == ["dec"]
+    # untie=True changes the one entry named
+    r = dp.at(t, "dec").set(torch.zeros(2), untie=True)
+    assert r.enc is w and r.dec.sum() == 0
+
