@@ -94,3 +94,82 @@ def test_tie_listed_twice_by_hand_written_instance_is_kept_by_at_and_freeze() ->
     r = dp.at(t, "dec").set(torch.zeros(2), untie=True)
     assert r.enc is w and r.dec.sum() == 0
 
+
+class Pool(dp.Parameterized):
+    size: tuple[int, int]
+
+
+def test_tensor_free_values_python_shares_are_visited_at_every_path() -> None:
+    m = {"p1": Pool((2, 2)), "p2": Pool((2, 2))}
+    m["p2"] = Pool(m["p1"].size)  # one tuple object at two paths, as CPython folds constants
+    assert m["p1"].size is m["p2"].size
+    assert [p for p, _ in dp.collect(m, int, with_path=True)] == [
+        "p1.size.0",
+        "p1.size.1",
+        "p2.size.0",
+        "p2.size.1",
+    ]
+    assert len(dp.collect(m, tuple)) == 2
+    for target in ("p1", "p2"):
+        r = dp.replace_values(
+            m, int, lambda path, v, t=target: 4 if path.startswith(t + ".") else v, with_path=True
+        )
+        assert r[target].size == (4, 4)
+        assert r["p2" if target == "p1" else "p1"].size == (2, 2)
+    # a block holding tensors, shared at two paths, is still visited once and kept shared
+    layer = dp.sample(nn.LinearSpec(2, 2))
+    shared = {"a": layer, "b": layer}
+    assert len(dp.collect(shared, nn.Linear)) == 1
+    r = dp.replace_values(shared, nn.Linear, lambda v: dataclasses.replace(v))
+    assert r["a"] is r["b"]
+
+
+def test_tensor_traversals_refuse_a_torch_module_holding_buffers() -> None:
+    m = {"fc": dp.sample(nn.LinearSpec(3, 3)), "norm": torch.nn.BatchNorm1d(3, affine=False)}
+    calls = [
+        lambda: dp.to(m, torch.float64),
+        lambda: dp.map_tensors(lambda t: t, m),
+        lambda: dp.tensors(m),
+        lambda: dp.named_tensors(m),
+        lambda: dp.state_dict(m),
+    ]
+    for call in calls:
+        with pytest.raises(
+            dp.InstanceError, match=r"BatchNorm1d.*running_mean.*\['norm'\].*from_torch"
+        ):
+            call()
+    # a parameter-free module without buffers is still fine, and parameters-only traversals too
+    ok = {"fc": m["fc"], "act": torch.nn.ReLU()}
+    assert dp.to(ok, torch.float64)["act"] is ok["act"]
+    assert len(dp.map_parameters(lambda p: p, m)) == 2
+
+
+def test_maps_reach_through_nested_hand_written_instances_unchecked() -> None:
+    w = Wrapper(_wrapper(), torch.nn.Parameter(torch.randn(1)))
+    for r in (
+        dp.to(w, torch.float64),
+        dp.map_parameters(lambda p: p.double(), w),
+        dp.map_tensors(lambda t: t.double(), w),
+    ):
+        assert [t.dtype for t in dp.tensors(r)] == [torch.float64] * 4
+        assert isinstance(r.inner, Wrapper) and isinstance(r.inner.inner, nn.Linear)
+    meta = dp.map_tensors(lambda t: t.to("meta"), w)
+    assert {t.device.type for t in dp.tensors(meta)} == {"meta"}
+
+
+def test_maps_keep_a_sub_model_shared_with_a_hand_written_instance_one_object() -> None:
+    inner = dp.sample(nn.LinearSpec(2, 2))
+    extra = torch.nn.Parameter(torch.randn(3))
+    for model in (
+        {"w": Wrapper(inner, extra), "o": inner},
+        {"o": inner, "w": Wrapper(inner, extra)},
+    ):
+        for r in (
+            dp.to(model, torch.float64),
+            dp.map_parameters(lambda p: p * 2, model),
+            dp.map_tensors(lambda t: t * 2, model),
+        ):
+            assert r["w"].inner is r["o"]
+            assert r["o"].weight.dtype == torch.float64 or torch.equal(
+                r["o"].weight, inner.weight * 2
+            )
