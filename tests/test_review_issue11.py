@@ -124,6 +124,25 @@ def test_tensor_free_values_python_shares_are_visited_at_every_path() -> None:
     assert r["a"] is r["b"]
 
 
+class MyLinear(dp.Parameterized):
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter
+
+
+class Holder(dp.Parameterized):
+    inner: Any
+
+
+def test_summary_does_not_fold_items_whose_inner_layers_differ_in_type() -> None:
+    linear = dp.sample(nn.LinearSpec(3, 2))
+    mine = MyLinear(torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(2)))
+    text = str(dp.summary([Holder(linear), Holder(mine)]))
+    assert "2 x" not in text
+    assert "MyLinear" in text and "Linear" in text.replace("MyLinear", "")
+    same = str(dp.summary([Holder(linear), Holder(dp.sample(nn.LinearSpec(3, 2)))]))
+    assert "2 x Linear" in same
+
+
 def test_tensor_traversals_refuse_a_torch_module_holding_buffers() -> None:
     m = {"fc": dp.sample(nn.LinearSpec(3, 3)), "norm": torch.nn.BatchNorm1d(3, affine=False)}
     calls = [

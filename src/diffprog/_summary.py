@@ -467,8 +467,11 @@ def _is_tensor_row(prefix: tuple[PathKey, ...], group: list[SummaryRow]) -> bool
 
 
 def _signature(prefix: tuple[PathKey, ...], rows: list[SummaryRow]) -> list[Any]:
+    # The layer type too: a folded row names one type for all the items, so two items whose
+    # tensors sit in layers of different types (same field names) must not fold.
     return [
-        (r.keys[len(prefix) :], r.kind, r.shape, r.dtype, r.device, r.tied_to is None) for r in rows
+        (r.keys[len(prefix) :], r.layer_type, r.kind, r.shape, r.dtype, r.device, r.tied_to is None)
+        for r in rows
     ]
 
 
