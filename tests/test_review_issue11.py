@@ -192,3 +192,39 @@ def test_maps_keep_a_sub_model_shared_with_a_hand_written_instance_one_object() 
             assert r["o"].weight.dtype == torch.float64 or torch.equal(
                 r["o"].weight, inner.weight * 2
             )
+
+
+def _optimizer_makers() -> list[tuple[str, Any]]:
+    from diffprog import optim
+
+    pure = sorted(
+        (
+            cls
+            for cls in vars(optim).values()
+            if isinstance(cls, type)
+            and issubclass(cls, optim.PureOptimizer)
+            and cls is not optim.PureOptimizer
+        ),
+        key=lambda cls: cls.__name__,
+    )
+    rows: list[tuple[str, Any]] = [(cls.__name__, cls.init) for cls in pure]
+    rows.append(("TorchOptimizer", lambda m: optim.TorchOptimizer.init(m, torch.optim.Adam)))
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("name", "make"), _optimizer_makers(), ids=[n for n, _ in _optimizer_makers()]
+)
+def test_optimizers_skip_a_frozen_tensor_of_a_plain_list_model(name: str, make: Any) -> None:
+    from diffprog.optim import run_step
+
+    p0 = torch.nn.Parameter(torch.randn(2))
+    p1 = torch.nn.Parameter(torch.randn(3))
+    frozen = dp.freeze([p0, p1], "0")
+    alone = [p1]
+    opt_f, opt_a = make(frozen), make(alone)
+    for _ in range(3):
+        frozen, opt_f = run_step(frozen, opt_f, (frozen[0] * 2).sum() + (frozen[1] ** 2).sum(), 0.1)
+        alone, opt_a = run_step(alone, opt_a, (alone[0] ** 2).sum(), 0.1)
+    assert isinstance(frozen[0], dp.Frozen) and torch.equal(frozen[0], p0)
+    assert torch.equal(frozen[1], alone[0])
