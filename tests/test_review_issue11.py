@@ -228,3 +228,55 @@ def test_optimizers_skip_a_frozen_tensor_of_a_plain_list_model(name: str, make: 
         alone, opt_a = run_step(alone, opt_a, (alone[0] ** 2).sum(), 0.1)
     assert isinstance(frozen[0], dp.Frozen) and torch.equal(frozen[0], p0)
     assert torch.equal(frozen[1], alone[0])
+
+
+def _pure_optimizers() -> list[type[Any]]:
+    from diffprog import optim
+
+    return sorted(
+        (
+            cls
+            for cls in vars(optim).values()
+            if isinstance(cls, type)
+            and issubclass(cls, optim.PureOptimizer)
+            and cls is not optim.PureOptimizer
+        ),
+        key=lambda cls: cls.__name__,
+    )
+
+
+@pytest.mark.parametrize("cls", _pure_optimizers(), ids=lambda c: c.__name__)
+def test_state_of_the_wrong_nonzero_length_is_refused_naming_optimizer_and_kind(cls: Any) -> None:
+    params = [dp.make_independent(torch.ones(3)), dp.make_independent(torch.ones(3))]
+    grads = [torch.ones(3), torch.ones(3)]
+    kw = {"momentum": 0.9} if cls.__name__ in ("SGD", "GDM") else {}
+    base = cls.init(params, **kw)
+    kinds = [n for n in type(base).declaration().state if getattr(base, n)]
+    if not kinds:  # no state to get wrong (GD)
+        return
+    for kind in kinds:
+        short = dataclasses.replace(base, **{kind: getattr(base, kind)[:1]})
+        with pytest.raises(
+            dp.DiffprogError, match=rf"{cls.__name__}'s state {kind} holds 1 entries.*2 parameters"
+        ):
+            short.step(0.1, grads, params)
+    # an empty tuple still means "no state held": it starts from zero
+    empty = dataclasses.replace(base, **{kind: () for kind in kinds})
+    empty.step(0.1, grads, params)
+
+
+def test_state_kind_turned_on_for_a_group_without_it_starts_at_zero_as_torch() -> None:
+    from diffprog.optim import Adam, run_step
+
+    start = {"a": torch.randn(3), "b": torch.randn(2)}
+    model = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    opt = dataclasses.replace(Adam.init(model, overrides={"a": {"amsgrad": True}}), amsgrad=True)
+    ref = [torch.nn.Parameter(start["a"].clone()), torch.nn.Parameter(start["b"].clone())]
+    torch_opt = torch.optim.Adam(ref, lr=0.1, amsgrad=True)
+    for _ in range(3):
+        model, opt = run_step(model, opt, sum((p**3).sum() for p in model.values()), 0.1)
+        torch_opt.zero_grad()
+        sum((p**3).sum() for p in ref).backward()  # type: ignore[union-attr]
+        torch_opt.step()
+    torch.testing.assert_close(model["a"], ref[0].detach())
+    torch.testing.assert_close(model["b"], ref[1].detach())

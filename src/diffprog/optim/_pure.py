@@ -353,9 +353,16 @@ class PureOptimizer(Parameterized):
         optimizer). Cost: about 3% of an Adam step over 100 parameters of 16x16, less for
         larger ones.
         """
-        for name in self._param_shaped_state():
+        kinds = self._param_shaped_state()
+        # Lengths first, of every kind, scalar ones too (a len per kind): only an empty tuple
+        # means "none held".
+        for name in declaration_of(type(self)).state:
+            count = len(held.get(name, ()))
+            if count and count != len(params):
+                raise self._state_count_misfit(name, count, len(params))
+        for name in kinds:
             entries = held.get(name, ())
-            if len(entries) != len(params):
+            if not entries:
                 continue  # no state of this kind held (built without init): nothing to check
             try:
                 if all(map(_same_size, entries, params)):
@@ -366,6 +373,16 @@ class PureOptimizer(Parameterized):
                 if entry is not None and entry.shape != param.shape:
                     raise self._state_misfit(name, i, entry, param)
             return
+
+    def _state_count_misfit(self, name: str, held: int, params: int) -> DiffprogError:
+        """The error for state of kind ``name`` held for another number of parameters (only
+        an empty tuple means "no state held": any other length must be one per parameter)."""
+        owner = type(self).__name__
+        return DiffprogError(
+            f"this {owner}'s state {name} holds {held} entries, but the step has {params} "
+            f"parameters. The state must hold one entry per parameter (or be empty, to start "
+            f"from zero): build it with {owner}.init(model), or leave {name} empty."
+        )
 
     def _state_misfit(
         self, name: str, index: int, entry: torch.Tensor, param: torch.Tensor
@@ -514,8 +531,16 @@ class PureOptimizer(Parameterized):
             if not held:  # built without init: state starts at zero on the first step
                 work[name] = [self._init_state(name, p, hyper) for p in params]
                 continue
-            # Every trained parameter has state of each kind its group needs: no None here.
-            work[name] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
+            entries = list(held) if whole else [held[i] for i in idx]
+            if not all(map(operator.is_not, entries, itertools.repeat(None))):
+                # A kind held for some groups only (amsgrad's max_exp_avg_sq), now needed by a
+                # group that had none (a dataclasses.replace turned it on): zero state there,
+                # as a fresh torch optimizer starts it.
+                entries = [
+                    self._init_state(name, p, hyper) if e is None else e
+                    for e, p in zip(entries, params, strict=True)
+                ]
+            work[name] = entries  # type: ignore[assignment]
             copied.append(name)
         if copied and not self.donate:
             # Every kind copied in one multi-tensor call: one dispatch rather than one per kind
