@@ -280,3 +280,12 @@ def test_state_kind_turned_on_for_a_group_without_it_starts_at_zero_as_torch() -
         torch_opt.step()
     torch.testing.assert_close(model["a"], ref[0].detach())
     torch.testing.assert_close(model["b"], ref[1].detach())
+
+
+def test_summary_refuses_two_tensors_with_one_path_as_state_dict_does() -> None:
+    clash = {1: torch.nn.Parameter(torch.ones(2)), "1": torch.nn.Parameter(torch.ones(3))}
+    for call in (dp.summary, dp.named_tensors, dp.state_dict):
+        with pytest.raises(dp.NameClashError, match="both named '1'"):
+            call(clash)
+    p = torch.nn.Parameter(torch.ones(2))
+    assert len(dp.summary({1: p, "1": p}).rows) == 2  # one tensor at both: a tie, as state_dict
