@@ -289,3 +289,38 @@ def test_summary_refuses_two_tensors_with_one_path_as_state_dict_does() -> None:
             call(clash)
     p = torch.nn.Parameter(torch.ones(2))
     assert len(dp.summary({1: p, "1": p}).rows) == 2  # one tensor at both: a tie, as state_dict
+
+
+def test_selector_combines_with_a_glob_or_type_on_the_left() -> None:
+    m = {"a": dp.sample(nn.LinearSpec(2, 2)), "b": dp.sample(nn.LinearSpec(2, 3))}
+    two_d = dp.select(where=lambda p, v: isinstance(v, torch.Tensor) and v.ndim == 2)
+    assert dp.at(m, "a.*" | two_d).paths == ["a.weight", "a.bias", "b.weight"]
+    assert dp.at(m, nn.Linear & two_d).paths == ["a.weight", "b.weight"]
+    assert dp.at(m, ("a.*" | two_d) & ~dp.select("b.*")).paths == ["a.weight", "a.bias"]
+
+
+def test_at_names_the_place_where_a_filter_predicate_fails() -> None:
+    m = {"fc": dp.sample(nn.LinearSpec(2, 2)), "scale": 2.0}
+    with pytest.raises(dp.SurgeryError, match=r"AttributeError.*float.*\['scale'\].*isinstance"):
+        dp.at(m, dp.select(where=lambda p, v: v.ndim == 1))
+
+
+def test_unfreeze_gives_a_trainable_parameter_whatever_requires_grad_was() -> None:
+    p = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    back = dp.unfreeze(dp.freeze(p))
+    assert type(back) is torch.nn.Parameter and back.requires_grad  # documented in freezing.md
+
+
+def test_frozen_tensor_loads_with_weights_only_once_frozen_is_allowed() -> None:
+    import io
+    import pickle
+
+    buffer = io.BytesIO()
+    torch.save({"w": dp.freeze(torch.nn.Parameter(torch.ones(2)))}, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buffer, weights_only=True)
+    buffer.seek(0)
+    with torch.serialization.safe_globals([dp.Frozen]):
+        loaded = torch.load(buffer, weights_only=True)
+    assert type(loaded["w"]) is dp.Frozen and torch.equal(loaded["w"], torch.ones(2))

@@ -274,7 +274,7 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | ty
 
 def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place]:
     selector = as_selector(where)
-    found = [p for p in all_places if p.leaf and selector(p.path, p.value, p.ancestors)]
+    found = [p for p in all_places if p.leaf and _asks(selector, p)]
     if not found:
         raise _error(
             model,
@@ -282,6 +282,24 @@ def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place
             "Check it against diffprog.named_parameters (paths are state_dict style).",
         )
     return found
+
+
+def _asks(selector: Selector, place: Place) -> bool:
+    """The filter's answer for one leaf; a predicate that fails on a leaf it did not expect
+    (it sees every leaf, a float or an activation too) is named with its path, as in
+    ``partition``."""
+    try:
+        return selector(place.path, place.value, place.ancestors)
+    except Exception as e:
+        err = SurgeryError(
+            f"the filter raised {type(e).__name__}: {e}, on this {type(place.value).__name__}",
+            "at's filter sees every leaf (parameters, buffers, and non-tensor fields such as "
+            "activations and strides): check the type first, e.g. "
+            "lambda path, v: isinstance(v, torch.Tensor) and v.ndim == 1.",
+        )
+        for key in reversed(place.keys):
+            err.push(*key)
+        raise err from e
 
 
 class _Ties:
