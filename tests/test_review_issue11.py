@@ -324,3 +324,20 @@ def test_frozen_tensor_loads_with_weights_only_once_frozen_is_allowed() -> None:
     with torch.serialization.safe_globals([dp.Frozen]):
         loaded = torch.load(buffer, weights_only=True)
     assert type(loaded["w"]) is dp.Frozen and torch.equal(loaded["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("cls", _pure_optimizers(), ids=lambda c: c.__name__)
+def test_state_of_another_dtype_than_its_parameter_is_refused(cls: Any) -> None:
+    from diffprog.optim import run_step
+
+    model = {"w": dp.make_independent(torch.ones(3)), "v": dp.make_independent(torch.ones(2, 2))}
+    kw = {"momentum": 0.9} if cls.__name__ in ("SGD", "GDM") else {}
+    opt = cls.init(model, **kw)
+    model, opt = run_step(model, opt, sum((p**2).sum() for p in model.values()), 0.1)
+    if not any(getattr(opt, n) for n in type(opt).declaration().state):
+        return  # no state (GD)
+    wide = dp.to(model, dtype=torch.float64)
+    with pytest.raises(dp.DiffprogError, match=r"state .* is torch\.float32 .* torch\.float64"):
+        run_step(wide, opt, sum((p**2).sum() for p in wide.values()), 0.1)
+    # the optimizer converted the same way steps
+    run_step(wide, dp.to(opt, dtype=torch.float64), sum((p**2).sum() for p in wide.values()), 0.1)

@@ -141,7 +141,11 @@ class Adafactor(PureOptimizer):
             if len(entries) != len(params):
                 raise self._state_count_misfit(name, len(entries), len(params))
             for i, (entry, param) in enumerate(zip(entries, params, strict=True)):
-                if entry is not None and entry.shape != _state_shape(name, param):
+                if entry is not None and (
+                    entry.shape != _state_shape(name, param)
+                    or entry.dtype != param.dtype
+                    or entry.device != param.device
+                ):
                     raise self._state_misfit(name, i, entry, param)
 
     @classmethod

@@ -365,12 +365,20 @@ class PureOptimizer(Parameterized):
             if not entries:
                 continue  # no state of this kind held (built without init): nothing to check
             try:
-                if all(map(_same_size, entries, params)):
+                if (
+                    all(map(_same_size, entries, params))
+                    and list(map(_dtype, entries)) == list(map(_dtype, params))
+                    and list(map(_device, entries)) == list(map(_device, params))
+                ):
                     return
-            except TypeError:  # some entries are None
+            except (TypeError, AttributeError):  # some entries are None
                 pass
             for i, (entry, param) in enumerate(zip(entries, params, strict=True)):
-                if entry is not None and entry.shape != param.shape:
+                if entry is not None and (
+                    entry.shape != param.shape
+                    or entry.dtype != param.dtype
+                    or entry.device != param.device
+                ):
                     raise self._state_misfit(name, i, entry, param)
             return
 
@@ -388,6 +396,14 @@ class PureOptimizer(Parameterized):
         self, name: str, index: int, entry: torch.Tensor, param: torch.Tensor
     ) -> DiffprogError:
         owner = type(self).__name__
+        if entry.dtype != param.dtype or entry.device != param.device:
+            return DiffprogError(
+                f"this {owner}'s state {name} of parameter {index} is {entry.dtype} on "
+                f"{entry.device}, but the parameter is {param.dtype} on {param.device} (was the "
+                f"model converted with dp.to after the optimizer was built?). Convert the "
+                f"optimizer the same way (dp.to(opt, ...)) or build a new one: "
+                f"{owner}.init(model)."
+            )
         return DiffprogError(
             f"this {owner}'s state {name} of parameter {index} has shape "
             f"{tuple(entry.shape)}, which does not fit the parameter's {tuple(param.shape)}: "
@@ -673,6 +689,8 @@ def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int
 
 _is_sparse = operator.attrgetter("is_sparse")
 _same_size: Callable[[Any, Any], bool] = torch.Tensor.is_same_size
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
 
 
 def _batches(
