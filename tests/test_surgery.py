@@ -512,7 +512,7 @@ def test_at_inside_a_hand_written_sub_model_and_across_its_boundary() -> None:
         dp.at(model, lambda m: m["wrap"].inner)
     with pytest.raises(dp.ParameterShapeError):  # its replace checks what it reads back
         dp.at(model, "wrap.inner.bias").set(torch.zeros(5))
-    # a type filter sees the Linear inside the instance
-    frozen = dp.freeze(model, Linear)
-    assert dp.flatten_parameters(frozen) == []
-    assert type(frozen["wrap"].inner.bias) is dp.Frozen
+    # a type filter sees the Linear inside the instance; freezing there is refused, as the
+    # instance lists its sub-model through dp.flatten_parameters (Frozen would drop out)
+    with pytest.raises(dp.SurgeryError, match="drop out of its flatten_parameters"):
+        dp.freeze(model, Linear)

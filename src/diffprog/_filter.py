@@ -95,6 +95,14 @@ class Selector:
     def __and__(self, other: Filter) -> Selector:
         return Selector(op="and", parts=(self, as_selector(other)))
 
+    # The reflected forms: ``"*.bias" | select(...)`` and ``Linear & select(...)`` (a string
+    # or a type on the left does not know how to combine with a Selector).
+    def __ror__(self, other: Filter) -> Selector:
+        return Selector(op="or", parts=(as_selector(other), self))
+
+    def __rand__(self, other: Filter) -> Selector:
+        return Selector(op="and", parts=(as_selector(other), self))
+
     def __invert__(self) -> Selector:
         return Selector(op="not", parts=(self,))
 

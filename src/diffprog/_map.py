@@ -117,9 +117,10 @@ def map_tensors(f: Callable[..., torch.Tensor], model: T, *, with_path: bool = F
     A hand-written instance's tensors are those its ``flatten_parameters`` lists (it may list
     its buffers there: only Parameters are flattened, listed constants are read back as they
     are). A tensor it holds without listing it cannot be reached, and is refused with an
-    ``InstanceError`` naming its path rather than left behind. Tensors inside values diffprog
-    does not traverse (a plain object, a ``torch.nn.Module``, a function's closure) are not
-    reached, as ``flatten_parameters`` does not reach them.
+    ``InstanceError`` naming its path rather than left behind, as is a ``torch.nn.Module``
+    holding buffers (convert it with ``diffprog.nn.from_torch``). Tensors inside other values
+    diffprog does not traverse (a plain object, a function's closure) are not reached, as
+    ``flatten_parameters`` does not reach them.
 
     Args:
         f: the function, called once per tensor, in the order of :func:`tensors`.
@@ -284,8 +285,9 @@ def collect(model: Any, of_type: type | tuple[type, ...], *, with_path: bool = F
     root included, with ``isinstance``: ``collect(model, nn.Linear)`` gives every Linear
     layer, ``collect(model, float)`` every float, ``collect(model, dp.Parameter)`` the
     parameters. A match is not looked into (the outermost match wins). A value reachable at
-    several paths (a tied tensor, a shared block) is listed once, at its first path; a plain
-    value (a number, a string) at each path where it sits.
+    several paths (a tied tensor, a shared block holding tensors) is listed once, at its first
+    path; a plain value (a number, a string, a tuple without tensors) at each path where it
+    sits.
 
     Not looked into: a hand-written instance (except the tensors its ``flatten_parameters``
     lists) and values diffprog does not traverse (plain objects, ``torch.nn.Module``), which
@@ -515,11 +517,16 @@ class _Rebuild:
         self.done: dict[int, Any] = {}
         self.alive: list[Any] = []
         self.active: set[int] = set()  # the values being rebuilt, to detect a cycle
+        # How many tensors the traversal has met so far: a container is remembered by id only
+        # if it holds one (see ``value``).
+        self.tensors_met = 0
 
     def run(self) -> Any:
         return self.value(self.root, ())
 
     def value(self, v: Any, keys: Keys) -> Any:
+        if isinstance(v, torch.Tensor):
+            self.tensors_met += 1
         if self.match(v):
             return self.leaf(v, keys)
         if isinstance(v, torch.Tensor):
@@ -529,10 +536,12 @@ class _Rebuild:
             return v
         new = self.done.get(id(v), _MISSING)
         if new is not _MISSING:
+            self.tensors_met += 1  # only values holding tensors are remembered
             return new
         if id(v) in self.active:
             raise _located(_cycle(), keys, self.root)
         self.active.add(id(v))
+        before = self.tensors_met
         try:
             if isinstance(node, HandWrittenNode):
                 new = self.hand_written(node, v, keys)
@@ -540,7 +549,11 @@ class _Rebuild:
                 new = self.children(node, v, keys)
         finally:
             self.active.discard(id(v))
-        return self.remember(v, new)
+        # Why only a value holding tensors: that is a real tie or shared block, to be visited
+        # once and kept shared. One without tensors may be shared by accident (Python folds
+        # equal constant tuples into one object): it is visited at each of its paths, so that
+        # a function of the path sees every place.
+        return self.remember(v, new) if self.tensors_met > before else new
 
     def remember(self, v: Any, new: Any) -> Any:
         self.done[id(v)] = new
@@ -549,7 +562,9 @@ class _Rebuild:
 
     def leaf(self, v: Any, keys: Keys) -> Any:
         """The new value for a match: once per object, except plain values (see the module)."""
-        shared = isinstance(v, torch.Tensor) or not node_for(type(v)).static
+        # As for containers (see ``value``): a non-tensor match is one object at several
+        # paths only when it holds tensors (a shared block), else it is met at each path.
+        shared = isinstance(v, torch.Tensor) or (not node_for(type(v)).static and _holds_tensor(v))
         if shared:
             new = self.done.get(id(v), _MISSING)
             if new is not _MISSING:
@@ -578,6 +593,8 @@ class _Rebuild:
                 node.flatten(v, [])  # raises for a hidden parameter (an opaque value)
             except ModelError as e:
                 raise _located(e, keys, self.root) from None
+            if self.needs_every_tensor and isinstance(v, torch.nn.Module):
+                self.refuse_module_buffers(v, keys)
             return v
         old = [c for _, c in children]
         new = [self.value(c, (*keys, key)) for key, c in children]
@@ -598,9 +615,36 @@ class _Rebuild:
         if all(map(operator.is_, new, own)):
             return v
         try:
-            return node._run(v, _UncheckedStream(new))
+            return node._run(v, self.stream_of(new))
         except ModelError as e:
             raise _located(e, keys, self.root) from None
+
+    def stream_of(self, new: list[Any]) -> _UncheckedStream:
+        """The stream a hand-written instance reads ``new`` from, sharing this traversal's
+        record of rebuilt values.
+
+        Why: a sub-model the instance rebuilds with ``stream.replace`` and that is also held
+        at another path must stay one object in the result, whichever path comes first (as
+        ``ParamStream.substream`` does for ``replace_parameters``).
+        """
+        stream = _UncheckedStream(new)
+        stream._built = self.done
+        stream._alive = self.alive
+        return stream
+
+    def refuse_module_buffers(self, module: torch.nn.Module, keys: Keys) -> None:
+        """Raise if ``module`` (a torch.nn.Module held as a parameter-free function) holds
+        buffers: a traversal of tensors cannot reach them (``to`` would leave them in the old
+        dtype, ``state_dict`` would leave them out)."""
+        for name, _ in module.named_buffers():
+            err = InstanceError(
+                f"a torch.nn.Module ({type(module).__name__}) holding buffer {name!r}, which "
+                f"{self.caller} cannot reach",
+                "diffprog sees no tensor inside a torch.nn.Module: convert it with "
+                "diffprog.nn.from_torch (or use the diffprog.nn layer of the same name), so "
+                "that its buffers become tensors of the model.",
+            )
+            raise _located(err, keys, self.root)
 
     def refuse_unlisted(self, v: Any, own: list[torch.Tensor], keys: Keys) -> None:
         """Raise if ``v`` holds a tensor its ``flatten_parameters`` does not list (looked for
@@ -633,6 +677,24 @@ class _Rebuild:
 
 
 _MISSING = object()
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether ``value`` holds a tensor anywhere inside (as the hidden-parameter scan looks,
+    ``scan_children``)."""
+    seen: set[int] = set()
+    stack: list[Any] = [value]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            return True
+        children = scan_children(x)
+        if isinstance(children, list):
+            stack.extend(c for _, c in children if type(c) not in _SCAN_LEAVES)
+    return False
 
 
 def _cycle() -> CycleError:

@@ -66,7 +66,9 @@ class ParamStream:
         must stay one object in the result (its state, BatchNorm's running statistics, stays
         shared), whichever of the two is rebuilt first.
         """
-        sub = ParamStream(params)
+        # Of this stream's own type: a map's unchecked stream stays unchecked inside a nested
+        # hand-written instance, a checking one stays checking.
+        sub = type(self)(params)
         sub._built = self._built
         sub._alive = self._alive
         sub.traced = self.traced

@@ -12,7 +12,7 @@ import torch
 from diffprog._errors import ModelError, PathKey, state_dict_path
 from diffprog._frozen import Frozen
 from diffprog._nodes import FieldsNode, HandWrittenNode, _NamedTupleNode, fields_node, node_for
-from diffprog._traverse import walk_keys
+from diffprog._traverse import name_clash_error, walk_keys
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -85,6 +85,8 @@ def summary(model: Any, *, depth: int | None = None, fold: bool = True) -> Summa
     Raises:
         ValueError: ``depth`` is negative.
         ModelError: the model cannot be traversed (a cycle, a hidden parameter).
+        NameClashError: two different tensors would get the same path (dict keys 1 and
+            ``"1"``), as in ``named_tensors`` and ``state_dict``.
 
     Example:
         >>> import diffprog as dp
@@ -101,8 +103,14 @@ def summary(model: Any, *, depth: int | None = None, fold: bool = True) -> Summa
     values = _values_at(model)
     rows: list[SummaryRow] = []
     first: dict[int, str] = {}
+    # Two different tensors with one path (dict keys 1 and "1") are refused, as
+    # named_tensors and state_dict refuse them.
+    by_path: dict[str, tuple[tuple[PathKey, ...], torch.Tensor]] = {}
     for keys, tensor in leaves:
         path = state_dict_path(keys)
+        other_keys, other = by_path.setdefault(path, (keys, tensor))
+        if other is not tensor:
+            raise name_clash_error(model, path, other_keys, keys, "tensors")
         layer_keys = _layer_of(keys, values)
         tied_to = first.get(id(tensor))
         if tied_to is None:
@@ -467,8 +475,11 @@ def _is_tensor_row(prefix: tuple[PathKey, ...], group: list[SummaryRow]) -> bool
 
 
 def _signature(prefix: tuple[PathKey, ...], rows: list[SummaryRow]) -> list[Any]:
+    # The layer type too: a folded row names one type for all the items, so two items whose
+    # tensors sit in layers of different types (same field names) must not fold.
     return [
-        (r.keys[len(prefix) :], r.kind, r.shape, r.dtype, r.device, r.tied_to is None) for r in rows
+        (r.keys[len(prefix) :], r.layer_type, r.kind, r.shape, r.dtype, r.device, r.tied_to is None)
+        for r in rows
     ]
 
 

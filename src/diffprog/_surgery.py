@@ -274,7 +274,7 @@ def at(model: T, where: str | Sequence[str] | Callable[[T], Any] | Selector | ty
 
 def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place]:
     selector = as_selector(where)
-    found = [p for p in all_places if p.leaf and selector(p.path, p.value, p.ancestors)]
+    found = [p for p in all_places if p.leaf and _asks(selector, p)]
     if not found:
         raise _error(
             model,
@@ -282,6 +282,24 @@ def _by_filter(model: Any, all_places: list[Place], where: Filter) -> list[Place
             "Check it against diffprog.named_parameters (paths are state_dict style).",
         )
     return found
+
+
+def _asks(selector: Selector, place: Place) -> bool:
+    """The filter's answer for one leaf; a predicate that fails on a leaf it did not expect
+    (it sees every leaf, a float or an activation too) is named with its path, as in
+    ``partition``."""
+    try:
+        return selector(place.path, place.value, place.ancestors)
+    except Exception as e:
+        err = SurgeryError(
+            f"the filter raised {type(e).__name__}: {e}, on this {type(place.value).__name__}",
+            "at's filter sees every leaf (parameters, buffers, and non-tensor fields such as "
+            "activations and strides): check the type first, e.g. "
+            "lambda path, v: isinstance(v, torch.Tensor) and v.ndim == 1.",
+        )
+        for key in reversed(place.keys):
+            err.push(*key)
+        raise err from e
 
 
 class _Ties:
@@ -627,15 +645,49 @@ def _rebuild_hand_written(
                 v, keys, sub, f"would get a {type(new).__name__}, but it takes only tensors"
             )
         new_list[index] = new
-    return node._run(v, ParamStream(new_list))
+    rebuilt = node._run(v, ParamStream(new_list))
+    _check_still_listed(rebuilt, node, new_list, slot_of, keys)
+    return rebuilt
+
+
+def _check_still_listed(
+    rebuilt: Any,
+    node: HandWrittenNode,
+    new_list: list[torch.Tensor],
+    slot_of: dict[tuple[PathKey, ...], int],
+    keys: tuple[PathKey, ...],
+) -> None:
+    """Refuse a rebuilt hand-written instance that no longer lists a tensor it was given.
+
+    Why: an instance that delegates to a sub-model (``[self.extra,
+    *dp.flatten_parameters(self.inner)]``) lists only the sub-model's *Parameters*; a tensor
+    put there that is not one (a ``Frozen`` one, a plain tensor) silently drops out of its
+    list, so that counting, unfreezing and ``to`` would no longer see it.
+    """
+    listed = {id(t) for t in node.own(rebuilt)}
+    for sub, index in slot_of.items():
+        if id(new_list[index]) not in listed:
+            raise _inside_hand_written(
+                rebuilt,
+                keys,
+                sub,
+                "would drop out of its flatten_parameters once replaced (its list skips "
+                f"a {type(new_list[index]).__name__}, e.g. by listing a sub-model through "
+                "dp.flatten_parameters, which lists trainable Parameters only)",
+                fix="Make the instance's flatten_parameters list that tensor itself "
+                "(self.inner.weight) and its replace_own_parameters read it back, so that it "
+                "stays listed whatever its type; or leave this instance's tensors out of the "
+                "filter.",
+            )
 
 
 def _inside_hand_written(
-    v: Any, keys: tuple[PathKey, ...], sub: tuple[PathKey, ...], problem: str
+    v: Any, keys: tuple[PathKey, ...], sub: tuple[PathKey, ...], problem: str, fix: str = ""
 ) -> SurgeryError:
     err = SurgeryError(
         f"{render_path(sub)} inside the hand-written instance {type(v).__qualname__} {problem}",
-        "Inside a hand-written instance, at changes only the tensors its flatten_parameters "
+        fix
+        or "Inside a hand-written instance, at changes only the tensors its flatten_parameters "
         "lists (through its replace_own_parameters); replace the whole instance instead.",
     )
     for key in reversed(keys):

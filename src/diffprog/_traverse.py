@@ -362,17 +362,24 @@ def _hand_written_leaves(
 ) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     """The parameters a hand-written instance lists, each at the path of the field that holds
     it (the fields as the derived instance would see them), or at its position in the list."""
-    where: dict[int, tuple[PathKey, ...]] = {}
+    # Every field path of each tensor, in field order: a tensor listed twice (a tie inside
+    # the instance, ``[self.enc, self.dec]`` with enc is dec) gets its n-th path at its n-th
+    # entry, so that each entry has a path of its own.
+    where: dict[int, list[tuple[PathKey, ...]]] = {}
     fields = fields_node(type(v)).children(v) if dataclasses.is_dataclass(v) else []
     for key, child in fields:
         try:
             for keys, leaf in walk_keys(child):
                 if isinstance(leaf, torch.Tensor):
-                    where.setdefault(id(leaf), (key, *keys))
+                    where.setdefault(id(leaf), []).append((key, *keys))
         except ModelError:  # a field the instance does not traverse may hold anything
             continue
+    used: dict[int, int] = {}
     for index, p in enumerate(own):
-        yield (*path, *where.get(id(p), (("index", index),))), p
+        paths = where.get(id(p), [])
+        n = used.get(id(p), 0)
+        used[id(p)] = n + 1
+        yield (*path, *(paths[n] if n < len(paths) else (("index", index),))), p
 
 
 def _cycle_error(path: tuple[PathKey, ...]) -> CycleError:

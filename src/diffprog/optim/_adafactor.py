@@ -136,10 +136,16 @@ class Adafactor(PureOptimizer):
         # Factored state (a row and a column, or an empty tensor): each kind's shape from the
         # parameter's, as _init_state makes it.
         for name, entries in held.items():
+            if not entries:
+                continue  # none held: starts at zero
             if len(entries) != len(params):
-                continue
+                raise self._state_count_misfit(name, len(entries), len(params))
             for i, (entry, param) in enumerate(zip(entries, params, strict=True)):
-                if entry is not None and entry.shape != _state_shape(name, param):
+                if entry is not None and (
+                    entry.shape != _state_shape(name, param)
+                    or entry.dtype != param.dtype
+                    or entry.device != param.device
+                ):
                     raise self._state_misfit(name, i, entry, param)
 
     @classmethod

@@ -414,24 +414,57 @@ class PureOptimizer(Parameterized):
         optimizer). Cost: about 3% of an Adam step over 100 parameters of 16x16, less for
         larger ones.
         """
-        for name in self._param_shaped_state():
+        kinds = self._param_shaped_state()
+        # Lengths first, of every kind, scalar ones too (a len per kind): only an empty tuple
+        # means "none held".
+        for name in declaration_of(type(self)).state:
+            count = len(held.get(name, ()))
+            if count and count != len(params):
+                raise self._state_count_misfit(name, count, len(params))
+        for name in kinds:
             entries = held.get(name, ())
-            if len(entries) != len(params):
+            if not entries:
                 continue  # no state of this kind held (built without init): nothing to check
             try:
-                if all(map(_same_size, entries, params)):
+                if (
+                    all(map(_same_size, entries, params))
+                    and list(map(_dtype, entries)) == list(map(_dtype, params))
+                    and list(map(_device, entries)) == list(map(_device, params))
+                ):
                     return
-            except TypeError:  # some entries are None
+            except (TypeError, AttributeError):  # some entries are None
                 pass
             for i, (entry, param) in enumerate(zip(entries, params, strict=True)):
-                if entry is not None and entry.shape != param.shape:
+                if entry is not None and (
+                    entry.shape != param.shape
+                    or entry.dtype != param.dtype
+                    or entry.device != param.device
+                ):
                     raise self._state_misfit(name, i, entry, param)
             return
+
+    def _state_count_misfit(self, name: str, held: int, params: int) -> DiffprogError:
+        """The error for state of kind ``name`` held for another number of parameters (only
+        an empty tuple means "no state held": any other length must be one per parameter)."""
+        owner = type(self).__name__
+        return DiffprogError(
+            f"this {owner}'s state {name} holds {held} entries, but the step has {params} "
+            f"parameters. The state must hold one entry per parameter (or be empty, to start "
+            f"from zero): build it with {owner}.init(model), or leave {name} empty."
+        )
 
     def _state_misfit(
         self, name: str, index: int, entry: torch.Tensor, param: torch.Tensor
     ) -> DiffprogError:
         owner = type(self).__name__
+        if entry.dtype != param.dtype or entry.device != param.device:
+            return DiffprogError(
+                f"this {owner}'s state {name} of parameter {index} is {entry.dtype} on "
+                f"{entry.device}, but the parameter is {param.dtype} on {param.device} (was the "
+                f"model converted with dp.to after the optimizer was built?). Convert the "
+                f"optimizer the same way (dp.to(opt, ...)) or build a new one: "
+                f"{owner}.init(model)."
+            )
         return DiffprogError(
             f"this {owner}'s state {name} of parameter {index} has shape "
             f"{tuple(entry.shape)}, which does not fit the parameter's {tuple(param.shape)}: "
@@ -576,8 +609,16 @@ class PureOptimizer(Parameterized):
             if not held:  # built without init: state starts at zero on the first step
                 work[name] = [self._init_state(name, p, hyper) for p in params]
                 continue
-            # Every trained parameter has state of each kind its group needs: no None here.
-            work[name] = list(held) if whole else [held[i] for i in idx]  # type: ignore[arg-type, misc]
+            entries = list(held) if whole else [held[i] for i in idx]
+            if not all(map(operator.is_not, entries, itertools.repeat(None))):
+                # A kind held for some groups only (amsgrad's max_exp_avg_sq), now needed by a
+                # group that had none (a dataclasses.replace turned it on): zero state there,
+                # as a fresh torch optimizer starts it.
+                entries = [
+                    self._init_state(name, p, hyper) if e is None else e
+                    for e, p in zip(entries, params, strict=True)
+                ]
+            work[name] = entries  # type: ignore[assignment]
             copied.append(name)
         if copied and not self.donate and not self.differentiable:
             # (A differentiable step writes into no tensor: it needs no copies.)
@@ -741,6 +782,8 @@ def _split(indices: tuple[int, ...], pieces: list[int] | None) -> list[tuple[int
 
 _is_sparse = operator.attrgetter("is_sparse")
 _same_size: Callable[[Any, Any], bool] = torch.Tensor.is_same_size
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
 
 
 def _batches(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from diffprog import named_parameters
+from diffprog import Frozen, named_parameters
 from diffprog._filter import Filter, Selector, as_selector, leaf_places, select
 
 __all__ = [
@@ -79,11 +79,12 @@ class ParamSettings:
 def _parameters_with_paths(model: Any) -> list[tuple[str, torch.Tensor, tuple[Any, ...]]]:
     # A list of Parameters is a model like any other (a tie counts once, as flatten_parameters
     # does). A list holding plain tensors is an explicit list of the tensors to optimize with
-    # step() directly: each entry is one slot.
+    # step() directly: each entry is one slot. A frozen parameter (Frozen) is part of a model,
+    # not such a tensor: a list of Parameters and Frozen ones is a model, and skips them.
     if (
         isinstance(model, (list, tuple))
         and all(isinstance(p, torch.Tensor) for p in model)
-        and not all(isinstance(p, torch.nn.Parameter) for p in model)
+        and not all(isinstance(p, (torch.nn.Parameter, Frozen)) for p in model)
     ):
         return [(str(i), p, ()) for i, p in enumerate(model)]
     named = named_parameters(model)  # (refuses two parameters with the same name)
