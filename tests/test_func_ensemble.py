@@ -210,3 +210,16 @@ def test_stack_then_unstack_gives_each_member_back_and_vmap_agrees(
         torch.testing.assert_close(out[i], want(x))
     leaves, spec_tree = pytree.tree_flatten(ensemble)
     assert dp.tree_equal(pytree.tree_unflatten(leaves, spec_tree), ensemble)
+
+
+def test_stack_refuses_members_whose_tensors_differ_in_kind() -> None:
+    # Review: the stacked tensor took model 0's kind, so a frozen member became trainable in
+    # the ensemble (or a trainable one frozen) without a word.
+    from diffprog.nn import LinearSpec
+
+    trainable = dp.sample(LinearSpec(3, 2), generator=torch.Generator().manual_seed(0))
+    frozen = dp.freeze(dp.sample(LinearSpec(3, 2), generator=torch.Generator().manual_seed(1)))
+    for members in ([trainable, frozen], [frozen, trainable]):
+        with pytest.raises(ValueError, match="different kinds"):
+            stack(members)
+    assert type(stack([frozen, frozen]).weight) is dp.Frozen

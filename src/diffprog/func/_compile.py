@@ -55,7 +55,9 @@ def compile_step(
     ``loss_fn(model, *args, **kwargs)`` returns a scalar loss. Each call of the step does what
     ``run_step(model, optimizer, loss_fn(model, *args), lr)`` does, with a pure optimizer,
     in one compiled graph (``fullgraph=True``: no graph break): the forward, the loss, the
-    gradients, the optimizer's update and the non-finite check. ``model`` and ``optimizer``
+    gradients, the optimizer's update and the non-finite check. One difference: a parameter
+    the loss does not reach is stepped on a zero gradient (weight decay and momentum move it),
+    where ``run_step`` leaves it alone. ``model`` and ``optimizer``
     are values and change every step, so they are arguments of the step, not of
     ``compile_step``; a new model of the same structure and shapes reuses the compiled code.
 

@@ -68,11 +68,26 @@ def _check_same_structure(structures: list[Structure]) -> None:
             )
 
 
+def _kind(t: torch.Tensor) -> str:
+    if isinstance(t, Frozen):
+        return "frozen parameter"
+    return "Parameter" if isinstance(t, torch.nn.Parameter) else "buffer"
+
+
 def _check_column(column: list[torch.Tensor], path: str) -> None:
-    """Refuse tensors at one path that differ in shape, dtype or device (``torch.stack``
-    would promote mixed dtypes silently)."""
+    """Refuse tensors at one path that differ in kind (Parameter, frozen, buffer), shape,
+    dtype or device (``torch.stack`` would promote mixed dtypes silently)."""
     first = column[0]
     for index, t in enumerate(column[1:], start=1):
+        if (_kind(t), t.requires_grad) != (_kind(first), first.requires_grad):
+            # The stacked tensor takes one kind: a member's frozen (or trainable) tensor would
+            # silently become trainable (or frozen) in the ensemble.
+            raise ValueError(
+                f"stack: the tensors at {path!r} are of different kinds: model 0 has a "
+                f"{_kind(first)} (requires_grad={first.requires_grad}), model {index} a "
+                f"{_kind(t)} (requires_grad={t.requires_grad}). Freeze or unfreeze the members "
+                "alike before stacking them."
+            )
         if (t.shape, t.dtype, t.device) != (first.shape, first.dtype, first.device):
             raise ValueError(
                 f"stack: the tensors at {path!r} do not stack: model 0 has "
@@ -99,7 +114,8 @@ def stack(models: Sequence[M]) -> M:
 
     Raises:
         ValueError: no models; the structures differ (the message names the first path where
-            they do and how), or two tensors at one path differ in shape, dtype or device.
+            they do and how), or two tensors at one path differ in kind (Parameter, frozen,
+            buffer), shape, dtype or device.
 
     Example:
         >>> from diffprog.nn import LinearSpec

@@ -60,8 +60,9 @@ def as_module(model: Any) -> ModelModule:
 
     Its parameters are the model's Parameters (the same objects), registered under their
     ``state_dict`` keys (``layers.0.weight``), so ``module.named_parameters()`` and
-    ``module.state_dict()`` match :func:`diffprog.named_parameters` and
-    :func:`diffprog.state_dict`; every other tensor (a buffer, a frozen parameter) is a
+    ``module.state_dict()`` have the keys of :func:`diffprog.named_parameters` and
+    :func:`diffprog.state_dict` (the order of ``state_dict`` may differ: torch lists a module's
+    own tensors before its children's); every other tensor (a buffer, a frozen parameter) is a
     buffer. ``forward`` calls the model. Use it for ``torch.export``, ONNX export, FSDP or
     Lightning. It is a view, not a conversion: an in-place change of a tensor (an optimizer
     of torch.optim stepping ``module.parameters()``) changes the model's tensor too, while a
