@@ -22,8 +22,9 @@ __all__ = ["Comparison", "allclose", "tree_equal"]
 class Comparison:
     """The result of :func:`tree_equal` / :func:`allclose`: truthy when the models agree.
 
-    When they differ it is falsy and names the first difference (depth first, in
-    ``flatten_parameters`` order), so ``assert dp.tree_equal(a, b)`` fails with a message that
+    When they differ it is falsy and names the first difference (depth first, in field
+    order: ``flatten_parameters`` order, except inside a hand-written instance that lists
+    its fields in another order), so ``assert dp.tree_equal(a, b)`` fails with a message that
     says where and why.
 
     Attributes:
