@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import diffprog as dp
 from diffprog.nn import Linear, LinearSpec
-from diffprog.optim import Adam, run_step
+from diffprog.optim import SGD, Adam, Adamax, AdamW, RMSprop, run_step
 
 
 class Aff(dp.Parameterized):
@@ -109,10 +110,20 @@ def test_a_tied_file_written_by_safetensors_save_model_still_loads(tmp_path: Pat
     assert torch.equal(back.a.weight, module.a.weight.detach()) and back.a.weight is back.b.weight
 
 
-def test_load_optimizer_state_dict_copies_the_skeletons_state_so_a_donating_step_leaves_it() -> (
-    None
-):
-    # A parameter torch had no state for kept the skeleton's own moment tensors, which a
+@pytest.mark.parametrize(
+    ("ours", "theirs", "settings"),
+    [
+        (Adam, torch.optim.Adam, {}),
+        (AdamW, torch.optim.AdamW, {}),
+        (SGD, torch.optim.SGD, {"momentum": 0.9}),
+        (RMSprop, torch.optim.RMSprop, {"momentum": 0.9}),
+        (Adamax, torch.optim.Adamax, {}),
+    ],
+)
+def test_load_optimizer_state_dict_copies_the_skeletons_state_so_a_donating_step_leaves_it(
+    ours: Any, theirs: Any, settings: dict[str, Any]
+) -> None:
+    # A parameter torch had no state for kept the skeleton's own state tensors, which a
     # donating optimizer then updated in place.
     gen = torch.Generator().manual_seed(0)
 
@@ -124,17 +135,19 @@ def test_load_optimizer_state_dict_copies_the_skeletons_state_so_a_donating_step
         dp.sample(LinearSpec(2, 2), generator=gen), dp.sample(LinearSpec(2, 2), generator=gen)
     )
     params = dp.flatten_parameters(model)
-    topt = torch.optim.Adam(params, lr=0.1)
+    topt = theirs(params, lr=0.1, **settings)
     x = torch.randn(4, 2, generator=gen)
     (model.a(x) ** 2).sum().backward()  # only a has a gradient: b gets no state in torch
     topt.step()
-    skeleton = Adam.init(model, donate=True)
-    before = [t.clone() for t in skeleton.exp_avg if t is not None]
+    skeleton = ours.init(model, donate=True, **settings)
+    kinds = type(skeleton).declaration().state
+    before = {k: [t.clone() for t in getattr(skeleton, k) if t is not None] for k in kinds}
     loaded = dp.load_optimizer_state_dict(skeleton, model, topt.state_dict())
-    assert all(
-        a is not b for a, b in zip(loaded.exp_avg, skeleton.exp_avg, strict=True) if a is not None
-    )
+    for k in kinds:
+        pairs = zip(getattr(loaded, k), getattr(skeleton, k), strict=True)
+        assert all(a is not b for a, b in pairs if a is not None)
     loss = (model.a(x) ** 2).sum() + (model.b(x) ** 2).sum()
     run_step(model, loaded, loss, 0.1)
-    after = [t for t in skeleton.exp_avg if t is not None]
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for k in kinds:
+        after = [t for t in getattr(skeleton, k) if t is not None]
+        assert all(torch.equal(a, b) for a, b in zip(before[k], after, strict=True))
