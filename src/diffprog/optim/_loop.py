@@ -134,7 +134,9 @@ def run_step(
             return model, optimizer
         raise nonfinite_error(model, loss, checked, indices)
     del checked  # the step frees each gradient once its update is done
-    return _step_and_rebuild(model, optimizer, lr, gradients, params, mask, consume=True)
+    return _step_and_rebuild(
+        model, optimizer, lr, gradients, params, mask, consume=True, differentiable=graph
+    )
 
 
 def apply_gradients(
@@ -216,7 +218,16 @@ def apply_gradients(
             return model, optimizer
         raise nonfinite_error(model, _FINITE_LOSS, checked, trained)
     mask = None if all(used) else used
-    return _step_and_rebuild(model, optimizer, lr, gradients, params, mask, consume=False)
+    return _step_and_rebuild(
+        model,
+        optimizer,
+        lr,
+        gradients,
+        params,
+        mask,
+        consume=False,
+        differentiable=is_differentiable(optimizer),
+    )
 
 
 _FINITE_LOSS = torch.zeros(())  # apply_gradients has no loss: the check reads the gradients
@@ -246,12 +257,14 @@ def _step_and_rebuild(
     mask: list[bool] | None,
     *,
     consume: bool,
+    differentiable: bool,
 ) -> tuple[M, OptT]:
     """The optimizer's step on checked gradients, then the model rebuilt around the result.
 
     With ``consume``, the gradients come from autograd for these very parameters (they fit,
     and nobody else holds them): a pure optimizer skips re-checking them and frees each one
-    once its update is done.
+    once its update is done. With ``differentiable`` (the optimizer's, looked up once by the
+    caller) the new parameters keep the step's autograd history.
     """
     stepper = consuming_step(optimizer)
     if stepper is not None:
@@ -260,7 +273,7 @@ def _step_and_rebuild(
         # lr may be None for a wrapper of a TorchOptimizer (ClipGradNorm(TorchOptimizer(...))).
         new_params, stepped = step_with_used(optimizer, lr, gradients, params, mask)
     new_optimizer = cast(OptT, stepped)
-    if is_differentiable(optimizer):
+    if differentiable:
         # The new parameters stay in the graph of the step: Parameters (what flatten_parameters
         # finds) that are not leaves. as_subclass keeps the autograd history; make_independent
         # would cut it.
