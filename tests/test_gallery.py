@@ -7,6 +7,7 @@ import pathlib
 import pkgutil
 import re
 import sys
+import tempfile
 import types
 
 import pytest
@@ -63,7 +64,7 @@ def test_the_gallery_runs_every_example_and_shows_its_output_and_plot(
     reloaded = re.search(r"test accuracy: ([\d.]+%) on 360", sections["predict"])
     assert trained is not None and reloaded is not None
     assert trained.group(1) == reloaded.group(1)  # predict read the model digits saved
-    assert str(tmp_path) not in text and "/tmp" not in text  # file names shown relative
+    assert tempfile.gettempdir() not in text  # the files the examples wrote, shown relative
     assert "Reduced budgets" in text and "`digits`, `maml`, `char_lm`" in text
 
 
