@@ -254,14 +254,19 @@ def render(
         "command, what it printed and the plot it saved. Nothing here is written by hand, so "
         "the page always shows what the code does.",
         "",
-        '!!! note "Reduced budgets"',
-        "    To keep the build short, the longer examples ("
-        + ", ".join(f"`{run.example.name}`" for run in runs if run.example.reduced)
-        + ") ran here with a **reduced budget** (fewer epochs, steps or iterations than "
-        "their defaults), so their numbers are not as good as a full run's. The full command "
-        "is given with each example; run it from any folder (the examples need the "
-        '`examples` extra: `pip install "diffprog[examples]"`).',
-        "",
+    ]
+    reduced = [f"`{run.example.name}`" for run in runs if run.example.reduced]
+    if reduced:
+        lines += [
+            '!!! note "Reduced budgets"',
+            f"    To keep the build short, the longer examples ({', '.join(reduced)}) ran "
+            "here with a **reduced budget** (fewer epochs, steps or iterations than their "
+            "defaults), so their numbers are not as good as a full run's. The full command is "
+            "given with each example; run it from any folder (the examples need the "
+            '`examples` extra: `pip install "diffprog[examples]"`).',
+            "",
+        ]
+    lines += [
         f"Built with torch {torch} on the CPU, one thread per example, {jobs} "
         f"at a time: {seconds:.0f} s for the whole gallery.",
         "",
