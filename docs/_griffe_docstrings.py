@@ -20,7 +20,9 @@ from typing import Any
 import griffe
 
 _EXAMPLE = re.compile(r"^(?P<indent>[ \t]*)Example:[ \t]*$", re.MULTILINE)
-_ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|exc|obj):`(?P<tilde>~?)(?P<target>[^`]+)`")
+_ROLE = re.compile(
+    r":(?:py:)?(?:func|class|meth|attr|mod|data|exc|obj):`(?P<tilde>~?)(?P<target>[^`]+)`"
+)
 
 
 def _crossref(match: re.Match[str]) -> str:

@@ -103,7 +103,7 @@ def test_api_reference_documents_every_public_name() -> None:
             obj = getattr(module, name)
             here = whole or f"{module_name}.{name}" in documented
             # a cross-reference counts if it names this object's entry elsewhere
-            there = name in linked and documented.get(linked[name], None) is obj
+            there = name in linked and documented.get(linked[name]) is obj
             if not (here or there):
                 missing.append(f"{module_name}.{name}")
     assert not missing, f"public names missing from docs/api/: {missing}"
