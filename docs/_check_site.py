@@ -108,9 +108,11 @@ def check_page(driver: WebDriver, url: str, title: str, screenshot: pathlib.Path
     problems = []
     if title not in driver.title:
         problems.append(f"{url}: the title is {driver.title!r}, expected it to contain {title!r}")
-    headings = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "article h1")]
+    headings = [h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "article h1")]
     if not any(headings):
         problems.append(f"{url}: no visible h1 heading in the article")
+    elif headings[0].rstrip("¶") not in driver.title:
+        problems.append(f"{url}: the title {driver.title!r} does not name the page {headings[0]!r}")
     blocks = driver.find_elements(By.CSS_SELECTOR, "article .highlight pre code")
     if not any(block.is_displayed() for block in blocks):
         problems.append(f"{url}: no visible code block")
