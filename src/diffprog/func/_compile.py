@@ -72,10 +72,8 @@ def compile_step(
             (evaluated outside the graph and passed in as a tensor: no recompile per value).
         on_nonfinite: as ``run_step``'s. ``"raise"`` and ``"skip"`` read one flag after the
             call (one device sync); ``"ignore"`` computes no check.
-        backend: passed to ``torch.compile`` (``backend="eager"`` traces without generating
-            code: quick to compile, for tests and docs).
-        mode: passed to ``torch.compile``.
-        dynamic: passed to ``torch.compile``.
+        backend, mode, dynamic: passed to ``torch.compile`` (``backend="eager"`` traces
+            without generating code: quick to compile, for tests and docs).
         fullgraph: passed to ``torch.compile``; True makes any graph break an error.
 
     Returns:

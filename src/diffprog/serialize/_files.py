@@ -452,11 +452,7 @@ def load_params(
         skeleton: the model whose structure to fill (never changed).
         path: a file written by :func:`save_params`, ``safetensors.torch.save_file`` or
             ``torch.save(module.state_dict())``.
-        strict: as :func:`load_state_dict`'s.
-        device: as :func:`load_state_dict`'s.
-        dtype: as :func:`load_state_dict`'s.
-        key_map: as :func:`load_state_dict`'s.
-        check_finite: as :func:`load_state_dict`'s.
+        strict, device, dtype, key_map, check_finite: as :func:`load_state_dict`.
         format: ``"safetensors"`` or ``"pt"``; by default the file's content decides.
         mmap: (safetensors) map the file rather than read it, as
             ``safetensors.torch.load_file`` does (the default): the CPU tensors that need no
