@@ -31,7 +31,6 @@ from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import diffprog
@@ -87,7 +86,7 @@ def _executable(*names: str) -> str:
     )
 
 
-def browser() -> WebDriver:
+def browser() -> webdriver.Chrome:
     """Headless Debian Chromium through its own chromedriver, browser console logs kept."""
     options = webdriver.ChromeOptions()
     options.binary_location = _executable("chromium", "chromium-browser")
@@ -99,7 +98,9 @@ def browser() -> WebDriver:
     return webdriver.Chrome(options=options, service=service)
 
 
-def check_page(driver: WebDriver, url: str, title: str, screenshot: pathlib.Path) -> list[str]:
+def check_page(
+    driver: webdriver.Chrome, url: str, title: str, screenshot: pathlib.Path
+) -> list[str]:
     """Open ``url``; the problems found (console errors, no title, no code block)."""
     driver.get(url)
     WebDriverWait(driver, 20).until(
@@ -120,13 +121,10 @@ def check_page(driver: WebDriver, url: str, title: str, screenshot: pathlib.Path
     if blocks and not copy_buttons:
         problems.append(f"{url}: code blocks without a copy button")
     driver.save_screenshot(str(screenshot))
-    for entry in driver.get_log("browser"):
-        if entry["level"] == "SEVERE":
-            problems.append(f"{url}: console error: {entry['message']}")
-    return problems
+    return problems + [f"{url}: console error: {error}" for error in console_errors(driver)]
 
 
-def check_search(driver: WebDriver, base: str) -> list[str]:
+def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
     """Type a public name in the search box; its API entry must be among the results."""
     name, page = SEARCH
     driver.get(base)
@@ -146,11 +144,13 @@ def check_search(driver: WebDriver, base: str) -> list[str]:
             for a in driver.find_elements(By.CSS_SELECTOR, ".md-search-result__link")
         ]
         return [f"search for {name!r}: no result on {page}; results: {found[:5]}"]
-    return [
-        f"search page: console error: {entry['message']}"
-        for entry in driver.get_log("browser")
-        if entry["level"] == "SEVERE"
-    ]
+    return [f"search page: console error: {error}" for error in console_errors(driver)]
+
+
+def console_errors(driver: webdriver.Chrome) -> list[str]:
+    """The errors logged to the browser's console since the last call (it empties the log)."""
+    entries = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [str(entry["message"]) for entry in entries if entry["level"] == "SEVERE"]
 
 
 def public_names() -> dict[str, object]:
