@@ -23,7 +23,8 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
     ``weight_decay * p``), its average to ``ax + mu (p - ax)``; then
     ``eta = lr / (1 + lambd lr t)^alpha`` and ``mu = 1 / max(1, t - t0)`` for the next step.
     ``eta`` starts at the learning rate of a parameter's first update, ``mu`` at 1. The
-    averaged parameters ``ax`` are state, as in torch.optim: read them from :attr:`ax`.
+    averaged parameters ``ax`` are state, as in torch.optim: read them from the optimizer's
+    ``ax`` field.
 
     torch.optim's two paths round differently here (to float32 tolerance): its for-loop path
     (``foreach=False``, the default on CPU) and its multi-tensor one (``foreach=True``, the

@@ -41,7 +41,7 @@ class PureOptimizer(Parameterized):
     :func:`state`, and writes ``_update(hyper, lr, count, params, grads, state)`` (and, where
     needed, ``_check`` for checks across settings, ``_state_names``, ``_init_state``). The
     class keyword ``torch_options=(...)`` names the torch.optim options (of
-    :data:`TORCH_OPTIONS`) that its ``init`` accepts and ignores. CONTRIBUTING.md has the
+    ``TORCH_OPTIONS``) that its ``init`` accepts and ignores. CONTRIBUTING.md has the
     recipe.
 
     Example:
