@@ -126,7 +126,7 @@ CASES: dict[str, Case] = {
     "ASGD": (
         ASGD.init,
         torch.optim.ASGD,
-        {"lambd": 0.5, "t0": 1.0, "weight_decay": 0.1},
+        {"lambd": 0.5, "t0": 1.5, "weight_decay": 0.1},  # t0: away from max(1, t - t0)'s kink
         0.05,
     ),
     "ASGD-maximize": (
@@ -643,3 +643,44 @@ def test_differentiable_steps_of_a_parameter_the_loss_skips_match_the_default_st
     up = float(loss(after(lr0 + h, False), K).detach())
     down = float(loss(after(lr0 - h, False), K).detach())
     assert float(d_lr) == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+
+
+def test_asgd_averaged_parameters_are_differentiable_too() -> None:
+    """ASGD's ``ax`` (the averaged parameters, the model ASGD gives) is a differentiable
+    function of the initial weights, the learning rate, ``lambd``, ``alpha`` and ``t0`` (which
+    reaches nothing but ``ax``, through ``mu``): a meta-loss on it matches finite
+    differences."""
+    make, _, settings, lr0 = CASES["ASGD"]
+    names = ("lambd", "alpha", "t0")
+    base = [p.detach() for p in dp.flatten_parameters(make_model())]
+
+    def averaged_loss(
+        params: list[torch.Tensor], lr: Any, differentiable: bool, **hyper: Any
+    ) -> Any:
+        model = dp.replace_parameters(make_model(), params)
+        optimizer = make(model, **{**settings, **hyper}, differentiable=differentiable)
+        _, optimizer = inner_loop(model, optimizer, lr, K + 1)
+        return loss_of(dp.replace_parameters(model, list(optimizer.ax)))
+
+    x0 = {name: float(settings.get(name, ASGD.declaration().defaults()[name])) for name in names}
+    hyper = {name: torch.tensor(v, requires_grad=True) for name, v in x0.items()}
+    start = [dp.make_independent(p) for p in base]
+    lr = torch.tensor(lr0, requires_grad=True)
+    meta = torch.autograd.grad(
+        averaged_loss(start, lr, True, **hyper), [*start, lr, *hyper.values()]
+    )
+    h = 1e-6
+
+    def value(params: list[torch.Tensor] = base, lr: float = lr0, **changed: float) -> float:
+        start = [dp.make_independent(p) for p in params]
+        return float(averaged_loss(start, lr, False, **{**x0, **changed}).detach())
+
+    d = [torch.cos(torch.arange(p.numel(), dtype=p.dtype) + 1.0).reshape(p.shape) for p in base]
+    along = sum(float((g * e).sum()) for g, e in zip(meta[: len(base)], d, strict=True))
+    plus = value([p + h * e for p, e in zip(base, d, strict=True)])
+    minus = value([p - h * e for p, e in zip(base, d, strict=True)])
+    assert along == pytest.approx((plus - minus) / (2 * h), rel=1e-5)
+    numeric = [(value(lr=lr0 + h) - value(lr=lr0 - h)) / (2 * h)]
+    numeric += [(value(**{n: x0[n] + h}) - value(**{n: x0[n] - h})) / (2 * h) for n in names]
+    for got, expected in zip(meta[len(base) :], numeric, strict=True):
+        assert float(got) == pytest.approx(expected, rel=1e-5) and expected != 0.0
