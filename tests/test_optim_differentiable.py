@@ -36,6 +36,7 @@ from diffprog.optim import (
     RAdam,
     RMSprop,
     Rprop,
+    TorchOptimizer,
     apply_gradients,
     run_step,
 )
@@ -684,3 +685,62 @@ def test_asgd_averaged_parameters_are_differentiable_too() -> None:
     numeric += [(value(**{n: x0[n] + h}) - value(**{n: x0[n] - h})) / (2 * h) for n in names]
     for got, expected in zip(meta[len(base) :], numeric, strict=True):
         assert float(got) == pytest.approx(expected, rel=1e-5) and expected != 0.0
+
+
+def _meta_on(name: str, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Our differentiable steps of case ``name`` on ``device``: the new parameters and the
+    meta-gradient w.r.t. the initial weights and a tensor lr (hyper-parameters as floats)."""
+    make, _, settings, lr0 = CASES[name]
+    model = dp.to(make_model(), device=device)
+    x, y = X.to(device), Y.to(device)
+    lr = torch.tensor(lr0, dtype=torch.float64, device=device, requires_grad=True)
+    current, optimizer = model, make(model, **settings, differentiable=True)
+    for _ in range(steps_of(name)):
+        loss = (current(x) - y).square().mean()
+        current, optimizer = run_step(current, optimizer, loss, lr)
+    outer = (current(x) - y).square().mean()
+    meta = torch.autograd.grad(outer, [*dp.flatten_parameters(model), lr])
+    return [p.detach().cpu() for p in dp.flatten_parameters(current)], [g.cpu() for g in meta]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CASES))
+def test_differentiable_steps_on_cuda_equal_those_on_the_cpu(name: str) -> None:
+    """CUDA puts state where the CPU does not (NAdam's mu_product stays a CPU scalar, ASGD's
+    eta and mu follow the parameters): the differentiable step mixes them as torch does."""
+    cpu_values, cpu_meta = _meta_on(name, "cpu")
+    cuda_values, cuda_meta = _meta_on(name, "cuda")
+    torch.testing.assert_close(cuda_values, cpu_values)
+    torch.testing.assert_close(cuda_meta, cpu_meta)
+
+
+@pytest.mark.parametrize("name", ["NAdam", "ASGD", "Rprop", "Adafactor"])
+def test_the_device_check_runs_here_on_the_cpu(name: str) -> None:
+    """The CUDA test's helper, run on the CPU (so that it is known to run): it gives what
+    our_run gives."""
+    values, meta = _meta_on(name, "cpu")
+    ours_values, ours_meta = our_run(name)
+    torch.testing.assert_close(values, ours_values, rtol=0, atol=0)
+    torch.testing.assert_close(meta, ours_meta, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "torch_cls",
+    [torch.optim.SGD, torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Rprop],
+    ids=lambda c: c.__name__,
+)
+def test_torch_optimizer_refuses_differentiable_naming_the_pure_optimizer(torch_cls: Any) -> None:
+    """TorchOptimizer steps torch.optim in place on the model's leaves: differentiable=True
+    there could never give a meta-gradient, so it is refused up front (not torch's in-place
+    error at the first step), however it is asked for."""
+    model = make_model()
+    name = torch_cls.__name__
+    message = rf"does not take {name}\(differentiable=True\).*diffprog\.optim\.{name}\.init"
+    with pytest.raises(ValueError, match=message):
+        TorchOptimizer.init(model, torch_cls, lr=0.1, differentiable=True)
+    with pytest.raises(ValueError, match=message):
+        TorchOptimizer.init(model, torch_cls, lr=0.1, overrides={"bias": {"differentiable": True}})
+    params = dp.flatten_parameters(model)
+    with pytest.raises(ValueError, match=message):
+        TorchOptimizer(torch_cls(params, lr=0.1, differentiable=True), params)
+    TorchOptimizer.init(model, torch_cls, lr=0.1, differentiable=False)  # accepted as torch's
