@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 import diffprog as dp
 import diffprog.optim
@@ -744,3 +747,29 @@ def test_torch_optimizer_refuses_differentiable_naming_the_pure_optimizer(torch_
     with pytest.raises(ValueError, match=message):
         TorchOptimizer(torch_cls(params, lr=0.1, differentiable=True), params)
     TorchOptimizer.init(model, torch_cls, lr=0.1, differentiable=False)  # accepted as torch's
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(sorted(CASES)),
+    shapes=st.lists(
+        st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple), min_size=1, max_size=3
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_differentiable_steps_give_the_default_steps_numbers_on_random_steps(
+    name: str, shapes: list[tuple[int, ...]], seed: int
+) -> None:
+    """Property: for any parameters and gradients (any shapes, scalars included), K
+    differentiable steps give the default steps' numbers (float64 rounding)."""
+    make, _, settings_, lr0 = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    params = [dp.make_independent(torch.randn(s, generator=gen)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps_of(name))]
+    plain, plain_opt = params, make(params, **settings_)
+    meta, meta_opt = params, make(params, **settings_, differentiable=True)
+    for step_grads in grads:
+        new, plain_opt = plain_opt.step(lr0, step_grads, plain)
+        plain = [dp.make_independent(p) for p in new]
+        meta, meta_opt = meta_opt.step(lr0, step_grads, meta)
+    torch.testing.assert_close([p.detach() for p in meta], plain)
