@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import math
 import torch
 
 from diffprog.optim._declare import (
@@ -252,8 +253,12 @@ def _foreach_adam(
         # Python numbers the bias corrections would be recomputed (pow in double) for every
         # element of the generated loops; as 0-dim float64 tensors they are computed once.
         step = torch.scalar_tensor(step, dtype=torch.float64, device=params[0].device)  # type: ignore[assignment]
-    step_size = -lr / (1 - beta1**step)
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    if traced:
+        step_size = -lr / (1 - torch.exp(step * math.log(beta1)))
+        bias_correction2_sqrt = (1 - torch.exp(step * math.log(beta2))) ** 0.5
+    else:
+        step_size = -lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if traced:  # computed in float64 as the Python numbers are, used in the parameters' dtype
         step_size = step_size.to(params[0].dtype)
         bias_correction2_sqrt = bias_correction2_sqrt.to(params[0].dtype)
