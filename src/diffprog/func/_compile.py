@@ -10,6 +10,7 @@ outside, in Python: they hold no tensor math.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -176,7 +177,13 @@ class CompiledStep:
         if isinstance(lr, torch.Tensor):
             return lr.detach().to(like.device)
         last = self._last_lr
-        if last is not None and last[0] == lr and last[1] == like.device:
+        # The same float, its sign included (-0.0 == 0.0, but not in the update's last bit).
+        if (
+            last is not None
+            and last[0] == lr
+            and math.copysign(1.0, last[0]) == math.copysign(1.0, lr)
+            and last[1] == like.device
+        ):
             return last[2]
         tensor = torch.tensor(lr, dtype=torch.float64, device=like.device)
         self._last_lr = (lr, like.device, tensor)
