@@ -76,6 +76,7 @@ OPTIMIZERS = [
         "Adam amsgrad wd",
         lambda m, donate: Adam.init(m, amsgrad=True, weight_decay=0.1, donate=donate),
     ),
+    ("Adam beta1 0", lambda m, donate: Adam.init(m, betas=(0.0, 0.99), donate=donate)),
     ("AdamW", lambda m, donate: AdamW.init(m, weight_decay=0.1, donate=donate)),
     ("AdamW maximize", lambda m, donate: AdamW.init(m, maximize=True, donate=donate)),
 ]
