@@ -5,18 +5,28 @@ and a medium one (784-256-256-10, batch 64). Baseline: the same network as a
 ``torch.nn.Module`` with ``torch.optim.Adam(fused=True)``, eager. Compared: torch's compiled
 loop (the module ``torch.compile``d, and ``opt.step`` wrapped in ``torch.compile`` as torch's
 "compiling the optimizer" recipe does, with ``foreach=True``, which is what compiles), and
-diffprog's compiled step, pure and donated, with and without the non-finite check. Every
-variant runs in the same process, interleaved round by round; each figure is the median over
-rounds of (variant time / fused time in the same round). Compile time (the first call, which
-traces and generates code) is measured apart and printed in seconds.
+diffprog's compiled step, pure and donated, with and without the non-finite check, for each
+inductor mode asked for (``--modes``). Every variant runs in the same process, round by round,
+in a new random order each round (a variant's place in the round shifts its time by a few
+percent); each figure is the median over rounds of (variant time / fused time in the same
+round). Compile time (the first call, which traces and generates code) is measured apart and
+printed in seconds. A table against the issue's targets ends each case.
+
+Clock: ``--clock wall`` (the default) times with ``time.perf_counter``; ``--clock cpu`` with
+``time.thread_time``, the CPU time of the one thread that runs everything (only with
+``--threads 1``): on a shared, loaded machine it leaves out the time the thread waits for a
+core, which wall-clock ratios cannot.
 
 Run: ``python benchmarks/bench_compile.py`` with ``--rounds N``, ``--reps R``, ``--threads T``
-(on a shared, busy machine ``--threads 1`` avoids measuring thread contention).
+(on a shared, busy machine ``--threads 1`` avoids measuring thread contention), ``--clock``,
+``--modes default,max-autotune-no-cudagraphs`` and ``--sizes small,medium``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import statistics
 import sys
 import time
@@ -58,10 +68,10 @@ def torch_compiled_step(
 
 
 def diffprog_step(
-    model: MLP, x: torch.Tensor, y: torch.Tensor, donate: bool, check: bool
+    model: MLP, x: torch.Tensor, y: torch.Tensor, donate: bool, check: bool, mode: str | None
 ) -> Callable[[], None]:
     """diffprog's compiled step; the model and optimizer are threaded through a cell."""
-    step = compile_step(mse, LR, on_nonfinite="raise" if check else "ignore")
+    step = compile_step(mse, LR, on_nonfinite="raise" if check else "ignore", mode=mode)
     state: list[object] = [model, Adam.init(model, donate=donate)]
 
     def run() -> None:
@@ -71,21 +81,40 @@ def diffprog_step(
     return run
 
 
-def time_case(name: str, sizes: list[int], batch: int, rounds: int, reps: int) -> None:
+SIZES = {"small": ([32, 64, 64, 1], 32), "medium": ([784, 256, 256, 10], 64)}
+# The issue's targets: diffprog's pure step at most this many times the eager fused step
+# (the stretch target in brackets where there is one).
+TARGETS = {"small": (0.5, None), "medium": (1.0, 0.9)}
+FUSED, COMPILED = "torch fused (eager)", "torch compiled loop"
+
+
+def label(donate: bool, check: bool, mode: str | None) -> str:
+    kind = "donated" if donate else "pure"
+    return f"diffprog {kind}{'' if check else ', no check'}{f' [{mode}]' if mode else ''}"
+
+
+def time_case(
+    name: str,
+    rounds: int,
+    reps: int,
+    clock: Callable[[], float],
+    modes: list[str | None],
+) -> None:
+    sizes, batch = SIZES[name]
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, sizes[0], generator=gen), torch.randn(batch, sizes[-1], generator=gen)
     variants: dict[str, Callable[[], None]] = {}
     model, net = build(sizes)
-    variants["torch fused (eager)"] = torch_step(
-        net, torch.optim.Adam(net.parameters(), LR, fused=True), x, y
-    )
+    variants[FUSED] = torch_step(net, torch.optim.Adam(net.parameters(), LR, fused=True), x, y)
     _, net = build(sizes)
-    variants["torch compiled loop"] = torch_compiled_step(net, x, y)
-    for donate in (False, True):
-        for check in (True, False):
-            model, _ = build(sizes)
-            label = f"diffprog {'donated' if donate else 'pure'}{'' if check else ', no check'}"
-            variants[label] = diffprog_step(model, x, y, donate, check)
+    variants[COMPILED] = torch_compiled_step(net, x, y)
+    for mode in modes:
+        for donate in (False, True):
+            for check in (True, False):
+                model, _ = build(sizes)
+                variants[label(donate, check, mode)] = diffprog_step(
+                    model, x, y, donate, check, mode
+                )
     compile_s = {}
     for k, run in variants.items():  # the first call compiles; a few more warm up
         t0 = time.perf_counter()
@@ -94,26 +123,46 @@ def time_case(name: str, sizes: list[int], batch: int, rounds: int, reps: int) -
         for _ in range(reps):
             run()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for k, run in variants.items():
-            t0 = time.perf_counter()
+        shuffle(order)
+        for k, run in order:
+            t0 = clock()
             for _ in range(reps):
                 run()
-            times[k].append((time.perf_counter() - t0) / reps)
-    base = times["torch fused (eager)"]
-    compiled_base = times["torch compiled loop"]
-    print(f"\n{name} ({'-'.join(map(str, sizes))}, batch {batch}); {rounds} rounds of {reps} steps")
+            times[k].append((clock() - t0) / reps)
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(t / u for t, u in zip(times[a], times[b], strict=True))
+
+    print(f"\n{name} MLP ({'-'.join(map(str, sizes))}, batch {batch}); {rounds} rounds of {reps}")
     print(
-        f"  {'variant':28s} {'us/step':>9s} {'x fused':>8s} {'x torch compiled':>17s}"
+        f"  {'variant':56s} {'us/step':>9s} {'x fused':>8s} {'x torch compiled':>17s}"
         f" {'first call':>11s}"
     )
     for k, ts in times.items():
-        ratio = statistics.median(t / b for t, b in zip(ts, base, strict=True))
-        vs_compiled = statistics.median(t / b for t, b in zip(ts, compiled_base, strict=True))
         print(
-            f"  {k:28s} {statistics.median(ts) * 1e6:9.1f} {ratio:8.3f} {vs_compiled:17.3f} "
-            f"{compile_s[k]:10.2f}s"
+            f"  {k:56s} {statistics.median(ts) * 1e6:9.1f} {ratio(k, FUSED):8.3f} "
+            f"{ratio(k, COMPILED):17.3f} {compile_s[k]:10.2f}s"
         )
+    target, stretch = TARGETS[name]
+    print(f"  targets ({name}):")
+    for mode in modes:
+        pure, donated = label(False, True, mode), label(True, True, mode)
+        vs_fused = ratio(pure, FUSED)
+        goal = f"<= {target}" + (f" (stretch {stretch})" if stretch else "")
+        verdict = "met" if vs_fused <= target else "NOT met"
+        if stretch and vs_fused <= stretch:
+            verdict = "met, stretch met"
+        rows = [
+            (f"{pure} x fused {goal}", vs_fused, verdict),
+            (f"{pure} x torch compiled <= 1", ratio(pure, COMPILED), None),
+            (f"{donated} x {pure} <= 1", ratio(donated, pure), None),
+        ]
+        for text, value, said in rows:
+            said = said or ("met" if value <= 1.0 else "NOT met")
+            print(f"    {text:100s} {value:6.3f}  {said}")
 
 
 def main() -> None:
@@ -121,12 +170,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument(
+        "--modes",
+        default="default",
+        help="comma-separated inductor modes for diffprog's step ('default': no mode)",
+    )
+    parser.add_argument("--sizes", default="small,medium", help="comma-separated: small,medium")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    time_case("small MLP", [32, 64, 64, 1], 32, args.rounds, args.reps)
-    time_case("medium MLP", [784, 256, 256, 10], 64, args.rounds, args.reps)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu times one thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    modes = [None if m == "default" else m for m in args.modes.split(",")]
+    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {load}"
+    )
+    for name in args.sizes.split(","):
+        time_case(name, args.rounds, args.reps, clock, modes)
+    print("\nat the end: load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,16 @@ import diffprog as dp
 from diffprog import DiffprogError, Parameterized, flatten_parameters
 from diffprog.func import compile_step
 from diffprog.nn import Linear, LinearSpec
-from diffprog.optim import GD, SGD, Adam, AdamW, NonFiniteError, TorchOptimizer, run_step
+from diffprog.optim import (
+    GD,
+    SGD,
+    Adam,
+    AdamW,
+    NonFiniteError,
+    TorchOptimizer,
+    mk_adam,
+    run_step,
+)
 
 
 class MLP(Parameterized):
@@ -67,6 +76,7 @@ OPTIMIZERS = [
         "Adam amsgrad wd",
         lambda m, donate: Adam.init(m, amsgrad=True, weight_decay=0.1, donate=donate),
     ),
+    ("Adam beta1 0", lambda m, donate: Adam.init(m, betas=(0.0, 0.99), donate=donate)),
     ("AdamW", lambda m, donate: AdamW.init(m, weight_decay=0.1, donate=donate)),
     ("AdamW maximize", lambda m, donate: AdamW.init(m, maximize=True, donate=donate)),
 ]
@@ -98,18 +108,53 @@ def test_compile_step_matches_run_step(name: str, make: Any, donate: bool) -> No
     assert all(isinstance(p, torch.nn.Parameter) for p in flatten_parameters(ours))
 
 
+INDUCTOR_CASES = [
+    ("Adam donated", lambda m: Adam.init(m, donate=True)),
+    ("Adam at step 1000", lambda m: mk_adam(1000, 0.8, 0.99, m)),
+    (
+        "AdamW amsgrad maximize donated",
+        lambda m: AdamW.init(m, amsgrad=True, maximize=True, weight_decay=0.1, donate=True),
+    ),
+]
+
+
 # Inductor's own import of torch.jit warns (torch's, not ours).
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compile_step_with_inductor_matches_run_step() -> None:
+@pytest.mark.parametrize(("name", "make"), INDUCTOR_CASES, ids=[n for n, _ in INDUCTOR_CASES])
+def test_compile_step_with_inductor_matches_run_step(name: str, make: Any) -> None:
+    # Generated code: Adam's traced path (bias corrections computed once per step, from the
+    # step count; amsgrad, maximize, decoupled weight decay), pure and donated, against eager.
     model = mlp()
     x, y = batch()
-    step = compile_step(mse, 0.01)  # inductor, generating code
-    ours, ours_opt = model, Adam.init(model, donate=True)
-    ref, ref_opt = model, Adam.init(model)
+    step = compile_step(mse, lambda count: 0.01 / (1 + count % 3))  # inductor, generating code
+    ours, ours_opt = model, make(model)
+    ref, ref_opt = model, make(model)
     for _ in range(3):
-        ours, ours_opt, _ = step(ours, ours_opt, x, y)
-        ref, ref_opt = run_step(ref, ref_opt, mse(ref, x, y), 0.01)
+        ours, ours_opt, loss = step(ours, ours_opt, x, y)
+        expected = mse(ref, x, y)
+        ref, ref_opt = run_step(ref, ref_opt, expected, 0.01 / (1 + ref_opt.count % 3))
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
     assert_close_models(ours, ref)
+    assert ours_opt.count == ref_opt.count
+    for kind in type(ref_opt).declaration().state:
+        for s, t in zip(getattr(ours_opt, kind), getattr(ref_opt, kind), strict=True):
+            torch.testing.assert_close(s, t, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_step_with_inductor_nonfinite_raises_and_changes_nothing() -> None:
+    # The check in generated code: the refused step leaves the donated state as it was.
+    model = mlp()
+    x, y = batch()
+    opt = Adam.init(model, donate=True)
+    state = [t.clone() for t in opt.exp_avg + opt.exp_avg_sq]
+    step = compile_step(nan_loss, 0.1)
+    with pytest.raises(NonFiniteError, match="loss is nan") as info:
+        step(model, opt, x, y)
+    assert info.value.paths == tuple(name for name, _ in dp.named_parameters(model))
+    for held, kept in zip(opt.exp_avg + opt.exp_avg_sq, state, strict=True):
+        assert torch.equal(held, kept)
+    assert not opt.lease.spent  # type: ignore[union-attr]
 
 
 def test_compile_step_recompiles_only_when_shapes_or_structure_change() -> None:
@@ -228,7 +273,7 @@ def test_compile_step_refuses_what_it_does_not_take() -> None:
         step(model, Adam.init(model, freeze="layers.0.bias"), x, y)
     with pytest.raises(DiffprogError, match="trains every parameter alike"):
         step(model, Adam.init(model, overrides={"*.bias": {"weight_decay": 0.0}}), x, y)
-    with pytest.raises(DiffprogError, match="built for another model"):
+    with pytest.raises(DiffprogError, match="built for other parameters"):
         step(model, Adam.init(mlp((4, 5, 3))), x, y)
     with pytest.raises(ValueError, match="on_nonfinite"):
         compile_step(mse, 0.1, on_nonfinite="warn")  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
 """compile_step with the pure optimizers beyond those of tests/test_func_compile.py: each that
 compiles with ``fullgraph=True`` gives run_step's numbers, in its donated form.
 
-(NAdam, ASGD and Adafactor, whose state is not shaped as the parameters, are not taken by
-compile_step yet: see the report of issue 12's audit.)
+NAdam, ASGD and Adafactor, whose state is not all shaped as the parameters (scalars, factored
+moments), give run_step's numbers too; ASGD's update reads Python numbers from its state, so it
+needs ``fullgraph=False`` (with ``fullgraph=True`` dynamo's error, not a wrong result).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import diffprog as dp
 from diffprog.func import compile_step
 from diffprog.nn import LinearSpec, SequentialSpec
 from diffprog.optim import (
+    ASGD,
     GDM,
     Adadelta,
+    Adafactor,
     Adagrad,
     Adamax,
     Lion,
+    NAdam,
     RAdam,
     RMSprop,
     Rprop,
@@ -76,3 +80,57 @@ def test_compile_step_matches_run_step_for_more_optimizers(name: str, make: Any)
     for kind in type(ref_opt).declaration().state:
         for s, t in zip(getattr(ours_opt, kind), getattr(ref_opt, kind), strict=True):
             torch.testing.assert_close(s, t, rtol=1e-6, atol=1e-7)
+
+
+SCALAR_STATE: list[tuple[str, Any]] = [
+    ("NAdam", lambda m, d: NAdam.init(m, weight_decay=0.1, donate=d)),
+    ("ASGD", lambda m, d: ASGD.init(m, t0=2.0, donate=d)),
+    ("Adafactor", lambda m, d: Adafactor.init(m, donate=d)),
+]
+
+
+@pytest.mark.parametrize(("name", "make"), SCALAR_STATE, ids=[n for n, _ in SCALAR_STATE])
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_compile_step_takes_optimizers_with_scalar_or_factored_state(
+    name: str, make: Any, donate: bool
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    # a matrix (Adafactor factors its moment) and a vector per layer
+    spec = SequentialSpec(LinearSpec(4, 8), torch.tanh, LinearSpec(8, 3))
+    model = dp.sample(spec, generator=gen)
+    x, y = torch.randn(6, 4, generator=gen), torch.randn(6, 3, generator=gen)
+    step = compile_step(mse, 0.05, backend="aot_eager", fullgraph=name != "ASGD")
+    ours, ours_opt = model, make(model, donate)
+    ref, ref_opt = model, make(model, False)
+    for _ in range(5):
+        ours, ours_opt, loss = step(ours, ours_opt, x, y)
+        expected = mse(ref, x, y)
+        ref, ref_opt = run_step(ref, ref_opt, expected, 0.05)
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
+    for p, q in zip(dp.flatten_parameters(ours), dp.flatten_parameters(ref), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for kind in type(ref_opt).declaration().state:
+        for s, t in zip(getattr(ours_opt, kind), getattr(ref_opt, kind), strict=True):
+            torch.testing.assert_close(s, t, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "make"), SCALAR_STATE, ids=[n for n, _ in SCALAR_STATE])
+def test_compile_step_state_built_for_another_model_is_refused(name: str, make: Any) -> None:
+    gen = torch.Generator().manual_seed(2)
+    model = dp.sample(SequentialSpec(LinearSpec(4, 8), torch.tanh, LinearSpec(8, 3)), generator=gen)
+    other = dp.sample(SequentialSpec(LinearSpec(4, 5), torch.tanh, LinearSpec(5, 3)), generator=gen)
+    x, y = torch.randn(6, 4, generator=gen), torch.randn(6, 3, generator=gen)
+    step = compile_step(mse, 0.05, backend="aot_eager", fullgraph=False)
+    opt, _ = make(other, False), None
+    _, opt, _ = step(other, opt, x[:, :4], y)  # state held for `other`
+    with pytest.raises(dp.DiffprogError, match="another model|built for|does not fit"):
+        step(model, opt, x, y)
+
+
+def test_compile_step_asgd_with_fullgraph_is_dynamos_error_not_a_wrong_result() -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = dp.sample(SequentialSpec(LinearSpec(4, 8), torch.tanh, LinearSpec(8, 3)), generator=gen)
+    x, y = torch.randn(6, 4, generator=gen), torch.randn(6, 3, generator=gen)
+    step = compile_step(mse, 0.05, backend="aot_eager")
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+        step(model, ASGD.init(model), x, y)

@@ -10,8 +10,9 @@ outside, in Python: they hold no tensor math.
 
 from __future__ import annotations
 
+import math
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -37,7 +38,9 @@ __all__ = ["CompiledStep", "compile_step"]
 
 M = TypeVar("M")
 OptT = TypeVar("OptT", bound=PureOptimizer)
-Core = Callable[..., tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor, Any]]
+Core = Callable[
+    ..., tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor, Any, Any]
+]
 
 
 def compile_step(
@@ -123,6 +126,7 @@ class CompiledStep:
         # One compiled function; dynamo keys its cache on the model's structure, the
         # optimizer's type and settings, donation, and the shapes of the tensors.
         self._compiled: Core = torch.compile(core, **options)
+        self._last_lr: tuple[float, torch.device, torch.Tensor] | None = None
 
     def __call__(
         self, model: M, optimizer: OptT, *args: Any, **kwargs: Any
@@ -139,8 +143,8 @@ class CompiledStep:
         params = flatten_parameters(model)
         _check_optimizer(optimizer, len(params))
         state = _held_state(optimizer, params)
-        lr = _lr_tensor(_learning_rate_at(self.lr, optimizer.count), params[0])
-        new_params, new_state, loss, flags = self._compiled(
+        lr = self._lr_input(_learning_rate_at(self.lr, optimizer.count), params[0])
+        new_params, new_state, loss, ok, flags = self._compiled(
             model,
             optimizer,
             [p.detach() for p in params],
@@ -150,7 +154,7 @@ class CompiledStep:
             args,
             kwargs,
         )
-        if flags is not None and not bool(flags.all()):
+        if ok is not None and not bool(ok):  # one flag read: the per-tensor ones on failure
             if self.on_nonfinite == "skip":
                 return model, optimizer, loss
             raise _nonfinite_error(model, loss, flags)
@@ -161,6 +165,29 @@ class CompiledStep:
         new_optimizer = optimizer._advanced(settings, None, held)
         new_model = replace_parameters(model, [make_independent(p) for p in new_params])
         return new_model, new_optimizer, loss
+
+    def _lr_input(self, lr: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The learning rate as a 0-dim float64 tensor on ``like``'s device: an input of the
+        graph, so that a new value (a schedule's) does not recompile.
+
+        A float is made a tensor once and reused while the value and device stay the same
+        (``_last_lr``, the one cache of this object besides dynamo's): building a tensor
+        costs more than the rest of the step's bookkeeping. The graph only reads it.
+        """
+        if isinstance(lr, torch.Tensor):
+            return lr.detach().to(like.device)
+        last = self._last_lr
+        # The same float, its sign included (-0.0 == 0.0, but not in the update's last bit).
+        if (
+            last is not None
+            and last[0] == lr
+            and math.copysign(1.0, last[0]) == math.copysign(1.0, lr)
+            and last[1] == like.device
+        ):
+            return last[2]
+        tensor = torch.tensor(lr, dtype=torch.float64, device=like.device)
+        self._last_lr = (lr, like.device, tensor)
+        return tensor
 
 
 def _plain_settings(n: int) -> ParamSettings:
@@ -198,20 +225,22 @@ def _make_core(loss_fn: Callable[..., torch.Tensor], check: bool) -> Core:
         diffprog_step_count: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor, Any]:
+    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor, Any, Any]:
         def loss_of(ps: list[torch.Tensor]) -> torch.Tensor:
             return loss_fn(replace_parameters(model, ps), *args, **kwargs)
 
         # torch.func.grad rather than torch.autograd.grad: it traces without
         # trace_autograd_ops and needs no requires_grad_ on the inputs.
         grads, loss = torch.func.grad_and_value(loss_of)(params)
-        flags = None
+        flags = ok = None
         if check:
-            # The check as tensor ops (one flag for the loss, one per gradient), read after
-            # the call: a Python `if` on a tensor's value would break the graph.
+            # The check as tensor ops (one flag for the loss, one per gradient, and their
+            # conjunction), read after the call: a Python `if` on a tensor's value would break
+            # the graph. The caller reads `ok` only; `flags` names the culprits on failure.
             flags = torch.stack(
                 [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]
             )
+            ok = flags.all()
         work = {name: [t.clone() for t in held] for name, held in state.items()}
         with torch.no_grad():
             new_params = optimizer._run(
@@ -221,12 +250,11 @@ def _make_core(loss_fn: Callable[..., torch.Tensor], check: bool) -> Core:
                 # Donated: the new state is written into the tensors passed in (an input
                 # mutation, which the compiled code does in place); where the check fails
                 # the old values are written back, so a refused step changes nothing.
-                ok = flags.all() if flags is not None else None
                 for name, held in state.items():
                     for old, new in zip(held, work[name], strict=True):
                         old.copy_(new if ok is None else torch.where(ok, new, old))
                 work = state
-        return new_params, work, loss.detach(), flags
+        return new_params, work, loss.detach(), ok, flags
 
     # A code object of its own for each compiled step: dynamo keeps its cache (and counts
     # recompiles against its limit) per code object, and every step compiles this one.
@@ -272,35 +300,26 @@ def _check_optimizer(optimizer: Any, num_params: int) -> None:
 
 
 def _held_state(
-    optimizer: PureOptimizer, params: Sequence[torch.Tensor]
+    optimizer: PureOptimizer, params: list[torch.Tensor]
 ) -> dict[str, list[torch.Tensor]]:
-    """The optimizer's state, kind by kind (zero state where it holds none yet)."""
+    """The optimizer's state, kind by kind (zero state where it holds none yet).
+
+    The optimizer's own check refuses state built for other parameters (the one ``run_step``
+    makes): it knows which kinds are shaped as the parameters and which are scalars or
+    factored moments (NAdam's ``mu_product``, ASGD's ``eta``, Adafactor's ``row_var``).
+    """
     hyper = optimizer._defaults()
+    names = type(optimizer)._state_names(hyper)
+    optimizer._check_state_fits({name: getattr(optimizer, name) for name in names}, params)
     state: dict[str, list[torch.Tensor]] = {}
-    for name in type(optimizer)._state_names(hyper):
+    for name in names:
         held = getattr(optimizer, name)
         if not held:
             with torch.no_grad():
                 state[name] = [type(optimizer)._init_state(name, p, hyper) for p in params]
             continue
-        if len(held) != len(params) or any(
-            h is None or h.shape != p.shape for h, p in zip(held, params, strict=False)
-        ):
-            raise DiffprogError(
-                f"this {type(optimizer).__name__}'s state {name} does not fit the model's "
-                f"parameters: it was built for another model. Build it with "
-                f"{type(optimizer).__name__}.init(model)."
-            )
         state[name] = list(held)
     return state
-
-
-def _lr_tensor(lr: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The learning rate as a 0-dim tensor on ``like``'s device: an input of the graph, so
-    that a new value (a schedule's) does not recompile."""
-    if isinstance(lr, torch.Tensor):
-        return lr.detach().to(like.device)
-    return torch.tensor(lr, dtype=torch.float64, device=like.device)
 
 
 def _nonfinite_error(model: Any, loss: torch.Tensor, flags: torch.Tensor) -> NonFiniteError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -248,15 +249,15 @@ def _foreach_adam(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     traced = torch.compiler.is_compiling()
     if traced:
-        # Under torch.compile (diffprog.func.compile_step) the step count is a symbol: as
-        # Python numbers the bias corrections would be recomputed (pow in double) for every
-        # element of the generated loops; as 0-dim float64 tensors they are computed once.
-        step = torch.scalar_tensor(step, dtype=torch.float64, device=params[0].device)  # type: ignore[assignment]
-    step_size = -lr / (1 - beta1**step)
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    if traced:  # computed in float64 as the Python numbers are, used in the parameters' dtype
-        step_size = step_size.to(params[0].dtype)
-        bias_correction2_sqrt = bias_correction2_sqrt.to(params[0].dtype)
+        # Under torch.compile (diffprog.func.compile_step) the step count is a symbol, and
+        # the bias corrections 0-dim float64 tensors (computed in float64 as the Python
+        # numbers are, used in the parameters' dtype): see _traced_power.
+        t = torch.scalar_tensor(step, dtype=torch.float64, device=params[0].device)
+        step_size = (-lr / (1 - _traced_power(beta1, t))).to(params[0].dtype)
+        bias_correction2_sqrt = ((1 - _traced_power(beta2, t)) ** 0.5).to(params[0].dtype)
+    else:
+        step_size = -lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if max_exp_avg_sqs:
         torch._foreach_maximum_(max_exp_avg_sqs[0], exp_avg_sqs)
         denom = torch._foreach_sqrt(max_exp_avg_sqs[0])
@@ -270,3 +271,19 @@ def _foreach_adam(
         )
     else:
         torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+def _traced_power(base: float | torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``base ** step`` for a step count traced by ``torch.compile``, as ``exp(step * log(base))``.
+
+    Why: inductor computes a 0-dim value read by many loops once (it realizes it) only when
+    the value holds an expensive op such as ``exp``; a ``pow`` it inlines into every vector of
+    every loop it feeds, and the C++ compiler cannot hoist it (``pow`` may set ``errno``):
+    on the medium benchmark MLP that was most of the optimizer's time. In float64 the two
+    forms differ by a few units in the last place, far below the parameters' float32.
+    """
+    if isinstance(base, torch.Tensor):  # a learned hyper-parameter: pow, as eager
+        return base**step
+    if base == 0.0:  # 0 ** step for step >= 1 (log(0) is undefined)
+        return torch.zeros_like(step)
+    return torch.exp(step * math.log(base))
