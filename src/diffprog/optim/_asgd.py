@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,6 +49,8 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
         >>> new, opt.ax, opt.eta
         ([tensor([0.8000])], (tensor([0.8000]),), (tensor(0.1000),))
     """
+
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
 
     lambd: float = hyper(1e-4, doc="the decay term")
     alpha: float = hyper(0.75, doc="the power of ``eta``'s decay")

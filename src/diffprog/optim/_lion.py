@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,6 +36,8 @@ class Lion(PureOptimizer):
         >>> new
         [tensor([0.9000, 1.1000])]
     """
+
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
 
     betas: tuple[float, float] = hyper(
         (0.9, 0.99),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +50,8 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         >>> new, opt.mu_product
         ([tensor([ 0.8944, -0.8944])], (tensor(0.4501),))
     """
+
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
 
     betas: tuple[float, float] = hyper(
         (0.9, 0.999),

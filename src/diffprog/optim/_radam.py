@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,6 +51,8 @@ class RAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         ...
         ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
     """
+
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
 
     betas: tuple[float, float] = hyper(
         (0.9, 0.999),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,6 +61,8 @@ class Rprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiab
         ...
         ValueError: Invalid eta values: 1.5, 1.2 (must be 0 < etaminus < 1 < etaplus).
     """
+
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
 
     etas: tuple[float, float] = hyper(
         (0.5, 1.2),
