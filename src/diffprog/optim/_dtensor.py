@@ -35,10 +35,10 @@ __all__ = [
 _MODULE = "torch.distributed.tensor"
 
 
-def dtensor_type() -> type | None:
-    """``DTensor`` if ``torch.distributed.tensor`` is loaded (else no DTensor exists)."""
+def dtensor_type() -> Any:
+    """``DTensor`` if ``torch.distributed.tensor`` is loaded (else ``None``: none exists)."""
     module = sys.modules.get(_MODULE)
-    return None if module is None else module.DTensor  # type: ignore[no-any-return]
+    return None if module is None else module.DTensor
 
 
 def any_dtensor(tensors: Sequence[Any]) -> bool:
@@ -52,7 +52,7 @@ def any_dtensor(tensors: Sequence[Any]) -> bool:
     return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
-def _local(t: Any, cls: type) -> Any:
+def _local(t: Any, cls: Any) -> Any:
     return t.to_local() if isinstance(t, cls) else t
 
 
@@ -79,12 +79,13 @@ def run_on_shards(
     cls = dtensor_type()
     assert cls is not None  # the caller found a DTensor
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if isinstance(p, cls) and not (
-            isinstance(g, cls) and g.placements == p.placements and g.device_mesh == p.device_mesh
+        p_: Any = p
+        if isinstance(p_, cls) and not (
+            isinstance(g, cls) and g.placements == p_.placements and g.device_mesh == p_.device_mesh
         ):
             where = getattr(g, "placements", "a plain tensor")
             raise DiffprogError(
-                f"parameter {i} is a DTensor placed as {p.placements} (sharded) but its "
+                f"parameter {i} is a DTensor placed as {p_.placements} (sharded) but its "
                 f"gradient is {where}. Compute the loss from diffprog.distributed.gathered"
                 "(model), whose gradients come back placed as the parameters."
             )
@@ -179,5 +180,6 @@ def _flag_device(tensors: Sequence[Any]) -> torch.device:
     cls = dtensor_type()
     for t in tensors:
         if cls is not None and isinstance(t, cls):
-            return t.device  # type: ignore[no-any-return]
+            device: torch.device = t.device
+            return device
     return torch.device("cpu")
