@@ -92,11 +92,13 @@ def shard(model: T, mesh: DeviceMesh) -> T:
     Example:
         >>> import torch.distributed as dist
         >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> from diffprog.nn import LinearSpec
         >>> mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         >>> sharded = shard(sample(LinearSpec(4, 6)), mesh)
         >>> sharded.weight.shape, sharded.weight.placements
         (torch.Size([6, 4]), (Shard(dim=0),))
+        >>> dist.destroy_process_group()
     """
     _check_mesh(mesh, "shard")
     return map_parameters(
@@ -127,12 +129,14 @@ def shard_optimizer(optimizer: T, mesh: DeviceMesh) -> T:
     Example:
         >>> import torch.distributed as dist
         >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> from diffprog.nn import LinearSpec
         >>> from diffprog.optim import Adam
         >>> mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         >>> opt = shard_optimizer(Adam.init(sample(LinearSpec(4, 6))), mesh)
         >>> type(opt.exp_avg[0]).__name__
         'DTensor'
+        >>> dist.destroy_process_group()
     """
     _check_mesh(mesh, "shard_optimizer")
 
@@ -160,12 +164,14 @@ def unshard(value: T) -> T:
     Example:
         >>> import torch.distributed as dist
         >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> from diffprog.nn import LinearSpec
         >>> mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         >>> model = sample(LinearSpec(4, 6))
         >>> back = unshard(shard(model, mesh))
         >>> type(back.weight).__name__, torch.equal(back.weight, model.weight)
         ('Parameter', True)
+        >>> dist.destroy_process_group()
     """
     return map_tensors(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, value)
 
@@ -201,11 +207,13 @@ def gathered(model: T) -> T:
     Example:
         >>> import torch.distributed as dist
         >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> from diffprog.nn import LinearSpec
         >>> mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         >>> sharded = shard(sample(LinearSpec(4, 6)), mesh)
         >>> gathered(sharded)(torch.ones(2, 4)).shape
         torch.Size([2, 6])
+        >>> dist.destroy_process_group()
     """
     return replace_parameters(model, [_gather(p) for p in flatten_parameters(model)])
 

@@ -98,12 +98,14 @@ def save_sharded_checkpoint(
     Example:
         >>> import tempfile, torch.distributed as dist
         >>> from torch.distributed.device_mesh import init_device_mesh
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> from diffprog.distributed import shard
         >>> from diffprog.nn import LinearSpec
         >>> mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         >>> model = shard(sample(LinearSpec(2, 3)), mesh)
         >>> save_sharded_checkpoint(tempfile.mkdtemp(), model=model, optimizer=None, step=7).name
         'step-000000007'
+        >>> dist.destroy_process_group()
     """
     mesh = _mesh_of(model)
     if mesh.ndim != 1:
@@ -194,17 +196,19 @@ def _local_skeleton(value: Any, index: int, pieces: int, only_parameters: bool) 
 
 
 def _assembled(skeleton: Any, parts: Sequence[Any], only_parameters: bool) -> Any:
-    """``skeleton`` with each tensor the concatenation (along dimension 0) of its pieces in
-    ``parts`` (a tensor that is not sharded: the first part's)."""
+    """The first of ``parts`` (loaded values: counts and settings included) with each tensor
+    the concatenation along dimension 0 of its pieces in ``parts``; a tensor that is not
+    sharded (which ``skeleton``'s tensors tell) is the first part's."""
+    slots = iter(tensors(skeleton))
     pieces: Iterator[tuple[torch.Tensor, ...]] = zip(*(tensors(p) for p in parts), strict=True)
 
     def one(t: torch.Tensor) -> torch.Tensor:
-        mine = next(pieces)
-        if t.dim() == 0 or (only_parameters and not isinstance(t, Parameter)):
+        slot, mine = next(slots), next(pieces)
+        if slot.dim() == 0 or (only_parameters and not isinstance(slot, Parameter)):
             return mine[0]
         return torch.cat([piece.detach() for piece in mine])
 
-    return map_tensors(one, skeleton)
+    return map_tensors(one, parts[0])
 
 
 def _read_all(
