@@ -349,3 +349,80 @@ def test_sharding_needs_a_mesh() -> None:
 
     with pytest.raises(TypeError, match="DeviceMesh"):
         shard(make_net(), "cpu")  # type: ignore[arg-type]
+
+
+# --- in one process: a world of one (the same code paths, no spawning) ----------------------
+
+
+@pytest.fixture
+def mesh1() -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_traversals_see_dtensor_parameters_not_dtensor_constants(mesh1: Any) -> None:
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from diffprog.distributed import shard
+
+    model = make_net()
+    sharded = shard(model, mesh1)
+    params = dp.flatten_parameters(sharded)
+    assert len(params) == len(dp.flatten_parameters(model)) == 5  # the tie counted once
+    assert all(isinstance(p, DTensor) and isinstance(p, torch.nn.Parameter) for p in params)
+    names = [name for name, _ in dp.named_parameters(sharded)]
+    assert names == [name for name, _ in dp.named_parameters(model)]
+    # a DTensor that is not a Parameter is a constant (a buffer), never flattened
+    constant = distribute_tensor(torch.ones(3), mesh1, [Shard(0)])
+    with_constant = Net(**{**sharded.__dict__, "scale": constant})
+    assert len(dp.flatten_parameters(with_constant)) == 5
+    rebuilt = dp.replace_parameters(with_constant, dp.flatten_parameters(with_constant))
+    assert rebuilt.scale is constant
+    assert model.first.weight is not sharded.first.weight  # shard left model alone
+    assert type(model.first.weight) is torch.nn.Parameter
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: __import__("diffprog.optim", fromlist=["Adam"]).Adam.init(m, donate=True),
+        lambda m: __import__("diffprog.optim", fromlist=["AdamW"]).AdamW.init(
+            m, weight_decay=0.1, overrides={"*.bias": {"weight_decay": 0.0, "lr_scale": 0.5}}
+        ),
+        lambda m: __import__("diffprog.optim", fromlist=["SGD"]).SGD.init(
+            m, momentum=0.9, freeze="second.bias"
+        ),
+        lambda m: __import__("diffprog.optim", fromlist=["GD"]).GD(differentiable=True),
+    ],
+    ids=["donate", "overrides", "freeze", "differentiable"],
+)
+def test_optimizer_paths_on_shards_equal_whole(mesh1: Any, make: Any) -> None:
+    from diffprog.distributed import gathered, shard
+    from diffprog.optim import run_step
+
+    x, y = batch()
+    ref, run = make_net(), shard(make_net(), mesh1)
+    ref_opt, opt = make(ref), make(run)
+    lr = torch.tensor(0.01)  # a tensor learning rate, too
+    for _ in range(3):
+        ref, ref_opt = run_step(ref, ref_opt, loss_of(ref, x, y), lr)
+        run, opt = run_step(run, opt, loss_of(gathered(run), x, y), lr)
+    _close(run, ref, "world of one")
+
+
+def test_unused_parameter_is_left_alone_on_shards(mesh1: Any) -> None:
+    from diffprog.distributed import gathered, shard
+    from diffprog.optim import Adam, run_step
+
+    x, y = batch()
+    run = shard(make_net(), mesh1)
+    opt = Adam.init(run)
+    loss = torch.nn.functional.mse_loss(gathered(run).first(x).sum(-1), y)  # first only
+    new, new_opt = run_step(run, opt, loss, 0.01)
+    assert torch.equal(new.tiny.full_tensor(), run.tiny.full_tensor())
+    assert new_opt.param_counts[2] == 0 and new_opt.param_counts[0] == 1
