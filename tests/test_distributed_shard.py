@@ -228,6 +228,11 @@ def refusals(rank: int, world: int, mesh: Any) -> None:
     # the sharded model itself cannot run forward (DTensor refuses to mix with the input)
     with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
         loss_of(sharded, *mine)
+    # every rank starts from rank 0's values, whatever its own model held
+    from diffprog.distributed import unshard
+
+    own = dp.map_parameters(lambda p: p + rank, make_net())
+    _close(unshard(shard(own, mesh)), make_net(), "rank 0's values")
     # a model on another device type than the mesh's
     with pytest.raises(dp.DiffprogError, match="meta"):
         shard(dp.to(make_net(), device="meta"), mesh)
