@@ -431,3 +431,20 @@ def test_unused_parameter_is_left_alone_on_shards(mesh1: Any) -> None:
     new, new_opt = run_step(run, opt, loss, 0.01)
     assert torch.equal(new.tiny.full_tensor(), run.tiny.full_tensor())
     assert new_opt.param_counts[2] == 0 and new_opt.param_counts[0] == 1
+
+
+def test_saving_a_sharded_model_as_one_file_is_refused(mesh1: Any, tmp_path: Path) -> None:
+    from diffprog.distributed import shard, unshard
+
+    sharded = shard(make_net(), mesh1)
+    for save in (
+        lambda: dp.save_params(sharded, tmp_path / "m.safetensors"),
+        lambda: dp.save_params(sharded, tmp_path / "m.pt"),
+        lambda: dp.save_checkpoint(
+            tmp_path / "c.safetensors", model=sharded, optimizer=None, step=0
+        ),
+    ):
+        with pytest.raises(dp.SaveError, match="sharded tensor.*unshard"):
+            save()
+    assert not list(tmp_path.iterdir())
+    dp.save_params(unshard(sharded), tmp_path / "m.safetensors")  # whole: saved
