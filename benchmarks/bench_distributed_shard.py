@@ -13,8 +13,14 @@ round), and the bytes each rank holds between steps (parameters + optimizer stat
 exactly from the tensors (``to_local()`` for the shards). On one host the step time measures
 the overhead of the communication and of DTensor's dispatch, not a speed-up.
 
+Then the peak memory of a step, each variant in fresh processes (``--memory-sizes``, a larger
+MLP): the growth of each rank's peak resident memory (``ru_maxrss``) over a few steps, from
+the resident memory right after building the model and its optimizer, as a ratio of the
+replicated one. That peak includes what a step holds whole either way (the gathered
+parameters, the activations, the full gradients before the reduce-scatter).
+
 Run: ``python benchmarks/bench_distributed_shard.py`` with ``--world N`` (default 2),
-``--rounds R``, ``--sizes 512,1024,1024,10``, ``--batch B`` (per rank).
+``--rounds R``, ``--sizes 512,1024,1024,10``, ``--batch B`` (per rank), ``--skip-memory``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import datetime
 import itertools
 import os
+import resource
 import socket
 import statistics
 import time
@@ -138,6 +145,85 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from diffprog.distributed import gathered, shard
+
+    sizes = [int(s) for s in args.memory_sizes.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    model = MLP(
+        tuple(dp.sample(LinearSpec(a, b), generator=gen) for a, b in itertools.pairwise(sizes))
+    )
+    x = torch.randn(args.batch, sizes[0], generator=torch.Generator().manual_seed(rank))
+    y = torch.randint(0, sizes[-1], (args.batch,), generator=torch.Generator().manual_seed(rank))
+    if args.variant == "sharded":
+        model = shard(model, init_device_mesh("cpu", (world,)))
+    optimizer = Adam.init(model)
+    del gen
+    held = _held_bytes(model, optimizer)
+    base = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(3):
+        if args.variant == "sharded":
+            loss = F.cross_entropy(gathered(model)(x), y)
+            model, optimizer = run_step(model, optimizer, loss, 1e-3)
+        else:
+            params = dp.flatten_parameters(model)
+            grads = dp.grad(F.cross_entropy(model(x), y), params, retain_graph=False)
+            for g in grads:
+                dist.all_reduce(g)
+            model, optimizer = apply_gradients(model, optimizer, grads, 1e-3)
+            del grads, params
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.put((rank, held, max(peak, peak_before) - base))
+    dist.destroy_process_group()
+
+
+def _memory(args: argparse.Namespace) -> None:
+    results = {}
+    for variant in ("replicated", "sharded"):
+        args.variant = variant
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(
+            _memory_worker,
+            args=(args.world, _port(), args, queue),
+            nprocs=args.world,
+            start_method="spawn",
+        )
+        results[variant] = [queue.get() for _ in range(args.world)]
+    n = sum(a * b + b for a, b in itertools.pairwise(int(s) for s in args.memory_sizes.split(",")))
+    print(f"peak memory, MLP {args.memory_sizes} ({n / 1e6:.1f}M parameters), Adam, 3 steps:")
+    rep_peak = max(r[2] for r in results["replicated"])
+    for variant, rows in results.items():
+        held = max(r[1] for r in rows) / 2**20
+        peak = max(r[2] for r in rows)
+        print(
+            f"  {variant}: held {held:.0f} MiB per rank; peak growth during steps "
+            f"{peak / 2**20:.0f} MiB per rank (ratio to replicated {peak / rep_peak:.2f})"
+        )
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
@@ -145,14 +231,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sizes", default="512,1024,1024,10")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--memory-sizes", default="2048,2048,2048,2048,10")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _port()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(
         _worker, args=(args.world, port, args), nprocs=args.world, start_method="spawn"
     )
+    if not args.skip_memory:
+        _memory(args)
 
 
 if __name__ == "__main__":
