@@ -448,3 +448,22 @@ def test_saving_a_sharded_model_as_one_file_is_refused(mesh1: Any, tmp_path: Pat
             save()
     assert not list(tmp_path.iterdir())
     dp.save_params(unshard(sharded), tmp_path / "m.safetensors")  # whole: saved
+
+
+def test_every_elementwise_optimizer_is_in_the_sharded_grid() -> None:
+    """An optimizer declared elementwise steps shards: the multi-process grid must cover it;
+    one that is not is refused on DTensors (Adafactor, in the refusals)."""
+    from diffprog import optim
+
+    exported = {
+        cls
+        for cls in (getattr(optim, name) for name in optim.__all__)
+        if isinstance(cls, type) and issubclass(cls, optim.PureOptimizer)
+    }
+    elementwise = {cls for cls in exported if cls._elementwise}
+    in_grid = set()
+    for made in _optimizers(make_net()).values():
+        inner = made.inner if isinstance(made, optim.Chain) else made
+        in_grid.add(type(inner))
+    assert elementwise <= in_grid, elementwise - in_grid
+    assert exported - elementwise == {optim.PureOptimizer, optim.Adafactor}
