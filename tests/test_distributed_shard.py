@@ -286,7 +286,11 @@ def save_body(rank: int, world: int, folder: Path) -> None:
     assert back.optimizer.count == opt.count == 3
     _close(back.model, unshard(model), "loaded model")
     _close(back.optimizer, unshard(opt), "loaded optimizer")
+    assert back.model.first.weight.placements == model.first.weight.placements
+    assert back.model.first.weight.to_local().shape == model.first.weight.to_local().shape
     model, opt = _train(model, opt, rank, world, 2)
+    resumed, _ = _train(back.model, back.optimizer, rank, world, 2)  # from this rank's file
+    _close(resumed, unshard(model), "resumed on the same number of ranks")
     if rank == 0:
         dp.save_params(unshard(model), folder / "after5.safetensors")
     else:

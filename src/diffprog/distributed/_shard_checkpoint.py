@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from diffprog import (
     Checkpoint,
@@ -244,21 +244,20 @@ def load_sharded_checkpoint(
 ) -> Checkpoint[M, OptT]:
     """Load a sharded checkpoint on ``mesh``, whatever the number of ranks that saved it.
 
-    Every rank calls it. Each reads every rank's file (checked as ``load_checkpoint``
-    checks), puts the whole model and optimizer state together, and shards them over
-    ``mesh`` (:func:`~diffprog.distributed.shard`, :func:`shard_optimizer`): so a checkpoint
-    saved on ``n`` ranks loads on ``m``, and on one process with :func:`gather_checkpoint`.
-    Loading holds the whole model once per rank for a moment (reading only one's own shards
-    is the next step where that matters). On the same number of ranks each rank restores
-    the random states its own file holds (with ``restore_rng``); on another number, none
-    (there is no rank they belong to).
+    Every rank calls it. On the number of ranks that saved it, each rank reads only its own
+    file (checked as ``load_checkpoint`` checks) and restores the random states it holds
+    (with ``restore_rng``). On another number, each reads every rank's file, puts the whole
+    model and optimizer state together (holding the whole model for a moment) and shards
+    them over ``mesh`` (:func:`~diffprog.distributed.shard`, :func:`shard_optimizer`); no
+    random state is restored (there is no rank it belongs to). So a checkpoint saved on
+    ``n`` ranks loads on ``m``, and on one process with :func:`gather_checkpoint`.
 
     Args:
         path: a step folder, or the run's folder (its newest complete step is loaded).
         model: the unsharded model's skeleton (e.g. ``sample(spec)``), not changed.
         optimizer: the skeleton of its optimizer, built for the unsharded skeleton with the
             saved settings (``Adam.init(skeleton)``), or ``None``.
-        mesh: the 1-D mesh to shard over.
+        mesh: the 1-D mesh to shard over (as :func:`~diffprog.distributed.shard` does).
         restore_rng: restore the random states (same number of ranks only).
 
     Returns:
@@ -266,16 +265,55 @@ def load_sharded_checkpoint(
 
     Raises:
         LoadError: no complete checkpoint, a rank's file missing or not fitting the skeletons.
+        DiffprogError: ``mesh`` has more than one dimension.
     """
     source, world = _complete(path)
+    if mesh.ndim != 1:
+        raise DiffprogError(
+            f"load_sharded_checkpoint shards over a 1-D mesh, not a {mesh.ndim}-D one."
+        )
     rank = mesh.get_local_rank()
-    same = world == mesh.size()
-    full_model, full_optimizer, first = _read_all(
-        source, world, model, optimizer, lambda r: restore_rng and same and r == rank
-    )
+    if world == mesh.size():  # each rank reads its own file: its shards, as they were saved
+        own = load_checkpoint(
+            source / _RANK.format(rank=rank, world=world),
+            model=_local_skeleton(model, rank, world, True),
+            optimizer=None if optimizer is None else _local_skeleton(optimizer, rank, world, False),
+            restore_rng=restore_rng,
+        )
+        sharded_model = _rewrapped(model, own.model, mesh, True)
+        sharded_optimizer = (
+            None if optimizer is None else _rewrapped(optimizer, own.optimizer, mesh, False)
+        )
+        return Checkpoint(sharded_model, sharded_optimizer, own.step, own.extra, source)  # type: ignore[arg-type]
+    full_model, full_optimizer, first = _read_all(source, world, model, optimizer, lambda r: False)
     sharded_model = shard(full_model, mesh)
     sharded_optimizer = None if full_optimizer is None else shard_optimizer(full_optimizer, mesh)
     return Checkpoint(sharded_model, sharded_optimizer, first.step, first.extra, source)  # type: ignore[arg-type]
+
+
+def _rewrapped(skeleton: Any, local: Any, mesh: DeviceMesh, only_parameters: bool) -> Any:
+    """``local`` (a rank's loaded shards) with each shard a DTensor placed as ``shard`` and
+    ``shard_optimizer`` place it, of the global shape of ``skeleton``'s tensor."""
+    slots = iter(tensors(skeleton))
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        slot = next(slots)
+        if only_parameters and not isinstance(slot, Parameter):
+            return t  # a buffer: whole on every rank
+        if slot.dim() == 0:
+            if not only_parameters:
+                return t  # scalar state: the same on every rank, plain
+            return DTensor.from_local(t.detach(), mesh, [Replicate()], run_check=False)
+        return DTensor.from_local(
+            t.detach(),
+            mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=slot.shape,
+            stride=torch.empty(slot.shape, device="meta").stride(),
+        )
+
+    return map_tensors(one, local)
 
 
 def gather_checkpoint(
