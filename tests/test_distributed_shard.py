@@ -471,3 +471,21 @@ def test_every_elementwise_optimizer_is_in_the_sharded_grid() -> None:
         in_grid.add(type(inner))
     assert elementwise <= in_grid, elementwise - in_grid
     assert exported - elementwise == {optim.PureOptimizer, optim.Adafactor}
+
+
+def test_value_and_grad_and_apply_gradients_on_shards(mesh1: Any) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from diffprog.distributed import gathered, shard
+    from diffprog.optim import RMSprop, apply_gradients, run_step, value_and_grad
+
+    x, y = batch()
+    ref, run = make_net(), shard(make_net(), mesh1)
+    ref_opt, opt = RMSprop.init(ref), RMSprop.init(run)
+    step = value_and_grad(lambda m, x, y: loss_of(gathered(m), x, y))
+    for _ in range(3):
+        ref, ref_opt = run_step(ref, ref_opt, loss_of(ref, x, y), 0.01)
+        _, grads = step(run, x, y)  # the model's structure, DTensor gradients
+        assert isinstance(grads.first.weight, DTensor)
+        run, opt = apply_gradients(run, opt, grads, 0.01)
+    _close(run, ref, "value_and_grad")
