@@ -89,6 +89,9 @@ def _entry(rank: int, world: int, port: int, body_name: str, folder: str) -> Non
     )
     try:
         globals()[body_name](rank, world, Path(folder))
+        # Every rank's last collective is done before any tears its process group down (a
+        # gloo group destroyed with work in flight aborts the process).
+        dist.barrier()
     except BaseException:
         (Path(folder) / f"error-{rank}.txt").write_text(traceback.format_exc())
         raise
