@@ -12,7 +12,7 @@ number of ranks does not divide, one shorter than the number of ranks and a 0-di
 from __future__ import annotations
 
 import datetime
-import socket
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -72,17 +72,13 @@ def loss_of(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # --- spawning -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _entry(rank: int, world: int, port: int, body_name: str, folder: str) -> None:
+def _entry(rank: int, world: int, store: str, body_name: str, folder: str) -> None:
+    # A file store: no port to pick (and race for with other jobs); gloo's own connections
+    # go over loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store}",
         rank=rank,
         world_size=world,
         timeout=PG_TIMEOUT,
@@ -103,7 +99,7 @@ def spawn(world: int, body: Callable[[int, int, Path], None], folder: Path) -> N
     """Run ``body(rank, world, folder)`` on ``world`` processes; fail with their tracebacks."""
     context = mp.start_processes(
         _entry,
-        args=(world, _free_port(), body.__name__, str(folder)),
+        args=(world, str(folder / f"store-{world}"), body.__name__, str(folder)),
         nprocs=world,
         join=False,
         start_method="spawn",
