@@ -488,3 +488,16 @@ def test_value_and_grad_and_apply_gradients_on_shards(mesh1: Any) -> None:
         assert isinstance(grads.first.weight, DTensor)
         run, opt = apply_gradients(run, opt, grads, 0.01)
     _close(run, ref, "value_and_grad")
+
+
+def test_sharding_needs_a_one_dimensional_mesh(mesh1: Any) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from diffprog.distributed import shard, shard_optimizer
+    from diffprog.optim import Adam
+
+    square = init_device_mesh("cpu", (1, 1))
+    with pytest.raises(dp.DiffprogError, match="1-D mesh"):
+        shard(make_net(), square)
+    with pytest.raises(dp.DiffprogError, match="1-D mesh"):
+        shard_optimizer(Adam.init(make_net()), square)

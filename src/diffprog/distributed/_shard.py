@@ -37,9 +37,9 @@ __all__ = ["gathered", "is_sharded", "shard", "shard_optimizer", "unshard"]
 T = TypeVar("T")
 
 
-def _placements(t: torch.Tensor, mesh: DeviceMesh) -> list[Placement]:
-    """``Shard(0)`` on every mesh dimension for a tensor with dimensions, else ``Replicate``."""
-    return [Shard(0) if t.dim() > 0 else Replicate() for _ in range(mesh.ndim)]
+def _placements(t: torch.Tensor) -> list[Placement]:
+    """``Shard(0)`` for a tensor with dimensions, ``Replicate`` for a 0-dim one."""
+    return [Shard(0) if t.dim() > 0 else Replicate()]
 
 
 def _check_mesh(mesh: Any, caller: str) -> None:
@@ -47,6 +47,11 @@ def _check_mesh(mesh: Any, caller: str) -> None:
         raise TypeError(
             f"{caller} takes a torch.distributed DeviceMesh, got {type(mesh).__name__}: make "
             'one with torch.distributed.device_mesh.init_device_mesh("cpu", (world_size,)).'
+        )
+    if mesh.ndim != 1:
+        raise DiffprogError(
+            f"{caller} shards over a 1-D mesh, not a {mesh.ndim}-D one: pass one dimension "
+            'of it (mesh["name"]) or init_device_mesh("cpu", (world_size,)).'
         )
 
 
@@ -61,7 +66,7 @@ def _distributed(path: str, t: torch.Tensor, mesh: DeviceMesh, caller: str) -> t
             f"{caller}: {path} is on {t.device} but the mesh is of {mesh.device_type} "
             f"devices. Move the model first: diffprog.to(model, device=...)."
         )
-    return distribute_tensor(t.detach(), mesh, _placements(t, mesh))
+    return distribute_tensor(t.detach(), mesh, _placements(t))
 
 
 def shard(model: T, mesh: DeviceMesh) -> T:
@@ -78,16 +83,15 @@ def shard(model: T, mesh: DeviceMesh) -> T:
 
     Args:
         model: an unsharded model, its tensors on the mesh's device type.
-        mesh: the device mesh (``init_device_mesh("cpu", (world_size,))``); a 2-D mesh
-            shards dimension 0 over both mesh dimensions.
+        mesh: a 1-D device mesh (``init_device_mesh("cpu", (world_size,))``).
 
     Returns:
         The sharded model, of the same type.
 
     Raises:
         TypeError: ``mesh`` is not a DeviceMesh.
-        DiffprogError: a parameter is already a DTensor, or on another device type than the
-            mesh (the message names its path).
+        DiffprogError: ``mesh`` has more than one dimension; a parameter is already a
+            DTensor, or on another device type than the mesh (the message names its path).
 
     Example:
         >>> import torch.distributed as dist
@@ -124,7 +128,8 @@ def shard_optimizer(optimizer: T, mesh: DeviceMesh) -> T:
 
     Raises:
         TypeError: ``mesh`` is not a DeviceMesh.
-        DiffprogError: a state tensor is already a DTensor.
+        DiffprogError: ``mesh`` has more than one dimension, or a state tensor is already a
+            DTensor.
 
     Example:
         >>> import torch.distributed as dist
