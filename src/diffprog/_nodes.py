@@ -168,6 +168,27 @@ class _ParameterNode(Node):
 PARAMETER = _ParameterNode()
 
 
+class _TensorSubclassNode(Node):
+    """A tensor of a wrapper subclass (``DTensor``): a parameter when torch counts it as one.
+
+    ``torch.nn.Parameter(t)`` of such a tensor is not a ``Parameter`` subclass: torch marks the
+    instance (``_is_param``) and ``isinstance(t, Parameter)`` reads the mark, so whether it is a
+    parameter or a constant is decided per value, not per type.
+    """
+
+    __slots__ = ()
+
+    def flatten(self, value: Any, out: list[Parameter]) -> None:
+        if isinstance(value, Parameter):
+            out.append(value)
+
+    def replace(self, value: Any, stream: ParamStream) -> Any:
+        return stream.take(value) if isinstance(value, Parameter) else value
+
+
+TENSOR_SUBCLASS = _TensorSubclassNode()
+
+
 class FieldsNode(Node):
     """A dataclass (every ``Parameterized``): its fields in declaration order.
 
@@ -788,7 +809,11 @@ def _resolve(t: type) -> Node:
     if issubclass(t, Parameter):
         return PARAMETER
     if issubclass(t, torch.Tensor):
-        return STATIC  # a constant (buffer): never a parameter, as in Hasktorch
+        if t.__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+            return STATIC  # a constant (buffer, Frozen): never a parameter, as in Hasktorch
+        # A wrapper subclass (DTensor, with its own __torch_dispatch__): torch.nn.Parameter
+        # marks the instance instead of changing its type.
+        return TENSOR_SUBCLASS
     flatten_m = getattr(t, "flatten_parameters", None)
     replace_m = getattr(t, "replace_own_parameters", None)
     hand_flatten = callable(flatten_m) and not _is_default(flatten_m)

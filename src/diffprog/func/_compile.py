@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -300,7 +300,7 @@ def _check_optimizer(optimizer: Any, num_params: int) -> None:
 
 
 def _held_state(
-    optimizer: PureOptimizer, params: list[torch.Tensor]
+    optimizer: PureOptimizer, params: Sequence[torch.Tensor]
 ) -> dict[str, list[torch.Tensor]]:
     """The optimizer's state, kind by kind (zero state where it holds none yet).
 
@@ -310,15 +310,15 @@ def _held_state(
     """
     hyper = optimizer._defaults()
     names = type(optimizer)._state_names(hyper)
-    optimizer._check_state_fits({name: getattr(optimizer, name) for name in names}, params)
+    held = {name: getattr(optimizer, name) for name in names}
+    optimizer._check_state_fits(held, list(params))
     state: dict[str, list[torch.Tensor]] = {}
     for name in names:
-        held = getattr(optimizer, name)
-        if not held:
+        if held[name]:
+            state[name] = list(held[name])
+        else:
             with torch.no_grad():
                 state[name] = [type(optimizer)._init_state(name, p, hyper) for p in params]
-            continue
-        state[name] = list(held)
     return state
 
 

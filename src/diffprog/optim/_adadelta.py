@@ -46,6 +46,8 @@ class Adadelta(PureOptimizer, torch_options=("foreach", "capturable", "different
         ([tensor([0.8589])], (tensor([2.]),), (tensor([0.0100]),))
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     rho: float = hyper(0.9, doc="the decay rate of the running averages", check=_in_unit_interval)
     eps: float = hyper(1e-6, doc="added inside both square roots", check=non_negative)
     weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)

@@ -46,6 +46,8 @@ class Adagrad(PureOptimizer, torch_options=("foreach", "differentiable", "fused"
         ([tensor([0.9000])], (tensor([4.]),))
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     lr_decay: float = hyper(0.0, doc="learning-rate decay per step", check=non_negative)
     weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)
     initial_accumulator_value: float = hyper(

@@ -101,6 +101,8 @@ class Adam(PureOptimizer, torch_options=TORCH_OPTIONS):
         )
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     betas: tuple[float, float] = hyper(
         (0.9, 0.999),
         doc="the decay rates of the first and second moments",

@@ -46,6 +46,8 @@ class Adamax(PureOptimizer, torch_options=("foreach", "differentiable", "captura
         ValueError: Invalid weight_decay value: -0.1 (must be >= 0).
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     betas: tuple[float, float] = hyper(
         (0.9, 0.999),
         doc="the decay rates of the first moment and of the infinity norm",

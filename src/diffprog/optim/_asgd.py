@@ -59,6 +59,8 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
         ([tensor([0.8000])], (tensor([0.8000]),), (tensor(0.1000),))
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     lambd: float = hyper(1e-4, doc="the decay term")
     alpha: float = hyper(0.75, doc="the power of ``eta``'s decay")
     t0: float = hyper(1e6, doc="the step from which averaging starts")

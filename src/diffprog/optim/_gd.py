@@ -32,6 +32,8 @@ class GD(PureOptimizer, torch_options=("differentiable",)):
         (True, False)
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     donate: ClassVar[bool] = False  # no state to donate
 
     _sparse_ok: ClassVar[bool] = True

@@ -49,6 +49,8 @@ class GDM(PureOptimizer, torch_options=("foreach", "differentiable", "fused")):
         ([tensor([0.9000])], (tensor([1.]),))
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     momentum: float = hyper(0.0, doc="the momentum factor", check=non_negative)
     dampening: float = hyper(0.0, doc="dampening of the momentum")
     weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)

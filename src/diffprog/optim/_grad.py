@@ -27,6 +27,7 @@ from diffprog import (
 )
 from diffprog._errors import render_path, state_dict_path
 from diffprog._traverse import walk_keys
+from diffprog.optim._dtensor import any_dtensor, finite_each, local_shards, same_on_all_ranks
 
 __all__ = [
     "NonFiniteError",
@@ -215,6 +216,10 @@ def all_finite(loss: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> bool
     finite gradients is no false alarm), as are gradients the kernels do not take (expanded,
     complex, ``None``, on several devices). A CPU loss is read directly.
     """
+    if any_dtensor(grads):
+        # Sharded gradients: each rank checks its loss and its shards, and all agree, so
+        # that no rank skips or raises a step another takes.
+        return same_on_all_ranks(all_finite(loss, local_shards(grads)), grads)
     loss = loss.detach()
     on_cpu = loss.device.type == "cpu"
     if on_cpu and not cmath.isfinite(loss.item()):
@@ -270,10 +275,14 @@ def nonfinite_error(
     order; the paths come from ``named_parameters(model)``.
     """
     names = [name for name, _ in named_parameters(model)]
+    shards = local_shards(grads)  # sharded gradients: each rank checks its shards, all agree
+    finite = finite_each(
+        [g is None or bool(torch.isfinite(_dense_values(g)).all()) for g in shards], grads
+    )
     bad = [
         names[i] if i < len(names) else str(i)
-        for i, g in zip(indices, grads, strict=True)
-        if g is not None and not bool(torch.isfinite(_dense_values(g)).all())
+        for i, ok in zip(indices, finite, strict=True)
+        if not ok
     ]
     return NonFiniteError(float(loss.detach().reshape(-1)[0]), bad)
 

@@ -43,6 +43,8 @@ class Lion(PureOptimizer, torch_options=("differentiable",)):
         [tensor([0.9000, 1.1000])]
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     betas: tuple[float, float] = hyper(
         (0.9, 0.99),
         doc="the interpolation factors of the update and of the momentum",

@@ -277,10 +277,21 @@ def _step_and_rebuild(
         # The new parameters stay in the graph of the step: Parameters (what flatten_parameters
         # finds) that are not leaves. as_subclass keeps the autograd history; make_independent
         # would cut it.
-        rebuilt = [p.as_subclass(Parameter) for p in new_params]
+        rebuilt = [_in_graph(p) for p in new_params]
     else:
         rebuilt = [make_independent(p) for p in new_params]
     return replace_parameters(model, rebuilt), new_optimizer
+
+
+def _in_graph(p: torch.Tensor) -> torch.Tensor:
+    """``p`` (a new parameter with autograd history) as a Parameter that keeps the history."""
+    if type(p).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:  # a plain tensor
+        return p.as_subclass(Parameter)
+    # A wrapper subclass (a DTensor: a step on sharded parameters) cannot become a Parameter
+    # subclass; torch marks such a Parameter on the instance, as Parameter(t) does. ``p`` is
+    # the step's fresh result, held by nobody else.
+    p._is_param = True
+    return p
 
 
 def is_differentiable(optimizer: object) -> bool:

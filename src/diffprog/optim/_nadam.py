@@ -63,6 +63,8 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         ([tensor([ 0.8944, -0.8944])], (tensor(0.4501),))
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     betas: tuple[float, float] = hyper(
         (0.9, 0.999),
         doc="the decay rates of the first and second moments",

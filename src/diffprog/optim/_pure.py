@@ -20,6 +20,7 @@ from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
 from diffprog.optim._declare import Declaration, Lease, add_common_fields, declaration_of, declare
+from diffprog.optim._dtensor import any_dtensor, run_on_shards
 from diffprog.optim._optimizer import (
     Gradients,
     LearningRate,
@@ -55,6 +56,13 @@ class PureOptimizer(Parameterized):
 
     #: Whether the class writes ``_update_differentiable`` (``differentiable=True``).
     _differentiable_ok: ClassVar[bool] = False
+
+    #: Whether ``_update`` is elementwise: each element of a new parameter and of its state
+    #: depends only on the same element of the parameter, gradient and state (and on
+    #: scalars), so that it runs on the shards of sharded (DTensor) parameters as on whole
+    #: tensors. An update with a reduction over a tensor (Adafactor's row and column means)
+    #: leaves it ``False`` and is refused on DTensors rather than computed on a shard.
+    _elementwise: ClassVar[bool] = False
 
     if TYPE_CHECKING:  # added to every subclass as dataclass fields (see the module docstring)
 
@@ -652,6 +660,10 @@ class PureOptimizer(Parameterized):
         """``_update`` on real views of complex tensors (as torch.optim does), its result
         checked: one new tensor per parameter."""
         update = self._update_differentiable if self.differentiable else self._update
+        if any_dtensor(params):
+            return self._checked(
+                self._on_shards(update, hyper, lr, count, params, grads, state), params
+            )
         if not any(map(torch.Tensor.is_complex, params)):
             return self._checked(update(hyper, lr, count, params, grads, state), params)
         real = torch.view_as_real
@@ -671,6 +683,34 @@ class PureOptimizer(Parameterized):
             torch.view_as_complex(o) if p.is_complex() else o
             for o, p in zip(outs, params, strict=True)
         ]
+
+    def _on_shards(
+        self,
+        update: Callable[..., list[torch.Tensor]],
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """``_update`` on sharded (DTensor) parameters: on each rank's shards, for an
+        elementwise update; refused for another, whose reductions would see only a shard."""
+        if not self._elementwise:
+            name = type(self).__name__
+            raise DiffprogError(
+                f"{name} cannot step sharded (DTensor) parameters: its update reduces over "
+                "whole tensors, which a rank holds only a shard of, and it is not computed on "
+                f"shards as if they were whole. Train {name} on an unsharded model "
+                "(diffprog.distributed.unshard), or use an elementwise optimizer (Adam, SGD, "
+                "...) on the sharded one."
+            )
+        if any(map(torch.Tensor.is_complex, params)):
+            raise DiffprogError(
+                f"{type(self).__name__} on sharded (DTensor) complex parameters is not "
+                "supported: shard real parameters (torch.view_as_real) instead."
+            )
+        return run_on_shards(update, hyper, lr, count, params, grads, state)
 
 
 ConsumingStep = Callable[

@@ -58,6 +58,8 @@ class RAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         ValueError: Invalid beta parameter at index 1: 1.0 (must be in [0, 1)).
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     betas: tuple[float, float] = hyper(
         (0.9, 0.999),
         doc="the decay rates of the first and second moments",

@@ -37,6 +37,8 @@ class RMSprop(PureOptimizer, torch_options=("capturable", "foreach", "differenti
         ([tensor([0.8000])], (tensor([1.]),))
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     alpha: float = hyper(0.99, doc="the smoothing constant of ``square_avg``", check=non_negative)
     eps: float = hyper(1e-8, doc="added to the denominator", check=non_negative)
     weight_decay: float = hyper(0.0, doc="L2 penalty added to the gradient", check=non_negative)

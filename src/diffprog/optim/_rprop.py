@@ -69,6 +69,8 @@ class Rprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiab
         ValueError: Invalid eta values: 1.5, 1.2 (must be 0 < etaminus < 1 < etaplus).
     """
 
+    _elementwise: ClassVar[bool] = True  # runs on the shards of DTensor parameters
+
     etas: tuple[float, float] = hyper(
         (0.5, 1.2),
         doc="``(etaminus, etaplus)``, the factors that shrink and grow a step size",

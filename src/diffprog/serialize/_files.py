@@ -174,6 +174,14 @@ def _dedup(
                 f"{key!r} is on the meta device and has no values to save. Load or compute "
                 "the model's values first."
             )
+        if type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+            # A wrapper subclass (DTensor) holds no memory of its own: writing its data
+            # pointer would crash or save a shard as if it were the whole tensor.
+            raise SaveError(
+                f"{key!r} is a {type(t).__name__} (a sharded tensor), which cannot be saved "
+                "as one tensor. Save the whole model with diffprog.distributed.unshard(model) "
+                "first, or each rank's shards with diffprog.distributed.save_sharded_checkpoint."
+            )
         # The same view of the same memory is a tie (torch's state_dict gives tied weights as
         # separate tensors sharing storage). Empty tensors hold no memory to share.
         ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()) if t.numel() else key

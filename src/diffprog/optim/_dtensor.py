@@ -1,0 +1,185 @@
+"""Steps on sharded parameters (``torch.distributed.tensor.DTensor``): what stays global.
+
+A pure optimizer's step on DTensor parameters must never treat a rank's shard as the whole
+tensor. Two things decide it, both here: an update that is *elementwise* (each element of
+the new parameter and state depends on the same element of the parameter, gradient and
+state, and on scalars) gives the same numbers on shards as on the whole, so it runs on the
+local shards with the plain kernels (fused and multi-tensor, which DTensor does not all
+dispatch); any other update (Adafactor's factored moments) is refused on DTensors. And a
+decision taken from the values (the non-finite check) is taken over all ranks, so that no
+rank skips or raises a step that another takes.
+
+Nothing here runs unless ``torch.distributed.tensor`` was imported: no DTensor can exist
+before, and the single-process step pays one dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from diffprog import DiffprogError
+
+__all__ = [
+    "any_dtensor",
+    "dtensor_type",
+    "finite_each",
+    "local_shards",
+    "run_on_shards",
+    "same_on_all_ranks",
+]
+
+_MODULE = "torch.distributed.tensor"
+
+
+def dtensor_type() -> Any:
+    """``DTensor`` if ``torch.distributed.tensor`` is loaded (else ``None``: none exists)."""
+    module = sys.modules.get(_MODULE)
+    return None if module is None else module.DTensor
+
+
+def any_dtensor(tensors: Sequence[Any]) -> bool:
+    """Whether some entry of ``tensors`` is a DTensor.
+
+    Example:
+        >>> any_dtensor([torch.zeros(2)])
+        False
+    """
+    cls = dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def _local(t: Any, cls: Any) -> Any:
+    return t.to_local() if isinstance(t, cls) else t
+
+
+def run_on_shards(
+    update: Callable[..., list[torch.Tensor]],
+    hyper: Any,
+    lr: float | torch.Tensor,
+    count: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state: dict[str, list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """An elementwise ``_update`` run on the local shards, its results DTensors again.
+
+    Each new parameter and each state tensor that was a DTensor (state made by
+    ``zeros_like`` of a DTensor parameter is one) becomes a DTensor with the placements,
+    global shape and stride of its parameter; scalar state (NAdam's ``mu_product``, ASGD's
+    ``eta``) is a plain tensor, the same on every rank, and stays one. A parameter and its
+    gradient must be placed alike (reduce-scattered gradients are).
+
+    Raises:
+        DiffprogError: a gradient is placed otherwise than its parameter.
+    """
+    cls = dtensor_type()
+    assert cls is not None  # the caller found a DTensor
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        p_: Any = p
+        if isinstance(p_, cls) and not (
+            isinstance(g, cls) and g.placements == p_.placements and g.device_mesh == p_.device_mesh
+        ):
+            where = getattr(g, "placements", "a plain tensor")
+            raise DiffprogError(
+                f"parameter {i} is a DTensor placed as {p_.placements} (sharded) but its "
+                f"gradient is {where}. Compute the loss from diffprog.distributed.gathered"
+                "(model), whose gradients come back placed as the parameters."
+            )
+    was = {name: [isinstance(t, cls) for t in values] for name, values in state.items()}
+    local_state = {name: [_local(t, cls) for t in values] for name, values in state.items()}
+    outs = update(
+        hyper,
+        lr,
+        count,
+        [_local(p, cls) for p in params],
+        [_local(g, cls) for g in grads],
+        local_state,
+    )
+    for name, values in local_state.items():
+        state[name][:] = [
+            _like(v, p, cls) if dist else v
+            for v, p, dist in zip(values, params, was[name], strict=True)
+        ]
+    if len(outs) != len(params):
+        return outs  # the caller's check names the mistake
+    return [
+        _like(o, p, cls) if isinstance(p, cls) else o for o, p in zip(outs, params, strict=True)
+    ]
+
+
+def _like(local: torch.Tensor, param: Any, cls: Any) -> Any:
+    """``local`` (a shard) as a DTensor placed as ``param``."""
+    return cls.from_local(
+        local,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def local_shards(tensors: Sequence[Any]) -> list[Any]:
+    """Each DTensor of ``tensors`` as its rank's shard (other entries as they are)."""
+    cls = dtensor_type()
+    return list(tensors) if cls is None else [_local(t, cls) for t in tensors]
+
+
+def finite_each(flags: list[bool], tensors: Sequence[Any]) -> list[bool]:
+    """Per-tensor flags computed from shards, each agreed over the ranks (all must hold).
+
+    Example:
+        >>> finite_each([True, False], [torch.zeros(1), torch.zeros(1)])
+        [True, False]
+    """
+    groups = _groups(tensors)
+    if not groups or not flags:
+        return flags
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=_flag_device(tensors))
+    for group in groups:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return [bool(f) for f in flag.tolist()]
+
+
+def _groups(tensors: Sequence[Any]) -> list[Any]:
+    """The process groups of the meshes of the DTensors in ``tensors``, each once."""
+    cls = dtensor_type()
+    groups: list[Any] = []
+    if cls is None:
+        return groups
+    for t in tensors:
+        if isinstance(t, cls):
+            for group in t.device_mesh.get_all_groups():
+                if group not in groups:
+                    groups.append(group)
+    return groups
+
+
+def same_on_all_ranks(ok: bool, tensors: Sequence[Any]) -> bool:
+    """``ok`` where it holds on every rank of the meshes of the DTensors in ``tensors``.
+
+    A decision taken from a rank's shards (its loss, its part of the gradients) is agreed
+    over the mesh with one all-reduce (MIN of the flag), so that every rank takes it alike.
+    ``ok`` unchanged when ``tensors`` holds no DTensor.
+
+    Example:
+        >>> same_on_all_ranks(True, [torch.zeros(1)])
+        True
+    """
+    return finite_each([ok], tensors)[0]
+
+
+def _flag_device(tensors: Sequence[Any]) -> torch.device:
+    """Where the flags go: the device of the first DTensor (NCCL reduces on the GPU)."""
+    cls = dtensor_type()
+    for t in tensors:
+        if cls is not None and isinstance(t, cls):
+            device: torch.device = t.device
+            return device
+    return torch.device("cpu")
