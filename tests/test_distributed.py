@@ -1,0 +1,237 @@
+"""Data-parallel training in real processes (gloo over loopback): tests/distributed_workers.py.
+
+Two and three processes train every case of the grid; all ranks must end identical, and equal
+(to float32 tolerance) to one process on the concatenated batches. Checkpoints written by two
+ranks resume on three. A rank that dies makes the others raise a ``CollectiveError`` within the
+group's timeout, and the last checkpoint stays loadable.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pathlib
+
+import distributed_workers as w
+import pytest
+import torch
+import torch.distributed as dist
+
+import diffprog as dp
+from diffprog.distributed import CollectiveError, DataParallel, broadcast_model, sync_tensors
+from diffprog.distributed._reducer import Reducer
+from diffprog.nn import LinearSpec
+from diffprog.optim import GD, Adam, apply_gradients, run_step
+
+LIMIT = 120.0  # seconds a group of processes may take before the test kills it
+
+
+def launch(world: int, folder: pathlib.Path, jobs: list[str]) -> list[int | None]:
+    """Run ``worker`` in ``world`` fresh processes; their exit codes (None: killed)."""
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=w.worker, args=(rank, world, str(folder), jobs))
+        for rank in range(world)
+    ]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(LIMIT)
+    codes = []
+    for p in processes:
+        if p.is_alive():  # never hang the suite
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
+
+
+def errors(folder: pathlib.Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("error-rank*.txt")))
+
+
+def check_grid(folder: pathlib.Path, world: int) -> None:
+    ranks = [torch.load(folder / f"grid-rank{r}.pt") for r in range(world)]
+    for case in w.CASES:
+        got = ranks[0][case.name]
+        for r in range(1, world):  # the ranks stay identical, bit for bit
+            other = ranks[r][case.name]
+            assert got.keys() == other.keys()
+            for path, t in got.items():
+                assert torch.equal(t, other[path]), (case.name, r, path)
+        expected = w.values(w.reference(case, world))
+        assert got.keys() == expected.keys(), case.name
+        for path, t in got.items():
+            torch.testing.assert_close(t, expected[path], rtol=1e-5, atol=1e-6, msg=f"{case.name}: {path}")
+        if case.bn is None:
+            assert ranks[0][case.name + ":tie"] is True  # the tie survived the steps
+            start = w.values(w.initial(case, seed=0))
+            assert torch.equal(got["unused.weight"], start["unused.weight"])  # no rank reached it
+            assert torch.equal(got["frozen.weight"], start["frozen.weight"])
+            assert not torch.equal(got["enc.weight"], start["enc.weight"])
+
+
+def test_two_ranks_train_like_one_process_and_their_checkpoint_resumes_on_three(
+    tmp_path: pathlib.Path,
+) -> None:
+    two, three = tmp_path / "two", tmp_path / "three"
+    two.mkdir()
+    three.mkdir()
+    assert launch(2, two, ["grid", "save"]) == [0, 0], errors(two)
+    check_grid(two, 2)
+    for name in w.RESUMED:
+        (three / f"{name}.safetensors").write_bytes((two / f"{name}.safetensors").read_bytes())
+    assert launch(3, three, ["grid", "resume"]) == [0, 0, 0], errors(three)
+    check_grid(three, 3)
+    for name in w.RESUMED:
+        case = next(c for c in w.CASES if c.name == name)
+        # Two steps on two ranks, then one on three: one process on the same global batches.
+        expected = w.values(w.reference(case, world=2))
+        for r in range(3):
+            got = torch.load(three / f"resume-rank{r}.pt")[name]
+            for path, t in got.items():
+                torch.testing.assert_close(t, expected[path], rtol=1e-5, atol=1e-6, msg=path)
+
+
+def test_a_rank_that_dies_makes_the_others_fail_clearly_and_the_checkpoint_loads(
+    tmp_path: pathlib.Path,
+) -> None:
+    codes = launch(3, tmp_path, ["die"])
+    assert codes == [0, 0, 3], (codes, errors(tmp_path))  # none killed by the test: no hang
+    for r in range(2):
+        seconds, message = (tmp_path / f"die-rank{r}.txt").read_text().split("\n", 1)
+        assert float(seconds) < w.TIMEOUT.total_seconds() + 10
+        assert f"on rank {r} of 3" in message and "restart from the last checkpoint" in message
+    latest = dp.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "die-3.safetensors"
+    case = next(c for c in w.CASES if c.name == "adam")
+    skeleton = w.initial(case, seed=5)
+    loaded = dp.load_checkpoint(latest, model=skeleton, optimizer=case.make(skeleton))
+    assert loaded.step == 3
+    expected = w.values(w.reference(case, world=3, steps=3))
+    for path, t in w.values(loaded.model).items():
+        torch.testing.assert_close(t, expected[path], rtol=1e-5, atol=1e-6, msg=path)
+
+
+# --- in this process: a group of one ---------------------------------------------------------
+
+
+@pytest.fixture
+def group_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_buckets_are_launched_during_the_backward_pass(group_of_one: None) -> None:
+    model = dp.sample(LinearSpec(64, 64), generator=torch.Generator().manual_seed(0))
+    params = dp.flatten_parameters(model)
+    reducer = Reducer(params, [None, None], 1.0, cap_bytes=1, group=None)
+    assert len(reducer.buckets) == 2  # one per parameter at this cap
+    loss = model(torch.ones(3, 64)).sum()
+    with reducer.hooked():
+        grads = torch.autograd.grad(loss, params)
+        launched = reducer.next  # before finish: the hooks launched them
+    assert launched == 2
+    reduced = reducer.finish(torch.zeros(()))
+    for g, r in zip(grads, reduced.grads, strict=True):
+        assert r is not None and torch.equal(g, r)
+    assert not params[0]._backward_hooks  # the hooks are gone
+
+
+def test_one_bucket_per_dtype_and_cap(group_of_one: None) -> None:
+    ps = [torch.zeros(10), torch.zeros(10, dtype=torch.float64), torch.zeros(10), torch.zeros(30)]
+    reducer = Reducer(ps, [None] * 4, 1.0, cap_bytes=80, group=None)
+    # Reverse order: [30 f32] fills a bucket; [10 f32, 10 f32] the next; [10 f64] its own.
+    assert [b.positions for b in reducer.buckets] == [[3], [2, 0], [1]]
+
+
+def test_data_parallel_leaves_its_inputs_unchanged_and_accumulates_as_a_value(
+    group_of_one: None,
+) -> None:
+    model = dp.sample(LinearSpec(3, 2), generator=torch.Generator().manual_seed(0))
+    before = w.values(model)
+    opt = DataParallel(Adam.init(model), accumulate=3)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    losses = [model(x[2 * k : 2 * k + 2]).pow(2).mean() for k in range(3)]
+    m1, o1 = run_step(model, opt, losses[0], 0.1)
+    m2, o2 = run_step(m1, o1, losses[1], 0.1)
+    assert m2 is model and (o1.micro, o2.micro, opt.micro) == (1, 2, 0) and not opt.pending
+    m3, o3 = run_step(m2, o2, losses[2], 0.1)
+    assert o3.micro == 0 and o3.count == 1 and o2.micro == 2  # o2 still a valid window
+    expected, _ = run_step(model, Adam.init(model), model(x).pow(2).mean(), 0.1)
+    torch.testing.assert_close(m3.weight, expected.weight)
+    assert all(torch.equal(t, before[p]) for p, t in w.values(model).items())
+    # apply_gradients goes through the same window.
+    g = [torch.ones(2, 3), None]
+    a1, p1 = apply_gradients(model, DataParallel(GD(), accumulate=2), g, 1.0)
+    a2, p2 = apply_gradients(a1, p1, g, 1.0)
+    assert a1 is model and torch.equal(a2.weight, model.weight - 1.0)
+    assert torch.equal(a2.bias, model.bias)  # None on every micro-batch: left alone
+
+
+def test_nonfinite_loss_is_judged_for_the_whole_window(group_of_one: None) -> None:
+    model = dp.sample(LinearSpec(3, 1), generator=torch.Generator().manual_seed(0))
+    opt = DataParallel(GD(), accumulate=2)
+
+    def bad() -> torch.Tensor:
+        return model(torch.ones(1, 3)).sum() * float("inf")
+
+    def good() -> torch.Tensor:
+        return model(torch.ones(1, 3)).sum()
+
+    m1, o1 = run_step(model, opt, bad(), 0.1)  # no raise yet: the ranks decide together
+    with pytest.raises(dp.DiffprogError, match="non-finite"):
+        run_step(m1, o1, good(), 0.1)
+    m1, o1 = run_step(model, opt, bad(), 0.1, on_nonfinite="skip")
+    m2, o2 = run_step(m1, o1, good(), 0.1, on_nonfinite="skip")
+    assert m2 is model and o2.micro == 0 and o2.count == 0
+
+
+def test_refusals(group_of_one: None) -> None:
+    model = dp.sample(LinearSpec(3, 1))
+    with pytest.raises(dp.DiffprogError, match="differentiable"):
+        DataParallel(GD(differentiable=True))
+    with pytest.raises(TypeError, match="optimizer value"):
+        DataParallel(Adam)  # type: ignore[type-var]
+    with pytest.raises(ValueError, match="accumulate"):
+        DataParallel(GD(), accumulate=0)
+    with pytest.raises(dp.DiffprogError, match="closure"):
+        run_step(model, DataParallel(GD()), lambda: model(torch.ones(1, 3)).sum(), 0.1)
+    with pytest.raises(dp.DiffprogError, match="none of the parameters"):
+        with torch.no_grad():
+            loss = model(torch.ones(1, 3)).sum()
+        run_step(model, DataParallel(GD()), loss, 0.1)
+    mid = DataParallel(GD(), accumulate=2)
+    _, mid = run_step(model, mid, model(torch.ones(1, 3)).sum(), 0.1)
+    with pytest.raises(dp.DiffprogError, match="accumulation window"):
+        from diffprog.distributed import save_checkpoint
+
+        save_checkpoint("x.safetensors", model=model, optimizer=mid, step=0)
+
+
+def test_sync_tensors_average_and_broadcast_model_keeps_ties(group_of_one: None) -> None:
+    t = [torch.tensor([1.0, 2.0]), torch.tensor([3], dtype=torch.int64), torch.tensor([True])]
+    out = sync_tensors(t, "average")
+    assert all(torch.equal(a, b) for a, b in zip(out, t, strict=True))
+    model = w.tied_model(0)
+    new = broadcast_model(model)
+    assert new.dec.weight is new.enc.weight and new.enc.weight is not model.enc.weight
+    assert isinstance(new.enc.weight, dp.Parameter) and new.enc.weight.is_leaf
+    assert isinstance(new.frozen.weight, dp.Frozen)
+
+
+def test_without_a_process_group_the_error_says_what_to_do() -> None:
+    model = dp.sample(LinearSpec(3, 1))
+    with pytest.raises(dp.DiffprogError, match="init_process_group"):
+        broadcast_model(model)
+    with pytest.raises(dp.DiffprogError, match="init_process_group"):
+        run_step(model, DataParallel(GD()), model(torch.ones(1, 3)).sum(), 0.1)
+
+
+def test_collective_error_names_what_failed() -> None:
+    e = CollectiveError("the all-reduce of gradient bucket 1 (of 3)", 0, 2, RuntimeError("boom"))
+    assert "bucket 1 (of 3) failed on rank 0 of 2: RuntimeError: boom" in str(e)
