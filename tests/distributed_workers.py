@@ -70,7 +70,9 @@ def tied_model(seed: int) -> Tied:
 def bn_model(seed: int) -> Sequential:
     """Linear (no bias: BatchNorm cancels it, and Adam would amplify its zero gradient's
     rounding), BatchNorm1d, ReLU, Linear: a model with buffers."""
-    spec = SequentialSpec(LinearSpec(4, 3, bias=False), BatchNorm1dSpec(3), torch.relu, LinearSpec(3, 2))
+    spec = SequentialSpec(
+        LinearSpec(4, 3, bias=False), BatchNorm1dSpec(3), torch.relu, LinearSpec(3, 2)
+    )
     return dp.sample(spec, generator=torch.Generator().manual_seed(seed))
 
 
@@ -158,7 +160,10 @@ def reference(case: Case, world: int, steps: int = STEPS) -> Any:
         if case.bn is None:
             loss = mse(model, x, y)
         else:
-            parts = [nn.training(mse, model, shard(x, r, world), shard(y, r, world)) for r in range(world)]
+            parts = [
+                nn.training(mse, model, shard(x, r, world), shard(y, r, world))
+                for r in range(world)
+            ]
             loss = torch.stack([p[0] for p in parts]).mean()
             updated = [p[1] for p in parts]
             if case.bn == "broadcast":
@@ -171,7 +176,9 @@ def reference(case: Case, world: int, steps: int = STEPS) -> Any:
                     else t
                     for path, t in stats[0]
                 }
-                model = dp.map_tensors(lambda path, t: mean[path], updated[0], with_path=True)
+                model = dp.map_tensors(
+                    lambda path, t, mean=mean: mean[path], updated[0], with_path=True
+                )
         model, opt = run_step(model, opt, loss, case.lr)
     return model
 
@@ -190,7 +197,9 @@ def job_grid(rank: int, world: int, out: pathlib.Path) -> None:
     for case in CASES:
         own = initial(case, seed=rank)  # rank 0 draws the reference's model
         model = broadcast_model(own)
-        assert torch.equal(dp.flatten_parameters(own)[0], dp.flatten_parameters(initial(case, rank))[0])
+        assert torch.equal(
+            dp.flatten_parameters(own)[0], dp.flatten_parameters(initial(case, rank))[0]
+        )
         opt = DataParallel(
             case.make(model),
             accumulate=case.accumulate,
@@ -207,20 +216,8 @@ def job_grid(rank: int, world: int, out: pathlib.Path) -> None:
 RESUMED = ["adam", "torch-sgdm-acc"]
 
 
-def job_save(rank: int, world: int, out: pathlib.Path) -> None:
-    """Train two cases 2 steps, save a checkpoint each (rank 0 writes)."""
-    for name in RESUMED:
-        case = next(c for c in CASES if c.name == name)
-        model = broadcast_model(initial(case, seed=rank))
-        opt = DataParallel(case.make(model), accumulate=case.accumulate)
-        model, opt = train_dp(case, model, opt, rank, world, range(2))
-        save_checkpoint(out / f"{name}.safetensors", model=model, optimizer=opt, step=2)
-        assert (out / f"{name}.safetensors").exists()  # on every rank, once it returns
-
-
 def job_resume(rank: int, world: int, out: pathlib.Path) -> None:
-    """Load the checkpoints of ``job_save`` (written by another number of ranks), train to
-    step STEPS."""
+    """Load the checkpoints the test saved at step 2 (one process), train to step STEPS."""
     found = {}
     for name in RESUMED:
         case = next(c for c in CASES if c.name == name)
@@ -245,7 +242,11 @@ def job_die(rank: int, world: int, out: pathlib.Path) -> None:
                 os._exit(3)  # no goodbye: a crash
             model, opt = train_dp(case, model, opt, rank, world, range(step, step + 1))
             save_checkpoint(
-                out / f"die-{step + 1}.safetensors", model=model, optimizer=opt, step=step + 1, keep_last=2
+                out / f"die-{step + 1}.safetensors",
+                model=model,
+                optimizer=opt,
+                step=step + 1,
+                keep_last=2,
             )
             start = time.monotonic()
     except CollectiveError as e:
@@ -253,7 +254,7 @@ def job_die(rank: int, world: int, out: pathlib.Path) -> None:
         os._exit(0)  # the group is broken: no clean shutdown to wait for
 
 
-JOBS = {"grid": job_grid, "save": job_save, "resume": job_resume, "die": job_die}
+JOBS = {"grid": job_grid, "resume": job_resume, "die": job_die}
 
 
 def worker(rank: int, world: int, folder: str, jobs: list[str]) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -94,17 +95,8 @@ def start_sync(
                 flat = torch.empty(size, dtype=dtype, device=device)
         averaged = how == "average" and (dtype.is_floating_point or dtype.is_complex)
         what = f"the {'all-reduce' if averaged else 'broadcast'} of the {dtype} tensors"
-        if averaged:
-            work = run(
-                what, group, lambda f=flat: dist.all_reduce(wire(f), group=group, async_op=True)
-            )
-        else:
-            source = dist.get_global_rank(group, src) if group is not None else src
-            work = run(
-                what,
-                group,
-                lambda f=flat: dist.broadcast(wire(f), source, group=group, async_op=True),
-            )
+        source = dist.get_global_rank(group, src) if group is not None else src
+        work = run(what, group, functools.partial(_launch, flat, averaged, source, group))
         pending.append((what, work, flat, indices, averaged))
 
     def result() -> list[torch.Tensor]:
@@ -123,6 +115,13 @@ def start_sync(
     return result
 
 
+def _launch(flat: torch.Tensor, averaged: bool, source: int, group: Group) -> Any:
+    """The asynchronous all-reduce (sum) or broadcast of ``flat``; its work handle."""
+    if averaged:
+        return dist.all_reduce(wire(flat), group=group, async_op=True)
+    return dist.broadcast(wire(flat), source, group=group, async_op=True)
+
+
 def _check_same_structure(named: list[tuple[str, torch.Tensor]], group: Group) -> None:
     """Raise on every rank unless every rank's model has the same paths, shapes and dtypes."""
     rows = [(path, tuple(t.shape), str(t.dtype), t.device.type) for path, t in named]
@@ -139,8 +138,13 @@ def _check_same_structure(named: list[tuple[str, torch.Tensor]], group: Group) -
     for r, other in enumerate(everyone):
         assert isinstance(other, list)
         if other != first:
+            # strict=False: the lists may differ in length, which the default says.
             diff = next(
-                (f"{a} on rank 0 but {b} on rank {r}" for a, b in zip(first, other) if a != b),
+                (
+                    f"{a} on rank 0 but {b} on rank {r}"
+                    for a, b in zip(first, other, strict=False)
+                    if a != b
+                ),
                 f"{len(first)} tensors on rank 0 but {len(other)} on rank {r}",
             )
             raise DiffprogError(

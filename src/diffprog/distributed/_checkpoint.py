@@ -147,7 +147,11 @@ def load_checkpoint(
         error = e
     step = loaded.step if loaded is not None else 0
     notes = torch.tensor([0 if error is None else 1, step, -step], dtype=torch.int64)
-    run("the checkpoint's agreement", group, lambda: dist.all_reduce(notes, dist.ReduceOp.MAX, group))
+    run(
+        "the checkpoint's agreement",
+        group,
+        lambda: dist.all_reduce(notes, dist.ReduceOp.MAX, group),
+    )
     if error is not None:
         raise error
     failed, high, low = int(notes[0]), int(notes[1]), -int(notes[2])

@@ -33,8 +33,8 @@ from diffprog.distributed._reducer import Reduced, Reducer
 from diffprog.optim import (
     LearningRate,
     NonFiniteError,
-    Optimizer,
     OnNonFinite,
+    Optimizer,
     apply_gradients,
     flatten_like,
     step,
@@ -121,9 +121,9 @@ class DataParallel(Parameterized, Generic[OptT]):
             raise DiffprogError("DataParallel(DataParallel(...)) would average twice: wrap once.")
         if getattr(self.inner, "differentiable", False) is True:
             raise DiffprogError(
-                f"DataParallel does not take a differentiable optimizer ({type(self.inner).__name__}"
-                " has differentiable=True): torch.distributed's all-reduce is not differentiable, "
-                "so the meta-gradient would be cut silently."
+                "DataParallel does not take a differentiable optimizer "
+                f"({type(self.inner).__name__} has differentiable=True): torch.distributed's "
+                "all-reduce is not differentiable, so the meta-gradient would be cut silently."
             )
         if not isinstance(self.accumulate, int) or isinstance(self.accumulate, bool):
             raise TypeError(f"accumulate must be an int, got {type(self.accumulate).__name__}.")
@@ -191,7 +191,7 @@ class DataParallel(Parameterized, Generic[OptT]):
                 "all-reduce. Use a first-order optimizer, or average the closure's gradients "
                 "yourself."
             )
-        params = flatten_parameters(model)
+        params: list[torch.Tensor] = list(flatten_parameters(model))
         trained = self._trained(len(params))
         chosen = [params[i] for i in trained]
         pending = self._pending(len(params))
@@ -237,7 +237,7 @@ class DataParallel(Parameterized, Generic[OptT]):
             CollectiveError: a rank died or timed out.
         """
         _check_on_nonfinite(on_nonfinite)
-        params = flatten_parameters(model)
+        params: list[torch.Tensor] = list(flatten_parameters(model))
         local = _gradient_list(model, grads, params)
         trained = self._trained(len(params))
         pending = self._pending(len(params))
@@ -279,9 +279,7 @@ class DataParallel(Parameterized, Generic[OptT]):
                 f"DataParallel.step got {len(params)} parameters but {len(gradients)} "
                 "gradients. Pass one gradient per parameter, in flatten_parameters order."
             )
-        local = [
-            g if used is None or used[i] else None for i, g in enumerate(gradients)
-        ]
+        local = [g if used is None or used[i] else None for i, g in enumerate(gradients)]
         trained = self._trained(len(params))
         pending = self._pending(len(params))
         if not self.syncs_next:
@@ -295,7 +293,9 @@ class DataParallel(Parameterized, Generic[OptT]):
             full[i] = reduced.grads[k]
         chosen = set(trained)
         mask = [g is not None or i not in chosen for i, g in enumerate(full)]
-        filled = [torch.zeros_like(p) if g is None else g for g, p in zip(full, params, strict=True)]
+        filled = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(full, params, strict=True)
+        ]
         new_params, new_inner = step(lr, filled, params, self.inner, used=mask)
         return new_params, self._fresh(new_inner)
 
@@ -320,9 +320,7 @@ class DataParallel(Parameterized, Generic[OptT]):
             )
         return list(self.pending)
 
-    def _reducer(
-        self, params: list[torch.Tensor], pending: list[torch.Tensor | None]
-    ) -> Reducer:
+    def _reducer(self, params: list[torch.Tensor], pending: list[torch.Tensor | None]) -> Reducer:
         _, world = group_info(self.group, "DataParallel")
         scale = 1.0 / (world * self.accumulate)
         cap = max(1, int(self.bucket_cap_mb * 2**20))
@@ -335,7 +333,7 @@ class DataParallel(Parameterized, Generic[OptT]):
         found = [t for t in tensors(model) if not isinstance(t, (Parameter, Frozen))]
         if not found:
             return lambda m: m
-        finish = start_sync(found, self.buffers, group=self.group)  # type: ignore[arg-type]
+        finish = start_sync(found, self.buffers, group=self.group)
 
         def put(m: Any) -> Any:
             values = {id(t): v for t, v in zip(found, finish(), strict=True)}
@@ -365,7 +363,7 @@ class DataParallel(Parameterized, Generic[OptT]):
                 return synced_model, self._fresh(self.inner)
             error = NonFiniteError(float("nan"), [])
             ranks = ", ".join(map(str, reduced.bad_loss_ranks))
-            error.add_note(f"DataParallel: the loss was not finite on rank(s) {ranks}.")
+            error.args = (f"{error} (DataParallel: on rank(s) {ranks} of the group.)",)
             raise error
         if not any(g is not None for g in full):
             raise DiffprogError(
@@ -381,9 +379,7 @@ class DataParallel(Parameterized, Generic[OptT]):
 
 def _check_on_nonfinite(on_nonfinite: object) -> None:
     if on_nonfinite not in _NONFINITE:
-        raise ValueError(
-            f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}."
-        )
+        raise ValueError(f"on_nonfinite must be 'raise', 'skip' or 'ignore', got {on_nonfinite!r}.")
 
 
 def _bad(loss: torch.Tensor | None, before: torch.Tensor | None) -> torch.Tensor:

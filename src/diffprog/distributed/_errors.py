@@ -34,4 +34,3 @@ class CollectiveError(DiffprogError):
             "taken. Stop every rank and restart from the last checkpoint "
             "(diffprog.distributed.load_checkpoint)."
         )
-

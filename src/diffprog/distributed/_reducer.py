@@ -17,6 +17,7 @@ non-finite loss, and waits.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -114,7 +115,10 @@ class Reducer:
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
         """Hooks on the parameters for the duration: each gradient goes to its bucket."""
-        handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        handles = [
+            p.register_hook(self._hook(i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(self.params)
+        ]
         try:
             yield
         finally:
@@ -153,7 +157,7 @@ class Reducer:
             bucket.work = run(
                 self._what(self.next),
                 self.group,
-                lambda: dist.all_reduce(wire(flat), group=self.group, async_op=True),
+                functools.partial(dist.all_reduce, wire(flat), group=self.group, async_op=True),
             )
             self.next += 1
 
