@@ -55,12 +55,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=pathlib.Path, help="folder for checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per rank: these layers are small
     init_process_group(args.timeout)
     try:
         train(args)
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads)
 
 
 def train(args: argparse.Namespace) -> None:
