@@ -86,6 +86,7 @@ class Case:
     accumulate: int = 1
     bucket_cap_mb: float = 25.0
     bn: str | None = None  # the buffers setting, for the BatchNorm model
+    branch: bool = False  # rank 0's loss also reaches the "unused" layer, the others' do not
 
 
 TINY = 1e-4  # MiB: about 100 bytes, several buckets for these models
@@ -105,6 +106,7 @@ CASES = [
         accumulate=2,
         bucket_cap_mb=TINY,
     ),
+    Case("adam-branch", lambda m: Adam.init(m), 0.01, branch=True, bucket_cap_mb=TINY),
     Case("bn-broadcast", lambda m: Adam.init(m), 0.01, bn="broadcast", bucket_cap_mb=TINY),
     Case("bn-average", lambda m: SGD.init(m, momentum=0.9), 0.05, bn="average"),
 ]
@@ -128,6 +130,11 @@ def mse(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(model(x), y)
 
 
+def extra(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """A term of rank 0's loss only: a parameter that one rank's loss reaches."""
+    return 0.1 * model.unused(x).pow(2).mean()
+
+
 def initial(case: Case, seed: int) -> Any:
     """The case's model, drawn from ``seed``."""
     return bn_model(seed) if case.bn else tied_model(seed)
@@ -145,6 +152,8 @@ def train_dp(case: Case, model: Any, opt: Any, rank: int, world: int, steps: ran
                 loss, model = nn.training(mse, model, xm, ym)
             else:
                 loss = mse(model, xm, ym)
+            if case.branch and rank == 0:
+                loss = loss + extra(model, xm)
             model, opt = run_step(model, opt, loss, case.lr)
     return model, opt
 
@@ -159,6 +168,8 @@ def reference(case: Case, world: int, steps: int = STEPS) -> Any:
         x, y = batch(step)
         if case.bn is None:
             loss = mse(model, x, y)
+            if case.branch:  # rank 0's extra term, in the average over the ranks
+                loss = loss + extra(model, shard(x, 0, world)) / world
         else:
             parts = [
                 nn.training(mse, model, shard(x, r, world), shard(y, r, world))

@@ -26,7 +26,7 @@ from diffprog.distributed import (
 )
 from diffprog.distributed._reducer import Reducer
 from diffprog.nn import LinearSpec
-from diffprog.optim import GD, Adam, apply_gradients, run_step
+from diffprog.optim import GD, Adam, NothingToTrainError, apply_gradients, run_step
 
 LIMIT = 120.0  # seconds a group of processes may take before the test kills it
 
@@ -78,7 +78,8 @@ def check_grid(folder: pathlib.Path, world: int) -> None:
         if case.bn is None:
             assert ranks[0][case.name + ":tie"] is True  # the tie survived the steps
             start = w.values(w.initial(case, seed=0))
-            assert torch.equal(got["unused.weight"], start["unused.weight"])  # no rank reached it
+            reached = not torch.equal(got["unused.weight"], start["unused.weight"])
+            assert reached == case.branch  # only rank 0 reached it, or no rank did
             assert torch.equal(got["frozen.weight"], start["frozen.weight"])
             assert not torch.equal(got["enc.weight"], start["enc.weight"])
 
@@ -218,6 +219,11 @@ def test_refusals(group_of_one: None) -> None:
         loss = model(torch.ones(1, 3)).sum()
     with pytest.raises(dp.DiffprogError, match="none of the parameters"):
         run_step(model, DataParallel(GD()), loss, 0.1)
+    frozen = dp.freeze(model)
+    with pytest.raises(NothingToTrainError):
+        run_step(frozen, DataParallel(GD()), frozen(torch.ones(1, 3)).sum(), 0.1)
+    with pytest.raises(NothingToTrainError):
+        apply_gradients(frozen, DataParallel(GD()), [], 0.1)
     mid = DataParallel(GD(), accumulate=2)
     _, mid = run_step(model, mid, model(torch.ones(1, 3)).sum(), 0.1)
     with pytest.raises(dp.DiffprogError, match="accumulation window"):

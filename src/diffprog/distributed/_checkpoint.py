@@ -53,7 +53,8 @@ def save_checkpoint(
         optimizer: the optimizer: a ``DataParallel`` (at the end of an accumulation window),
             or any optimizer :func:`diffprog.save_checkpoint` takes, or ``None``.
         step: the optimizer steps taken.
-        group: the process group (``None``: the default group).
+        group: the process group (``None``: a ``DataParallel`` optimizer's, else the default
+            group).
         generators: named ``torch.Generator`` s to save (rank 0's).
         keep_last: keep only this many checkpoints in the folder (see
             :func:`diffprog.save_checkpoint`).
@@ -69,6 +70,8 @@ def save_checkpoint(
             ``SaveError`` saying so).
         CollectiveError: a rank died or timed out.
     """
+    if group is None and isinstance(optimizer, DataParallel):
+        group = optimizer.group
     rank, _ = group_info(group, "save_checkpoint")
     inner = _unwrapped(optimizer)
     error: BaseException | None = None
@@ -122,7 +125,8 @@ def load_checkpoint(
         model: this rank's model skeleton.
         optimizer: this rank's optimizer skeleton (a ``DataParallel`` around the optimizer the
             checkpoint was saved with), or ``None``.
-        group: the process group (``None``: the default group).
+        group: the process group (``None``: a ``DataParallel`` skeleton's, else the default
+            group).
         generators: ``torch.Generator`` s to restore by name (rank 0's saved states).
         restore_rng: restore the global random states saved by rank 0. Off by default: each
             rank should draw its own numbers (dropout); seed each rank from the step instead.
@@ -135,6 +139,8 @@ def load_checkpoint(
             could not, or the ranks loaded different steps.
         CollectiveError: a rank died or timed out.
     """
+    if group is None and isinstance(optimizer, DataParallel):
+        group = optimizer.group
     rank, world = group_info(group, "load_checkpoint")
     inner = _unwrapped(optimizer)
     loaded: Checkpoint[M, Any] | None = None

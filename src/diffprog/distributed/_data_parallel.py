@@ -193,6 +193,9 @@ class DataParallel(Parameterized, Generic[OptT]):
             )
         params: list[torch.Tensor] = list(flatten_parameters(model))
         trained = self._trained(len(params))
+        if not trained:  # the same on every rank: refused before any collective
+            new_model, new_inner = apply_gradients(model, self.inner, [None] * len(params), lr)
+            return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
         chosen = [params[i] for i in trained]
         pending = self._pending(len(params))
         bad = _bad(loss, self.bad_loss)
@@ -240,6 +243,9 @@ class DataParallel(Parameterized, Generic[OptT]):
         params: list[torch.Tensor] = list(flatten_parameters(model))
         local = _gradient_list(model, grads, params)
         trained = self._trained(len(params))
+        if not trained:  # the same on every rank: refused before any collective
+            new_model, new_inner = apply_gradients(model, self.inner, local, lr)
+            return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
         pending = self._pending(len(params))
         if not self.syncs_next:
             summed = _added(pending, trained, [local[i] for i in trained], len(params))

@@ -41,7 +41,8 @@ def init_process_group(timeout: float) -> None:
     if "RANK" in os.environ:
         dist.init_process_group("gloo", timeout=wait)
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=wait)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,7 +75,9 @@ def train(args: argparse.Namespace) -> None:
     dataset = TensorDataset(data.train_x, data.train_y)
     # Each rank gets its own 1/world of a shuffled order (the same order on every rank,
     # reshuffled by set_epoch); drop_last keeps the shares, so the batches, equal.
-    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
+        dataset, world, rank, shuffle=True, seed=args.seed, drop_last=True
+    )
     loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler)
     model = dp.sample(cnn_spec(), generator=torch.Generator().manual_seed(args.seed))
     model = broadcast_model(model)  # rank 0's weights everywhere
