@@ -26,7 +26,7 @@ from diffprog.distributed import (
 )
 from diffprog.distributed._reducer import Reducer
 from diffprog.nn import LinearSpec
-from diffprog.optim import GD, Adam, NothingToTrainError, apply_gradients, run_step
+from diffprog.optim import GD, Adam, NothingToTrainError, apply_gradients, run_step, step
 
 LIMIT = 120.0  # seconds a group of processes may take before the test kills it
 
@@ -148,8 +148,10 @@ def test_buckets_are_launched_during_the_backward_pass(group_of_one: None) -> No
     loss = model(torch.ones(3, 64)).sum()
     with reducer.hooked():
         grads = torch.autograd.grad(loss, params)
-        launched = reducer.next  # before finish: the hooks launched them
-    assert launched == 2
+        launched = reducer.next  # before finish: the hooks launched it
+    # The bias's bucket, filled first, went during the backward pass; the last one carries the
+    # flags too, which finish writes.
+    assert launched == 1 and reducer.buckets[0].positions == [1]
     reduced = reducer.finish(torch.zeros(()))
     for g, r in zip(grads, reduced.grads, strict=True):
         assert r is not None and torch.equal(g, r)
@@ -161,6 +163,21 @@ def test_one_bucket_per_dtype_and_cap(group_of_one: None) -> None:
     reducer = Reducer(ps, [None] * 4, 1.0, cap_bytes=80, group=None)
     # Reverse order: [30 f32] fills a bucket; [10 f32, 10 f32] the next; [10 f64] its own.
     assert [b.positions for b in reducer.buckets] == [[3], [2, 0], [1]]
+
+
+def test_complex_parameters_and_their_flags_in_a_collective_of_their_own(
+    group_of_one: None,
+) -> None:
+    ps = [
+        dp.make_independent(torch.ones(2)),
+        dp.make_independent(torch.ones(2, dtype=torch.cfloat)),
+    ]
+    reducer = Reducer(ps, [None, None], 0.5, cap_bytes=1, group=None)
+    assert reducer.meta is None  # the last bucket is complex: the flags go on their own
+    reducer.put(1, torch.tensor([1 + 2j, 3j]))
+    reduced = reducer.finish(torch.ones(()))
+    assert reduced.grads[0] is None and reduced.bad_loss_ranks == [0]
+    assert torch.equal(reduced.grads[1], torch.tensor([0.5 + 1j, 1.5j]))
 
 
 def test_data_parallel_leaves_its_inputs_unchanged_and_accumulates_as_a_value(
@@ -185,6 +202,16 @@ def test_data_parallel_leaves_its_inputs_unchanged_and_accumulates_as_a_value(
     a2, _ = apply_gradients(a1, p1, g, 1.0)
     assert a1 is model and torch.equal(a2.weight, model.weight - 1.0)
     assert torch.equal(a2.bias, model.bias)  # None on every micro-batch: left alone
+
+
+def test_the_protocol_step_averages_and_accumulates(group_of_one: None) -> None:
+    p = [dp.make_independent(torch.zeros(3)), dp.make_independent(torch.ones(2))]
+    g = [torch.tensor([1.0, 2.0, 3.0]), torch.ones(2)]
+    new, opt = step(0.5, g, p, DataParallel(GD(), accumulate=2))
+    assert new[0] is p[0] and opt.micro == 1
+    new, opt = step(0.5, g, p, opt, used=[True, False])  # the first window's g counts
+    assert torch.equal(new[0], -0.5 * g[0]) and torch.equal(new[1], p[1] - 0.25)
+    assert opt.micro == 0 and opt.count == 1
 
 
 def test_nonfinite_loss_is_judged_for_the_whole_window(group_of_one: None) -> None:

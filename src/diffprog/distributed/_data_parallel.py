@@ -201,7 +201,7 @@ class DataParallel(Parameterized, Generic[OptT]):
         bad = _bad(loss, self.bad_loss)
         if not self.syncs_next:
             local = _local_grads(loss, chosen)
-            summed = _added(pending, trained, local, len(params))
+            summed = _added(pending, trained, local)
             return model, dataclasses.replace(
                 self, micro=self.micro + 1, pending=summed, bad_loss=bad
             )
@@ -248,7 +248,7 @@ class DataParallel(Parameterized, Generic[OptT]):
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
         pending = self._pending(len(params))
         if not self.syncs_next:
-            summed = _added(pending, trained, [local[i] for i in trained], len(params))
+            summed = _added(pending, trained, [local[i] for i in trained])
             return model, dataclasses.replace(self, micro=self.micro + 1, pending=summed)
         finish_buffers = self._start_buffers(model)
         reducer = self._reducer([params[i] for i in trained], [pending[i] for i in trained])
@@ -289,7 +289,7 @@ class DataParallel(Parameterized, Generic[OptT]):
         trained = self._trained(len(params))
         pending = self._pending(len(params))
         if not self.syncs_next:
-            summed = _added(pending, trained, [local[i] for i in trained], len(params))
+            summed = _added(pending, trained, [local[i] for i in trained])
             return params, dataclasses.replace(self, micro=self.micro + 1, pending=summed)
         reducer = self._reducer([params[i] for i in trained], [pending[i] for i in trained])
         _put_all(reducer, [local[i] for i in trained])
@@ -406,7 +406,6 @@ def _added(
     pending: list[torch.Tensor | None],
     trained: list[int],
     local: Sequence[torch.Tensor | None],
-    n: int,
 ) -> tuple[torch.Tensor | None, ...]:
     """``pending`` plus this micro-batch's gradients (out of place; sparse ones made dense)."""
     out = list(pending)

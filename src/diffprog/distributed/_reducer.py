@@ -9,9 +9,9 @@ arrives (from a tensor hook on the parameter, which autograd calls during
 asynchronously, while the backward pass goes on. Buckets are launched strictly in index order
 on every rank (a full bucket waits for the ones before it), so the ranks issue the same
 collectives in the same order whatever order their gradients arrive in. :meth:`Reducer.finish`
-fills what the backward pass did not reach (zeros, or the gradient accumulated so far), launches
-the rest, one small all-reduce of which parameters any rank reached and which ranks had a
-non-finite loss, and waits.
+fills what the backward pass did not reach (zeros, or the gradient accumulated so far), writes
+which parameters this rank reached and whether its loss was finite at the end of the last
+bucket (so they need no collective of their own), launches the rest, and waits.
 """
 
 from __future__ import annotations
@@ -111,6 +111,17 @@ class Reducer:
             bucket.missing += 1
             if bucket.size * p.element_size() >= cap_bytes:
                 del open_[key]
+        # The flags (which parameters this rank reached, whether its loss was finite) travel
+        # at the end of the last bucket, filled by finish (that bucket holds the first
+        # parameters, whose gradients come last anyway): no collective of their own where the
+        # bucket's dtype holds them (small whole numbers, exact in any floating dtype;
+        # only "> 0" is read), else one small all-reduce.
+        self.meta: tuple[_Bucket, int] | None = None
+        last = self.buckets[-1] if self.buckets else None
+        if last is not None and last.dtype.is_floating_point:
+            self.meta = (last, last.size)
+            last.size += len(self.params) + self.world
+            last.missing += 1
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
@@ -184,23 +195,37 @@ class Reducer:
                     else:
                         slot.copy_(before.reshape(-1))
                 bucket.missing = 0
-        self._launch_ready()
         n = len(self.params)
-        device = self.params[0].device if self.params else torch.device("cpu")
-        meta = torch.zeros(n + self.world, device=device)
         used = [r or p is not None for r, p in zip(self.reached, self.pending, strict=True)]
-        meta[:n] = torch.tensor(used, dtype=meta.dtype)
-        meta[n + self.rank] = bad_loss.to(device=device, dtype=meta.dtype)
+        with torch.no_grad():
+            if self.meta is not None:
+                bucket, offset = self.meta
+                meta = bucket.buffer()[offset:]
+            else:
+                device = self.params[0].device if self.params else torch.device("cpu")
+                meta = torch.empty(n + self.world, device=device)
+            meta.zero_()
+            meta[:n] = torch.tensor(used, dtype=meta.dtype)
+            meta[n + self.rank] = bad_loss.to(device=meta.device, dtype=meta.dtype)
+        self._launch_ready()
+        work = None
         what = "the all-reduce of which parameters the ranks reached"
-        work = run(what, self.group, lambda: dist.all_reduce(meta, group=self.group, async_op=True))
+        if self.meta is None:
+            work = run(
+                what,
+                self.group,
+                functools.partial(dist.all_reduce, meta, async_op=True, group=self.group),
+            )
         for index, bucket in enumerate(self.buckets):
             waited(self._what(index), self.group, bucket.work)
         waited(what, self.group, work)
-        counts = meta.tolist()
+        counts = meta.tolist()  # before the scaling below
         grads: list[torch.Tensor | None] = [None] * n
         with torch.no_grad():
             for bucket in self.buckets:
                 flat = bucket.buffer()
+                if self.meta is not None and bucket is self.meta[0]:
+                    flat = flat[: self.meta[1]]
                 flat.mul_(self.scale)
                 for i, offset in zip(bucket.positions, bucket.offsets, strict=True):
                     if counts[i] > 0:
