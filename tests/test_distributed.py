@@ -91,8 +91,8 @@ def test_two_ranks_train_like_one_process_and_resume_a_one_process_checkpoint(
         case = next(c for c in w.CASES if c.name == name)
         model = w.initial(case, seed=0)
         opt = case.make(model)
-        for step in range(2):
-            x, y = w.batch(step)
+        for n in range(2):
+            x, y = w.batch(n)
             model, opt = run_step(model, opt, w.mse(model, x, y), case.lr)
         dp.save_checkpoint(tmp_path / f"{name}.safetensors", model=model, optimizer=opt, step=2)
     assert launch(2, tmp_path, ["grid", "resume"]) == [0, 0], errors(tmp_path)
