@@ -169,15 +169,15 @@ def test_complex_parameters_and_their_flags_in_a_collective_of_their_own(
     group_of_one: None,
 ) -> None:
     ps = [
-        dp.make_independent(torch.ones(2)),
         dp.make_independent(torch.ones(2, dtype=torch.cfloat)),
+        dp.make_independent(torch.ones(2)),
     ]
     reducer = Reducer(ps, [None, None], 0.5, cap_bytes=1, group=None)
     assert reducer.meta is None  # the last bucket is complex: the flags go on their own
-    reducer.put(1, torch.tensor([1 + 2j, 3j]))
+    reducer.put(0, torch.tensor([1 + 2j, 3j]))
     reduced = reducer.finish(torch.ones(()))
-    assert reduced.grads[0] is None and reduced.bad_loss_ranks == [0]
-    assert torch.equal(reduced.grads[1], torch.tensor([0.5 + 1j, 1.5j]))
+    assert reduced.grads[1] is None and reduced.bad_loss_ranks == [0]
+    assert torch.equal(reduced.grads[0], torch.tensor([0.5 + 1j, 1.5j]))
 
 
 def test_data_parallel_leaves_its_inputs_unchanged_and_accumulates_as_a_value(
