@@ -241,6 +241,26 @@ def job_resume(rank: int, world: int, out: pathlib.Path) -> None:
     torch.save(found, out / f"resume-rank{rank}.pt")
 
 
+HANG_TIMEOUT = datetime.timedelta(seconds=2)
+
+
+def job_hang(rank: int, world: int, out: pathlib.Path) -> None:
+    """In a group with a short timeout, the last rank does not come to a step; the others
+    report their error."""
+    group = dist.new_group(timeout=HANG_TIMEOUT)
+    case = next(c for c in CASES if c.name == "gd")
+    model = initial(case, seed=0)
+    opt = DataParallel(case.make(model), group=group)
+    if rank == world - 1:
+        time.sleep(HANG_TIMEOUT.total_seconds() + 2)  # hangs, then goes on without this group
+        return
+    start = time.monotonic()
+    try:
+        train_dp(case, model, opt, rank, world, range(1))
+    except CollectiveError as e:
+        (out / f"hang-rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f}\n{e}")
+
+
 def job_die(rank: int, world: int, out: pathlib.Path) -> None:
     """Checkpoint every step; the last rank dies at step 3; the others report their error."""
     case = next(c for c in CASES if c.name == "adam")
@@ -265,7 +285,7 @@ def job_die(rank: int, world: int, out: pathlib.Path) -> None:
         os._exit(0)  # the group is broken: no clean shutdown to wait for
 
 
-JOBS = {"grid": job_grid, "resume": job_resume, "die": job_die}
+JOBS = {"grid": job_grid, "resume": job_resume, "hang": job_hang, "die": job_die}
 
 
 def worker(rank: int, world: int, folder: str, jobs: list[str]) -> None:

@@ -106,12 +106,16 @@ def test_two_ranks_train_like_one_process_and_resume_a_one_process_checkpoint(
                 torch.testing.assert_close(t, expected[path], rtol=1e-5, atol=1e-6, msg=path)
 
 
-def test_three_ranks_train_like_one_process_and_a_rank_that_dies_fails_the_others_clearly(
+def test_three_ranks_train_like_one_process_and_a_rank_that_hangs_or_dies_fails_the_others(
     tmp_path: pathlib.Path,
 ) -> None:
-    codes = launch(3, tmp_path, ["grid", "die"])
+    codes = launch(3, tmp_path, ["grid", "hang", "die"])
     assert codes == [0, 0, 3], (codes, errors(tmp_path))  # none killed by the test: no hang
     check_grid(tmp_path, 3)
+    for r in range(2):  # a rank that hangs: the others raise at the group's timeout
+        seconds, message = (tmp_path / f"hang-rank{r}.txt").read_text().split("\n", 1)
+        assert float(seconds) < w.HANG_TIMEOUT.total_seconds() + 10
+        assert f"on rank {r} of 3" in message and "timeout" in message
     for r in range(2):
         seconds, message = (tmp_path / f"die-rank{r}.txt").read_text().split("\n", 1)
         assert float(seconds) < w.TIMEOUT.total_seconds() + 10
