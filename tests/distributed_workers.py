@@ -241,6 +241,17 @@ def job_resume(rank: int, world: int, out: pathlib.Path) -> None:
     torch.save(found, out / f"resume-rank{rank}.pt")
 
 
+def job_diverge(rank: int, world: int, out: pathlib.Path) -> None:
+    """Each rank draws its own model and does not broadcast it: the first step refuses."""
+    case = next(c for c in CASES if c.name == "adam")
+    model = initial(case, seed=rank)
+    x, y = batch(0)
+    try:
+        run_step(model, DataParallel(case.make(model)), mse(model, x, y), 0.1)
+    except dp.DiffprogError as e:
+        (out / f"diverge-rank{rank}.txt").write_text(str(e))
+
+
 HANG_TIMEOUT = datetime.timedelta(seconds=2)
 
 
@@ -285,7 +296,13 @@ def job_die(rank: int, world: int, out: pathlib.Path) -> None:
         os._exit(0)  # the group is broken: no clean shutdown to wait for
 
 
-JOBS = {"grid": job_grid, "resume": job_resume, "hang": job_hang, "die": job_die}
+JOBS = {
+    "grid": job_grid,
+    "resume": job_resume,
+    "hang": job_hang,
+    "diverge": job_diverge,
+    "die": job_die,
+}
 
 
 def worker(rank: int, world: int, folder: str, jobs: list[str]) -> None:

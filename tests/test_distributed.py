@@ -84,7 +84,7 @@ def check_grid(folder: pathlib.Path, world: int) -> None:
             assert not torch.equal(got["enc.weight"], start["enc.weight"])
 
 
-def test_two_ranks_train_like_one_process_and_resume_a_one_process_checkpoint(
+def test_two_ranks_train_like_one_process_resume_a_checkpoint_and_refuse_unequal_models(
     tmp_path: pathlib.Path,
 ) -> None:
     for name in w.RESUMED:  # saved by one process after 2 steps, resumed by two
@@ -95,8 +95,12 @@ def test_two_ranks_train_like_one_process_and_resume_a_one_process_checkpoint(
             x, y = w.batch(n)
             model, opt = run_step(model, opt, w.mse(model, x, y), case.lr)
         dp.save_checkpoint(tmp_path / f"{name}.safetensors", model=model, optimizer=opt, step=2)
-    assert launch(2, tmp_path, ["grid", "resume"]) == [0, 0], errors(tmp_path)
+    assert launch(2, tmp_path, ["grid", "resume", "diverge"]) == [0, 0], errors(tmp_path)
     check_grid(tmp_path, 2)
+    for r in range(2):  # models not broadcast: refused on every rank at the first step
+        assert (
+            "call model = broadcast_model(model)" in (tmp_path / f"diverge-rank{r}.txt").read_text()
+        )
     for name in w.RESUMED:
         case = next(c for c in w.CASES if c.name == name)
         expected = w.values(w.reference(case, world=2))

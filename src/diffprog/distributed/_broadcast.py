@@ -13,7 +13,7 @@ import torch.distributed as dist
 from diffprog import DiffprogError, map_tensors, named_tensors, tensors
 from diffprog.distributed._collective import Group, coalesced, group_info, run, waited, wire
 
-__all__ = ["broadcast_model", "start_sync", "sync_tensors"]
+__all__ = ["broadcast_model", "check_replicas", "start_sync", "sync_tensors"]
 
 M = TypeVar("M")
 
@@ -152,3 +152,47 @@ def _check_same_structure(named: list[tuple[str, torch.Tensor]], group: Group) -
                 "device type)). Build the same model on every rank (same spec, same "
                 "dtype), then broadcast it."
             )
+
+
+def check_replicas(params: Sequence[torch.Tensor], group: Group) -> None:
+    """Raise on every rank unless every rank holds the same parameters, bit for bit.
+
+    One all-reduce of four integers: a hash of the shapes and dtypes, and a fingerprint of the
+    values (the sum of their bit patterns as integers, weighted by position: exact, whatever
+    the order of summation). ``DataParallel`` calls it before its first step, so that a model
+    not broadcast (each rank drew its own) is refused rather than trained as diverging
+    replicas.
+    """
+    rows = [(tuple(p.shape), str(p.dtype)) for p in params]
+    digest = hashlib.sha256(repr(rows).encode()).digest()
+    code = int.from_bytes(digest[:7], "little")
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            total += _bits(p).sum(dtype=torch.int64) * (i + 1)
+    both = torch.stack([torch.tensor(code, device=device), -torch.tensor(code, device=device)])
+    notes = torch.cat([both, torch.stack([total, -total])])
+    run("the replica check", group, lambda: dist.all_reduce(notes, dist.ReduceOp.MAX, group))
+    high_code, low_code, high, low = (int(v) for v in notes.tolist())
+    if high_code != -low_code:
+        raise DiffprogError(
+            "the ranks' models differ in structure (their parameters' shapes or dtypes): build "
+            "the same model on every rank, then broadcast_model(model) before the first step."
+        )
+    if high != -low:
+        raise DiffprogError(
+            "the ranks' models hold different values at the first step: each rank would train "
+            "its own copy with the same averaged gradients, and they would never agree. Call "
+            "model = broadcast_model(model) on every rank before training (or load the same "
+            "checkpoint on every rank)."
+        )
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns as integers of its element size (a view; complex as pairs)."""
+    flat = t.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    kind = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    return flat.view(kind)

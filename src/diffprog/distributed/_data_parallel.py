@@ -27,7 +27,7 @@ from diffprog import (
     map_tensors,
     tensors,
 )
-from diffprog.distributed._broadcast import start_sync
+from diffprog.distributed._broadcast import check_replicas, start_sync
 from diffprog.distributed._collective import Group, group_info
 from diffprog.distributed._reducer import Reduced, Reducer
 from diffprog.optim import (
@@ -71,7 +71,9 @@ class DataParallel(Parameterized, Generic[OptT]):
     A parameter no rank's loss reaches is left alone (``None`` gradient); one that some
     ranks reach is averaged with zeros from the others (what the concatenated batch gives).
     Non-finite values are judged after the all-reduce, so every rank raises or skips the same
-    step; a non-finite loss on any rank counts for all (the error names the ranks).
+    step; a non-finite loss on any rank counts for all (the error names the ranks). Before its
+    first step it checks that every rank holds the same parameters (a model not broadcast is
+    refused, rather than trained as replicas that never agree).
 
     Attributes:
         inner: the optimizer stepped with the averaged gradients (its state lives there).
@@ -179,7 +181,8 @@ class DataParallel(Parameterized, Generic[OptT]):
             ``(new_model, new_optimizer)``; within a window ``model`` itself.
 
         Raises:
-            DiffprogError: ``loss`` is a closure, or it reaches no trained parameter on any rank.
+            DiffprogError: ``loss`` is a closure, it reaches no trained parameter on any rank,
+                or (before the first step) the ranks' models differ.
             NonFiniteError: a loss or an averaged gradient is not finite (with ``"raise"``).
             CollectiveError: a rank died or timed out.
         """
@@ -197,6 +200,7 @@ class DataParallel(Parameterized, Generic[OptT]):
             new_model, new_inner = apply_gradients(model, self.inner, [None] * len(params), lr)
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
         chosen = [params[i] for i in trained]
+        self._check_first(params)
         pending = self._pending(len(params))
         bad = _bad(loss, self.bad_loss)
         if not self.syncs_next:
@@ -235,7 +239,8 @@ class DataParallel(Parameterized, Generic[OptT]):
             ``(new_model, new_optimizer)``; within an accumulation window ``model`` itself.
 
         Raises:
-            DiffprogError: ``grads`` does not fit the model.
+            DiffprogError: ``grads`` does not fit the model, or (before the first step) the
+                ranks' models differ.
             NonFiniteError: an averaged gradient is not finite (with ``"raise"``).
             CollectiveError: a rank died or timed out.
         """
@@ -246,6 +251,7 @@ class DataParallel(Parameterized, Generic[OptT]):
         if not trained:  # the same on every rank: refused before any collective
             new_model, new_inner = apply_gradients(model, self.inner, local, lr)
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
+        self._check_first(params)
         pending = self._pending(len(params))
         if not self.syncs_next:
             summed = _added(pending, trained, [local[i] for i in trained])
@@ -287,6 +293,7 @@ class DataParallel(Parameterized, Generic[OptT]):
             )
         local = [g if used is None or used[i] else None for i, g in enumerate(gradients)]
         trained = self._trained(len(params))
+        self._check_first(params)
         pending = self._pending(len(params))
         if not self.syncs_next:
             summed = _added(pending, trained, [local[i] for i in trained])
@@ -306,6 +313,12 @@ class DataParallel(Parameterized, Generic[OptT]):
         return new_params, self._fresh(new_inner)
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _check_first(self, params: list[torch.Tensor]) -> None:
+        """Before the first step (no step taken, no micro-batch held): refuse ranks whose
+        models differ (one small all-reduce, once)."""
+        if self.count == 0 and self.micro == 0:
+            check_replicas(params, self.group)
 
     def _trained(self, n: int) -> list[int]:
         trainable = self.trainable
