@@ -99,7 +99,7 @@ def test_two_ranks_train_like_one_process_resume_a_checkpoint_and_refuse_unequal
     check_grid(tmp_path, 2)
     for r in range(2):  # models not broadcast: refused on every rank at the first step
         assert (
-            "call model = broadcast_model(model)" in (tmp_path / f"diverge-rank{r}.txt").read_text()
+            "Call model = broadcast_model(model)" in (tmp_path / f"diverge-rank{r}.txt").read_text()
         )
     for name in w.RESUMED:
         case = next(c for c in w.CASES if c.name == name)
