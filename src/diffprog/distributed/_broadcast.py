@@ -163,6 +163,7 @@ def check_replicas(params: Sequence[torch.Tensor], group: Group) -> None:
     not broadcast (each rank drew its own) is refused rather than trained as diverging
     replicas.
     """
+    group_info(group, "DataParallel")  # says how to start torch.distributed if it is not
     rows = [(tuple(p.shape), str(p.dtype)) for p in params]
     digest = hashlib.sha256(repr(rows).encode()).digest()
     code = int.from_bytes(digest[:7], "little")
