@@ -68,10 +68,31 @@ def sync_tensors(
     src: int = 0,
     group: Group = None,
 ) -> list[torch.Tensor]:
-    """Rank ``src``'s ``tensors`` (``"broadcast"``) or their mean over the ranks (``"average"``,
-    floating point ones; the others are broadcast), coalesced per dtype and device.
+    """Rank ``src``'s ``tensors``, or their mean over the ranks, on every rank.
 
-    Returns new tensors (detached), in the order given; the ones given are not changed.
+    One backend call per dtype and device (the tensors travel as one flat buffer each). What
+    ``DataParallel`` does with the model's buffers (``buffers=``), for any tensors.
+
+    Args:
+        tensors: this rank's tensors; every rank gives the same shapes and dtypes, in order.
+        how: ``"broadcast"`` (rank ``src``'s values) or ``"average"`` (the mean over the
+            ranks of the floating point and complex ones; the others are broadcast).
+        src: the rank whose values are broadcast.
+        group: the process group (``None``: the default group).
+
+    Returns:
+        New tensors (detached), in the order given; the ones given are not changed.
+
+    Raises:
+        DiffprogError: ``torch.distributed`` is not initialised.
+        CollectiveError: a rank died or timed out.
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> sync_tensors([torch.tensor([1.0, 3.0]), torch.tensor([7])], "average")
+        [tensor([1., 3.]), tensor([7])]
+        >>> dist.destroy_process_group()
     """
     return start_sync(tensors, how, src=src, group=group)()
 
