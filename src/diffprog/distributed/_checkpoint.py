@@ -69,6 +69,21 @@ def save_checkpoint(
         SaveError: rank 0 could not write (on rank 0 the original error; on the others a
             ``SaveError`` saying so).
         CollectiveError: a rank died or timed out.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> import torch.distributed as dist
+        >>> from diffprog.nn import LinearSpec
+        >>> from diffprog.optim import Adam
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> model = sample(LinearSpec(2, 1))
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "step-0.safetensors"
+        >>> path = save_checkpoint(path, model=model, optimizer=DataParallel(Adam.init(model)),
+        ...                        step=0, epoch=1)
+        >>> loaded = load_checkpoint(path, model=model, optimizer=DataParallel(Adam.init(model)))
+        >>> loaded.extra, type(loaded.optimizer).__name__
+        ({'epoch': 1}, 'DataParallel')
+        >>> dist.destroy_process_group()
     """
     if group is None and isinstance(optimizer, DataParallel):
         group = optimizer.group
@@ -138,6 +153,8 @@ def load_checkpoint(
         LoadError: this rank could not load the file (the original error), or another rank
             could not, or the ranks loaded different steps.
         CollectiveError: a rank died or timed out.
+
+    Example: see :func:`save_checkpoint`.
     """
     if group is None and isinstance(optimizer, DataParallel):
         group = optimizer.group
