@@ -75,6 +75,7 @@ def save_checkpoint(
         >>> import torch.distributed as dist
         >>> from diffprog.nn import LinearSpec
         >>> from diffprog.optim import Adam
+        >>> from diffprog.distributed import DataParallel, load_checkpoint, save_checkpoint
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> model = sample(LinearSpec(2, 1))
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "step-0.safetensors"
