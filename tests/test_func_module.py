@@ -9,7 +9,7 @@ import diffprog as dp
 from diffprog import Parameterized
 from diffprog.examples.digits import cnn_spec
 from diffprog.func import as_module
-from diffprog.nn import BatchNorm1d, BatchNorm1dSpec, Linear, LinearSpec
+from diffprog.nn import BatchNorm1d, BatchNorm1dSpec, Linear, LinearSpec, from_torch
 from diffprog.optim import Adam, run_step
 
 
@@ -73,3 +73,35 @@ def test_as_module_exports_a_trained_digits_cnn() -> None:
     new_x = torch.rand(16, 1, 8, 8, generator=gen)  # exported for this batch size
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(new_x), model(new_x))
+
+
+def test_the_reverse_of_as_module_for_a_layer_stack_is_from_torch() -> None:
+    """A torch.nn module whose structure is a diffprog layer stack (here torch's form of the
+    digits CNN) becomes a model with from_torch; as_module of that model is a module with the
+    same state_dict (keys, order of parameters, values) computing the same, and exports."""
+    tnn = torch.nn
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = tnn.Sequential(
+            tnn.Conv2d(1, 4, 3, padding=1),
+            tnn.ReLU(),
+            tnn.Conv2d(4, 8, 3, padding=1),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+            tnn.Flatten(),
+            tnn.Linear(8 * 4 * 4, 16),
+            tnn.ReLU(),
+            tnn.Linear(16, 10),
+        )
+    model = from_torch(module)
+    like = dp.sample(cnn_spec(channels=(4, 8), hidden=16))  # the diffprog layer stack
+    assert list(dp.state_dict(model)) == list(dp.state_dict(like)) == list(module.state_dict())
+    back = as_module(model)
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in module.named_parameters()]
+    for (name, a), b in zip(module.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), module(x))
+        exported = torch.export.export(back, (x,))
+        torch.testing.assert_close(exported.module()(x), module(x))

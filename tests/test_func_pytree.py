@@ -365,3 +365,73 @@ def test_torch_export_names_inputs_by_state_dict_path(case: tuple[str, Any, torc
     names = [name.replace(".", "_") for name, _ in dp.named_tensors(model)]
     assert program.graph_signature.user_inputs == (*(f"model_{n}" for n in names), "x")
     torch.testing.assert_close(program.module()(model, x), model(x))
+
+
+# Dynamo reads the .grad of every tensor it guards, which warns for torch.func's wrapped ones.
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("case", models(), ids=lambda c: c[0])
+def test_torch_compile_takes_and_returns_every_kind_of_model(
+    case: tuple[str, Any, torch.Tensor],
+) -> None:
+    """fullgraph=True over each kind of model (ties, a sum type, hand-written and registered
+    instances): a forward, a function returning a model, and torch.func.grad compiled."""
+    torch._dynamo.reset()
+    _, model, x = case
+    forward = torch.compile(lambda m, x: m(x), fullgraph=True, backend="eager")
+    torch.testing.assert_close(forward(model, x), model(x))
+    # A traversal inside the graph needs diffprog to have met each class eagerly once (docs:
+    # "Your own compiled functions over models"): flattening the model does that.
+    pytree.tree_leaves(model)
+    scaled = torch.compile(
+        lambda m: pytree.tree_map(lambda t: t * 2, m), fullgraph=True, backend="eager"
+    )
+    out = scaled(model)
+    assert type(out) is type(model)
+    assert pytree.tree_structure(out) == pytree.tree_structure(model)
+    for a, b in zip(pytree.tree_leaves(out), pytree.tree_leaves(model), strict=True):
+        torch.testing.assert_close(a, b * 2)
+    grads = torch.compile(torch.func.grad(_loss), fullgraph=True, backend="eager")(model, x)
+    assert type(grads) is type(model)
+    for a, b in zip(
+        pytree.tree_leaves(grads), pytree.tree_leaves(torch.func.grad(_loss)(model, x)), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", models(), ids=lambda c: c[0])
+def test_jvp_returns_a_model_tangent(case: tuple[str, Any, torch.Tensor]) -> None:
+    """torch.func.jvp of a function from models to models: the output and its tangent are
+    models of the structure (here a linear map, so the tangent is the map of the tangent)."""
+    _, model, _ = case
+
+    def halve(m: Any) -> Any:
+        return pytree.tree_map(lambda t: t * 0.5, m)
+
+    tangent = pytree.tree_map(torch.ones_like, model)
+    out, out_tangent = torch.func.jvp(halve, (model,), (tangent,))
+    assert type(out) is type(model) and type(out_tangent) is type(model)
+    for t in pytree.tree_leaves(out_tangent):
+        torch.testing.assert_close(t, torch.full_like(t, 0.5))
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("case", models(), ids=lambda c: c[0])
+def test_torch_export_returns_a_model(case: tuple[str, Any, torch.Tensor]) -> None:
+    """An exported program whose output is a model returns a model of the structure, whatever
+    the weights it is called with. (torch.func.grad inside torch.export is refused by torch:
+    "meta conversion to view functorch tensor".)"""
+
+    class Step(torch.nn.Module):
+        def forward(self, model: Any, x: torch.Tensor) -> Any:
+            return pytree.tree_map(lambda t: t - 0.1 * x.mean() * t, model)
+
+    _, model, x = case
+    pytree.tree_leaves(model)  # diffprog meets each class eagerly first (as for compile)
+    program = torch.export.export(Step(), (model, x))
+    other = pytree.tree_map(lambda t: t + 0.25, model)  # same structure, other weights
+    got = program.module()(other, x)
+    want = Step()(other, x)
+    assert type(got) is type(model)
+    assert pytree.tree_structure(got) == pytree.tree_structure(model)
+    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want), strict=True):
+        torch.testing.assert_close(a, b)

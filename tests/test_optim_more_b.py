@@ -281,14 +281,9 @@ def test_torch_s_execution_flags_are_accepted_and_change_nothing(
     TORCH[cls]([torch.nn.Parameter(torch.zeros(2))], **flags)  # torch takes them too
 
 
-@pytest.mark.parametrize("cls", [Rprop, ASGD], ids=lambda c: c.__name__)
-def test_differentiable_is_refused(cls: Any) -> None:
-    with pytest.raises(ValueError, match=r"differentiable=True\) is not supported"):
-        cls.init([make_independent(torch.zeros(2))], differentiable=True)
-
-
-def test_adadelta_takes_differentiable_steps() -> None:  # tests/test_optim_differentiable.py
-    assert Adadelta.init([make_independent(torch.zeros(2))], differentiable=True).differentiable
+@pytest.mark.parametrize("cls", [Adadelta, Rprop, ASGD], ids=lambda c: c.__name__)
+def test_differentiable_steps_are_taken(cls: Any) -> None:  # tests/test_optim_differentiable.py
+    assert cls.init([make_independent(torch.zeros(2))], differentiable=True).differentiable
 
 
 # --- state, as torch.optim keeps it -----------------------------------------------------------

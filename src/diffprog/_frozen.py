@@ -23,9 +23,6 @@ class Frozen(torch.Tensor):
     Made from a tensor without copying it (the result shares its storage, detached from any
     graph). Operations on it give plain tensors.
 
-    Args:
-        data: the parameter (or any tensor) to freeze.
-
     Example:
         >>> f = Frozen(torch.nn.Parameter(torch.ones(2)))
         >>> f.requires_grad, isinstance(f, torch.nn.Parameter), type(f * 2).__name__
@@ -33,6 +30,17 @@ class Frozen(torch.Tensor):
     """
 
     def __new__(cls, data: torch.Tensor) -> Frozen:
+        """Freeze ``data``.
+
+        Args:
+            data: the parameter (or any tensor) to freeze.
+
+        Returns:
+            A frozen parameter sharing ``data``'s storage.
+
+        Raises:
+            TypeError: ``data`` is not a tensor.
+        """
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"Frozen expects a torch.Tensor, got {type(data).__name__}.")
         return torch.Tensor._make_subclass(cls, data.detach(), False)

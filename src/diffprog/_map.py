@@ -360,7 +360,7 @@ def replace_values(
         The new model, of the same type.
 
     Raises:
-        An exception ``f`` raises propagates with a note naming the path.
+        Exception: whatever ``f`` raises, propagated with a note naming the path.
 
     Example:
         >>> import dataclasses

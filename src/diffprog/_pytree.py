@@ -263,14 +263,25 @@ def _rebuild(template: Any, key: Key, leaves: list[Any], counter: list[int]) -> 
     if isinstance(node, HandWrittenNode):
         old = list(node.flatten_fn(template))
         new = [_rebuild(c, k, leaves, counter) for c, k in zip(old, key[2], strict=True)]
-        if all(n is o for n, o in zip(new, old, strict=True)):
+        if _unchanged(new, old):
             return template
         return node._run(template, _ReadBack(new))
     old = list(node.values(template))
     new = [_rebuild(c, k, leaves, counter) for c, k in zip(old, key[2], strict=True)]
-    if all(n is o for n, o in zip(new, old, strict=True)):
+    if _unchanged(new, old):
         return template
     return node.rebuild(template, new)
+
+
+def _unchanged(new: list[Any], old: list[Any]) -> bool:
+    """Whether every rebuilt child is the old one (then the old value is kept, as it is).
+
+    Not asked while torch.compile traces (an unflatten inside a compiled function): dynamo
+    cannot trace ``is`` between tuples, and there the children are new anyway.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return all(n is o for n, o in zip(new, old, strict=True))
 
 
 def tree_unflatten_model(leaves: Iterable[Any], structure: Structure) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,12 +37,17 @@ def _eps_at_least_zero(name: str, eps: Any) -> None:
 
 
 def _eps(eps: tuple[float | None, float]) -> tuple[float | None, float]:
-    """``eps`` as ``init`` keeps it: floats, ``eps1`` None or a float."""
+    """``eps`` as ``init`` keeps it: floats, ``eps1`` None or a float; a tensor that requires
+    grad (a hyper-parameter of a ``differentiable`` optimizer) is kept, not cut by ``float``."""
     eps1, eps2 = eps
-    return (None if eps1 is None else float(eps1), float(eps2))
+    return (None if eps1 is None else _float_unless_learned(eps1), _float_unless_learned(eps2))
 
 
-class Adafactor(PureOptimizer):
+def _float_unless_learned(value: Any) -> Any:
+    return value if getattr(value, "requires_grad", False) else float(value)
+
+
+class Adafactor(PureOptimizer, torch_options=("differentiable",)):
     """Adafactor (Shazeer & Stern), exactly ``torch.optim.Adafactor``'s algorithm, as a value.
 
     At a parameter's step ``t`` (``t = param_counts[i] + 1``): ``beta2 = 1 - t^beta2_decay``,
@@ -74,6 +79,14 @@ class Adafactor(PureOptimizer):
             for a frozen one), in ``flatten_parameters`` order.
         settings: which parameters are trained and how (``None``: all, alike).
         donate: whether a step may reuse this value's state (see :class:`Adam`).
+        differentiable: when True, a step runs with autograd on (the option torch.optim's
+            optimizers have; ``torch.optim.Adafactor`` itself lacks it): the new parameters
+            and second moments are differentiable functions of the old ones, the gradients,
+            ``lr`` and the hyper-parameters (``beta2_decay``, ``eps``, ``d``,
+            ``weight_decay`` may be tensors that require grad). The minima and maxima
+            (``rho``, ``alpha``'s floor, the floors of the estimate, the RMS clipping) pass the
+            gradient to the side they take. It rounds as the for-loop path, whatever
+            ``foreach``.
 
     Example:
         >>> w = make_independent(torch.ones(2, 3))
@@ -116,6 +129,8 @@ class Adafactor(PureOptimizer):
     row_var: tuple[torch.Tensor | None, ...] = state(doc="the running mean of g^2 along rows")
     col_var: tuple[torch.Tensor | None, ...] = state(doc="the running mean of g^2 along columns")
     variance: tuple[torch.Tensor | None, ...] = state(doc="the running mean of g^2 (vectors)")
+
+    _differentiable_ok: ClassVar[bool] = True
 
     @classmethod
     def _zero_state(
@@ -195,6 +210,45 @@ class Adafactor(PureOptimizer):
         _apply(hyper["foreach"], new, updates, alphas, d)
         return new
 
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # _update's algorithm (torch's for-loop path), out of place, its numbers kept as tensors.
+        step = float(count + 1)
+        eps1, eps2 = hyper["eps"]
+        beta2_decay, d, weight_decay = hyper["beta2_decay"], hyper["d"], hyper["weight_decay"]
+        one_minus_beta2_t = step**beta2_decay
+        rho_t = _smaller(lr, 1 / (step**0.5))
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            floor = torch.finfo(p.dtype).eps if eps1 is None else eps1
+            alpha = torch.maximum(p.norm(2) / (p.numel() ** 0.5), _as(eps2, p)) * rho_t
+            if bool(weight_decay != 0):
+                p = p * (1 - lr * weight_decay)
+            if g.dim() > 1:
+                row_mean = torch.norm(g, dim=-1, keepdim=True).square() / g.size(-1)
+                row_var = torch.lerp(state["row_var"][i], row_mean, one_minus_beta2_t)
+                col_mean = torch.norm(g, dim=-2, keepdim=True).square() / g.size(-2)
+                col_var = torch.lerp(state["col_var"][i], col_mean, one_minus_beta2_t)
+                state["row_var"][i], state["col_var"][i] = row_var, col_var
+                row_floor = torch.maximum(row_var.mean(dim=-2, keepdim=True), _as(floor, p))
+                estimate = (row_var @ col_var) / row_floor
+            else:
+                estimate = torch.lerp(state["variance"][i], g * g, one_minus_beta2_t)
+                state["variance"][i] = estimate
+            update = torch.maximum(estimate, _as(floor * floor, p)).rsqrt() * g
+            rms = update.norm(2) / ((update.numel() ** 0.5) * d)
+            new.append(p + update * (-alpha / torch.clamp(rms, min=1.0)))
+        return new
+
 
 def _factored_estimate(
     grad: torch.Tensor,
@@ -232,6 +286,18 @@ def _apply(
         return
     for param, update, scale in zip(params, updates, scales, strict=True):
         param.add_(update, alpha=scale)
+
+
+def _smaller(a: float | torch.Tensor, b: float) -> float | torch.Tensor:
+    """``min(a, b)`` for a number or a tensor ``a`` (a tensor keeps its graph)."""
+    if isinstance(a, torch.Tensor):
+        return torch.clamp(a, max=b)
+    return min(a, b)
+
+
+def _as(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device (a tensor keeps its graph)."""
+    return torch.as_tensor(value).to(dtype=like.dtype, device=like.device)
 
 
 def _refuse_complex(param: torch.Tensor, index: int | None) -> None:

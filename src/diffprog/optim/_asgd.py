@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,7 +23,8 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
     ``weight_decay * p``), its average to ``ax + mu (p - ax)``; then
     ``eta = lr / (1 + lambd lr t)^alpha`` and ``mu = 1 / max(1, t - t0)`` for the next step.
     ``eta`` starts at the learning rate of a parameter's first update, ``mu`` at 1. The
-    averaged parameters ``ax`` are state, as in torch.optim: read them from :attr:`ax`.
+    averaged parameters ``ax`` are state, as in torch.optim: read them from the optimizer's
+    ``ax`` field.
 
     torch.optim's two paths round differently here (to float32 tolerance): its for-loop path
     (``foreach=False``, the default on CPU) and its multi-tensor one (``foreach=True``, the
@@ -42,6 +43,14 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
             one), in ``flatten_parameters`` order.
         settings: which parameters are trained and how (``None``: all, alike).
         donate: whether a step may reuse this value's state (see :class:`Adam`).
+        differentiable: when True, a step runs with autograd on (torch.optim's
+            ``differentiable=True``, its single-tensor path, out of place, whatever
+            ``foreach``: torch refuses ``foreach=True`` with it): the new parameters, ``ax``,
+            ``eta`` and ``mu`` are differentiable functions of the old ones, the gradients,
+            the learning rate and the hyper-parameters (``lambd``, ``alpha``, ``t0``,
+            ``weight_decay`` may be tensors that require grad). Unlike torch.optim's, whose
+            step reads ``eta`` as a number (``eta.item()``), the gradient flows through ``eta``
+            to the learning rate, ``lambd`` and ``alpha``.
 
     Example:
         >>> p = make_independent(torch.tensor([1.0]))
@@ -62,6 +71,8 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
     ax: tuple[torch.Tensor | None, ...] = state(doc="the averaged parameters, torch's ax")
     eta: tuple[torch.Tensor | None, ...] = state(doc="the step size of the next step")
     mu: tuple[torch.Tensor | None, ...] = state(doc="the averaging factor of the next step")
+
+    _differentiable_ok: ClassVar[bool] = True
 
     @classmethod
     def _param_shaped_state(cls) -> tuple[str, ...]:
@@ -99,6 +110,52 @@ class ASGD(PureOptimizer, torch_options=("differentiable", "capturable")):
         else:
             _single_tensor_asgd(hyper, lr, step, new, grads, axs, etas, mus)
         return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.ASGD's single-tensor path (differentiable=True), out of place, with eta
+        # and mu kept as tensors (torch reads eta as a number, cutting its gradient).
+        lambd, alpha, t0 = hyper["lambd"], hyper["alpha"], hyper["t0"]
+        decay, step = hyper["weight_decay"], count + 1
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                g = g + decay * p
+            ax, eta, mu = state["ax"][i], state["eta"][i], state["mu"][i]
+            if count == 0:
+                eta = _scalar_as(lr, eta)  # torch's eta starts at the learning rate
+            e = eta.to(p.dtype)  # torch reads eta's value as a Python number (float64)
+            p = p * (1 - lambd * e) - e * g
+            # ax follows a copy of p (not p itself: a later donated step writes into ax)
+            ax = ax + (p - ax) * mu if bool(mu != 1) else p.clone()
+            state["ax"][i] = ax
+            state["eta"][i] = _scalar_as(lr / ((1 + lambd * lr * step) ** alpha), eta)
+            state["mu"][i] = _scalar_as(1 / _at_least_one(step - t0), mu)
+            new.append(p)
+        return new
+
+
+def _scalar_as(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device (its graph kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device).reshape(())
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+def _at_least_one(value: float | torch.Tensor) -> float | torch.Tensor:
+    """``max(1, value)``, as torch's ``max(1, step - t0)``, for a number or a tensor."""
+    if isinstance(value, torch.Tensor):
+        return torch.clamp(value, min=1)
+    return max(1, value)
 
 
 def _single_tensor_asgd(

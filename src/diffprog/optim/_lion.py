@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -13,7 +13,7 @@ from diffprog.optim._pure import PureOptimizer
 __all__ = ["Lion"]
 
 
-class Lion(PureOptimizer):
+class Lion(PureOptimizer, torch_options=("differentiable",)):
     """Lion (EvoLved Sign Momentum; Chen et al., "Symbolic Discovery of Optimization
     Algorithms", 2023), as a value. Not in torch.optim; the published algorithm:
 
@@ -29,6 +29,12 @@ class Lion(PureOptimizer):
         exp_avg: the momentum ``m``, one tensor per trained parameter (``None`` for frozen).
         settings: which parameters are trained and how (``None``: all, alike).
         donate: whether a step may reuse this value's state (see :class:`Adam`).
+        differentiable: when True, a step runs with autograd on (the option torch.optim's
+            optimizers have): the new parameters and momentum are differentiable functions of
+            the old ones, the gradients, ``lr``, ``betas`` and ``weight_decay`` (tensors that
+            may require grad). ``sign`` has derivative 0, so the update's direction passes no
+            gradient: the meta-gradient reaches the gradients, the momentum and ``betas`` only
+            through the momentum, which the update reads through ``sign`` (0 wherever defined).
 
     Example:
         >>> p = make_independent(torch.tensor([1.0, 1.0]))
@@ -46,6 +52,8 @@ class Lion(PureOptimizer):
     weight_decay: float = hyper(0.0, doc="decoupled weight decay", check=non_negative)
     maximize: bool = hyper(False, doc="ascend instead of descend")
     exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the momentum m")
+
+    _differentiable_ok: ClassVar[bool] = True
 
     def _update(
         self,
@@ -70,3 +78,27 @@ class Lion(PureOptimizer):
             new = torch._foreach_add(params, update, alpha=-lr)
         torch._foreach_lerp_(exp_avg, grads, 1 - beta2)
         return list(new)
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # _update's algorithm, out of place.
+        beta1, beta2 = hyper["betas"]
+        decay = hyper["weight_decay"]
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            m = state["exp_avg"][i]
+            update = torch.lerp(m, g, 1 - beta1).sign()
+            if bool(decay != 0):
+                p = p * (1 - lr * decay)
+            new.append(p - lr * update)
+            state["exp_avg"][i] = torch.lerp(m, g, 1 - beta2)
+        return new

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from diffprog.optim._declare import betas_in, hyper, non_negative, pair_of_floats, state
-from diffprog.optim._pure import PureOptimizer, clone_all, device_groups, scalar_dtype
+from diffprog.optim._pure import (
+    PureOptimizer,
+    clone_all,
+    device_groups,
+    scalar_dtype,
+    sqrt_of_moment,
+)
 
 __all__ = ["NAdam"]
 
@@ -43,6 +49,12 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
             as torch keeps it in ``state["mu_product"]``.
         settings: which parameters are trained and how (``None``: all, alike).
         donate: whether a step may reuse this value's state (see :class:`Adam`).
+        differentiable: when True, a step runs with autograd on (torch.optim's
+            ``differentiable=True``, its single-tensor path, out of place): the new parameters
+            and state are differentiable functions of the old ones, the gradients and the
+            hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``momentum_decay`` may be tensors that require grad; ``mu_product`` then carries
+            its graph).
 
     Example:
         >>> p = make_independent(torch.tensor([1.0, -1.0]))
@@ -72,6 +84,8 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         doc="the product of the momentum coefficients, torch's mu_product"
     )
 
+    _differentiable_ok: ClassVar[bool] = True
+
     @classmethod
     def _param_shaped_state(cls) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")  # mu_product is a scalar
@@ -96,6 +110,42 @@ class NAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         lists = [new, grads, state["exp_avg"], state["exp_avg_sq"], state["mu_product"]]
         for _, (ps, gs, ms, vs, mus) in device_groups(*lists):
             _foreach_nadam(hyper, float(lr), count + 1, ps, gs, ms, vs, mus)
+        return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.NAdam's single-tensor path (differentiable=True), out of place.
+        beta1, beta2 = hyper["betas"]
+        decay, momentum_decay, t = hyper["weight_decay"], hyper["momentum_decay"], count + 1
+        bias_correction2 = 1 - beta2**t
+        mu = beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
+        mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                if hyper["decoupled_weight_decay"]:
+                    p = p * (1 - lr * decay)
+                else:
+                    g = g + decay * p
+            held = state["mu_product"][i]
+            mu_product = (held * mu).to(held.dtype)  # its dtype kept, as torch's in place *=
+            m = torch.lerp(state["exp_avg"][i], g, 1 - beta1)
+            v = state["exp_avg_sq"][i] * beta2 + (1 - beta2) * g * g
+            state["exp_avg"][i], state["exp_avg_sq"][i] = m, v
+            state["mu_product"][i] = mu_product
+            denom = sqrt_of_moment(v / bias_correction2) + hyper["eps"]
+            grad_size = -lr * (1.0 - mu) / (1.0 - mu_product)
+            avg_size = -lr * mu_next / (1.0 - mu_product * mu_next)
+            new.append(p + (g * grad_size) / denom + (m * avg_size) / denom)
         return new
 
 

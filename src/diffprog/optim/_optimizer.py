@@ -103,7 +103,7 @@ def learning_rate_at(lr: LearningRate, count: int) -> float | torch.Tensor:
 
     Returns:
         The learning rate as a float or a one-element tensor, checked by
-        :func:`check_learning_rate`.
+        ``check_learning_rate``.
 
     Raises:
         TypeError: ``lr`` (or what the schedule returned) is none of the above.

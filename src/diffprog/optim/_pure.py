@@ -41,7 +41,7 @@ class PureOptimizer(Parameterized):
     :func:`state`, and writes ``_update(hyper, lr, count, params, grads, state)`` (and, where
     needed, ``_check`` for checks across settings, ``_state_names``, ``_init_state``). The
     class keyword ``torch_options=(...)`` names the torch.optim options (of
-    :data:`TORCH_OPTIONS`) that its ``init`` accepts and ignores. CONTRIBUTING.md has the
+    ``TORCH_OPTIONS``) that its ``init`` accepts and ignores. CONTRIBUTING.md has the
     recipe.
 
     Example:
@@ -178,7 +178,8 @@ class PureOptimizer(Parameterized):
             if not self._differentiable_ok:
                 raise ValueError(
                     f"{owner}(differentiable=True) is not supported: {owner} has no "
-                    f"differentiable step yet. Use one of {', '.join(DIFFERENTIABLE)} "
+                    "differentiable step (it writes no _update_differentiable, see "
+                    f"CONTRIBUTING.md). Write one, use one of {', '.join(DIFFERENTIABLE)} "
                     "(docs/optim.md, 'Differentiable steps'), or leave differentiable=False."
                 )
             if self.donate:
@@ -707,8 +708,24 @@ def _consumes(cls: type) -> bool:
     return False
 
 
-DIFFERENTIABLE = ("GD", "GDM", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "Adadelta")
-"""The pure optimizers with a differentiable step (``differentiable=True``)."""
+DIFFERENTIABLE = (
+    "GD",
+    "GDM",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "Adagrad",
+    "Adamax",
+    "Adadelta",
+    "NAdam",
+    "RAdam",
+    "Rprop",
+    "ASGD",
+    "Lion",
+    "Adafactor",
+)
+"""The pure optimizers with a differentiable step (``differentiable=True``): all of diffprog's."""
 
 
 def sqrt_of_moment(v: torch.Tensor) -> torch.Tensor:

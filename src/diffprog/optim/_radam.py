@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from diffprog.optim._declare import betas_in, hyper, non_negative, pair_of_floats, state
-from diffprog.optim._pure import PureOptimizer, clone_all, device_groups
+from diffprog.optim._pure import PureOptimizer, clone_all, device_groups, sqrt_of_moment
 
 __all__ = ["RAdam"]
 
@@ -40,6 +40,12 @@ class RAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
             frozen one), in ``flatten_parameters`` order.
         settings: which parameters are trained and how (``None``: all, alike).
         donate: whether a step may reuse this value's state (see :class:`Adam`).
+        differentiable: when True, a step runs with autograd on (torch.optim's
+            ``differentiable=True``, its single-tensor path, out of place): the new parameters
+            and moments are differentiable functions of the old ones, the gradients and the
+            hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay`` may be tensors that
+            require grad). Whether a step is rectified (``rho_t > 5``) is a choice, not a
+            function: its derivative is that of the branch taken.
 
     Example:
         >>> p = make_independent(torch.tensor([1.0, -1.0]))
@@ -67,6 +73,8 @@ class RAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
     exp_avg: tuple[torch.Tensor | None, ...] = state(doc="the first moment, torch's exp_avg")
     exp_avg_sq: tuple[torch.Tensor | None, ...] = state(doc="the second moment")
 
+    _differentiable_ok: ClassVar[bool] = True
+
     def _update(
         self,
         hyper: Mapping[str, Any],
@@ -80,6 +88,47 @@ class RAdam(PureOptimizer, torch_options=("foreach", "capturable", "differentiab
         lists = [new, grads, state["exp_avg"], state["exp_avg_sq"]]
         for _, (ps, gs, ms, vs) in device_groups(*lists):
             _foreach_radam(hyper, float(lr), count + 1, ps, gs, ms, vs)
+        return new
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.RAdam's single-tensor path (differentiable=True), out of place.
+        beta1, beta2 = hyper["betas"]
+        decay, t = hyper["weight_decay"], count + 1
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * (beta2**t) / bias_correction2
+        rectified = bool(rho_t > 5.0)
+        if rectified:
+            rect = (
+                (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+            ) ** 0.5
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            if bool(decay != 0):
+                if hyper["decoupled_weight_decay"]:
+                    p = p * (1 - lr * decay)
+                else:
+                    g = g + decay * p
+            m = torch.lerp(state["exp_avg"][i], g, 1 - beta1)
+            v = state["exp_avg_sq"][i] * beta2 + (1 - beta2) * g * g
+            state["exp_avg"][i], state["exp_avg_sq"][i] = m, v
+            corrected = m / bias_correction1
+            if rectified:
+                adaptive = (bias_correction2**0.5) / (sqrt_of_moment(v) + hyper["eps"])
+                new.append(p - corrected * lr * adaptive * rect)
+            else:
+                new.append(p - corrected * lr)
         return new
 
 

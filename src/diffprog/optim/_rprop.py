@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,6 +48,13 @@ class Rprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiab
             (``None`` for a frozen one), in ``flatten_parameters`` order.
         settings: which parameters are trained and how (``None``: all, alike).
         donate: whether a step may reuse this value's state (see :class:`Adam`).
+        differentiable: when True, a step runs with autograd on (torch.optim's
+            ``differentiable=True``, its single-tensor path, out of place): the new parameters
+            and step sizes are differentiable functions of the old ones, the learning rate
+            (through the first step size) and the hyper-parameters (``etas`` and
+            ``step_sizes`` may be tensors that require grad; a clamped step size follows the
+            bound). The signs are choices, not functions: their derivative is 0, so the
+            gradient reaches a parameter only through the parameters before it.
 
     Example:
         >>> p = make_independent(torch.tensor([1.0, 1.0]))
@@ -74,6 +81,8 @@ class Rprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiab
     maximize: bool = hyper(False, doc="ascend instead of descend")
     prev: tuple[torch.Tensor | None, ...] = state(doc="the previous gradient, torch's prev")
     step_size: tuple[torch.Tensor | None, ...] = state(doc="each element's step size")
+
+    _differentiable_ok: ClassVar[bool] = True
 
     def _update(
         self,
@@ -113,3 +122,50 @@ class Rprop(PureOptimizer, torch_options=("capturable", "foreach", "differentiab
         del signs
         grad_signs = [prev.sign() for prev in prevs]
         return list(torch._foreach_addcmul(params, grad_signs, step_sizes, value=-1))
+
+    def _update_differentiable(
+        self,
+        hyper: Mapping[str, Any],
+        lr: float | torch.Tensor,
+        count: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        # torch.optim.Rprop's single-tensor path (differentiable=True), out of place.
+        etaminus, etaplus = hyper["etas"]
+        low, high = hyper["step_sizes"]
+        clamp = _clamp_between(low, high)
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if hyper["maximize"]:
+                g = -g
+            prev, step_size = state["prev"][i], state["step_size"][i]
+            if count == 0:
+                # torch.optim's first step size: the learning rate (lr + lr i if complex)
+                step_size = torch.zeros_like(step_size) + lr
+            sign = (g * prev).sign()
+            factor = torch.where(
+                sign > 0, etaplus, torch.where(sign < 0, etaminus, torch.ones_like(sign))
+            )
+            step_size = clamp(step_size * factor)
+            g = torch.where(sign < 0, torch.zeros_like(g), g)  # a flipped sign: no move
+            state["prev"][i], state["step_size"][i] = g, step_size
+            new.append(torch.addcmul(p, g.sign(), step_size, value=-1))
+        return new
+
+
+def _clamp_between(
+    low: float | torch.Tensor, high: float | torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``clamp(low, high)`` as a function, for bounds that are numbers or tensors (a learned
+    bound gets the gradient of the step sizes it clamps)."""
+    if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
+        return lambda x: x.clamp(low, high)
+
+    def clamp(x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(
+            torch.maximum(x, torch.as_tensor(low).to(x)), torch.as_tensor(high).to(x)
+        )
+
+    return clamp

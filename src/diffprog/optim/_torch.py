@@ -33,7 +33,7 @@ from diffprog.optim._optimizer import (
     learning_rate_at,
     used_mask,
 )
-from diffprog.optim._pure import in_layout_of
+from diffprog.optim._pure import DIFFERENTIABLE, in_layout_of
 from diffprog.optim._select import Selection, resolve_settings
 
 __all__ = ["TorchOptimizer"]
@@ -117,7 +117,9 @@ class TorchOptimizer:
 
         Raises:
             DiffprogError: the optimizer holds a tensor that is not one of ``params``.
+            ValueError: a parameter group has ``differentiable=True``.
         """
+        _refuse_differentiable(optimizer)
         params = list(params)
         where = {id(p): i for i, p in enumerate(params)}
         trained: list[int] = []
@@ -546,6 +548,25 @@ def _require_dense(params: Sequence[torch.Tensor], where: Mapping[int, int]) -> 
                 f"parameter {where[id(p)]} (shape {tuple(p.shape)}, strides {p.stride()}) is "
                 "not dense (a strided slice of a larger tensor), which torch's fused kernels "
                 "misread. Make it a tensor of its own (p.clone()), or use fused=False."
+            )
+
+
+def _refuse_differentiable(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a torch optimizer with ``differentiable=True``: a TorchOptimizer steps it in
+    place on the model's leaf parameters under ``torch.no_grad()``, so its steps could never
+    carry a meta-gradient (torch would fail at the first step, on a leaf written in place)."""
+    for group in optimizer.param_groups:
+        if group.get("differentiable"):
+            name = type(optimizer).__name__
+            pure = (
+                f"diffprog.optim.{name}.init(model, differentiable=True)"
+                if name in DIFFERENTIABLE
+                else "a pure optimizer of diffprog.optim with differentiable=True"
+            )
+            raise ValueError(
+                f"TorchOptimizer does not take {name}(differentiable=True): it steps torch.optim "
+                "in place on the model's parameters, so a step carries no meta-gradient. Use "
+                f"{pure} (docs/optim.md, 'Differentiable steps')."
             )
 
 

@@ -1,0 +1,233 @@
+"""Check the built documentation site as a reader would, in headless Chromium.
+
+Serves the built site (``mkdocs build --strict`` writes it to ``site/``) on localhost, opens
+the home page, a tutorial page and an API page in Debian's Chromium through its chromedriver
+(Selenium), and checks that each loads without console errors and shows its title and code
+blocks; then searches for a public name as a reader would. Saves a screenshot of each page in
+the output folder (``site-check/``, a build artefact). Also checks, in the site's files, that
+every public name (each module's ``__all__``) is in the API reference's inventory and in the
+search index.
+
+Usage: ``python docs/_check_site.py [SITE] [OUT]`` (defaults ``site`` and ``site-check``).
+Exits non-zero, naming each failed check, if any fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import importlib
+import json
+import pathlib
+import pkgutil
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mkdocstrings import Inventory
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+import diffprog
+
+# (screenshot name, path in the site, words the page's title must contain)
+PAGES = [
+    ("home", "", "diffprog"),
+    ("tutorial", "tutorial/01-tensors/", "diffprog"),
+    ("api", "api/nn/", "diffprog.nn"),
+]
+# A name a reader looks up, and the page its entry is on.
+SEARCH = ("flatten_parameters", "api/diffprog/")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,1000",
+]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serve(site: pathlib.Path) -> Iterator[str]:
+    """Serve ``site`` on a free localhost port for the duration; yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _executable(*names: str) -> str:
+    for name in names:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    raise SystemExit(
+        f"none of {', '.join(names)} found: install Debian's chromium and chromium-driver "
+        "(apt-get install -y chromium chromium-driver)"
+    )
+
+
+def browser() -> webdriver.Chrome:
+    """Headless Debian Chromium through its own chromedriver, browser console logs kept."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = _executable("chromium", "chromium-browser")
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit driver path: Selenium does not look for (or download) a driver itself.
+    service = Service(executable_path=_executable("chromedriver"))
+    return webdriver.Chrome(options=options, service=service)
+
+
+def check_page(
+    driver: webdriver.Chrome, url: str, title: str, screenshot: pathlib.Path
+) -> list[str]:
+    """Open ``url``; the problems found (console errors, no title, no code block)."""
+    driver.get(url)
+    WebDriverWait(driver, 20).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+    problems = []
+    if title not in driver.title:
+        problems.append(f"{url}: the title is {driver.title!r}, expected it to contain {title!r}")
+    headings = [h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "article h1")]
+    if not any(headings):
+        problems.append(f"{url}: no visible h1 heading in the article")
+    elif headings[0].rstrip("¶") not in driver.title:
+        problems.append(f"{url}: the title {driver.title!r} does not name the page {headings[0]!r}")
+    blocks = driver.find_elements(By.CSS_SELECTOR, "article .highlight pre code")
+    if not any(block.is_displayed() for block in blocks):
+        problems.append(f"{url}: no visible code block")
+    copy_buttons = driver.find_elements(By.CSS_SELECTOR, ".md-code__button, .md-clipboard")
+    if blocks and not copy_buttons:
+        problems.append(f"{url}: code blocks without a copy button")
+    driver.save_screenshot(str(screenshot))
+    return problems + [f"{url}: console error: {error}" for error in console_errors(driver)]
+
+
+def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
+    """Type a public name in the search box; its API entry must be among the results."""
+    name, page = SEARCH
+    driver.get(base)
+    driver.execute_script("document.getElementById('__search').checked = true")  # open search
+    box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
+    box.send_keys(name)
+    try:
+        WebDriverWait(driver, 20).until(
+            lambda d: any(
+                page in (a.get_attribute("href") or "")
+                for a in d.find_elements(By.CSS_SELECTOR, ".md-search-result__link")
+            )
+        )
+    except TimeoutException:
+        found = [
+            a.get_attribute("href")
+            for a in driver.find_elements(By.CSS_SELECTOR, ".md-search-result__link")
+        ]
+        return [f"search for {name!r}: no result on {page}; results: {found[:5]}"]
+    return [f"search page: console error: {error}" for error in console_errors(driver)]
+
+
+def console_errors(driver: webdriver.Chrome) -> list[str]:
+    """The errors logged to the browser's console since the last call (it empties the log)."""
+    entries = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [str(entry["message"]) for entry in entries if entry["level"] == "SEVERE"]
+
+
+def public_names() -> dict[str, object]:
+    """Every public name, ``module.name``, of diffprog and its public subpackages."""
+    modules = ["diffprog"] + [
+        f"diffprog.{m.name}"
+        for m in pkgutil.iter_modules(diffprog.__path__)
+        if m.ispkg and not m.name.startswith("_") and m.name != "examples"
+    ]
+    names = {}
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            names[f"{module_name}.{name}"] = getattr(module, name)
+    return names
+
+
+def check_reference(site: pathlib.Path) -> list[str]:
+    """Every public name has an entry in the inventory and is found by the search index."""
+    with (site / "objects.inv").open("rb") as f:
+        inventory = Inventory.parse_sphinx(f)
+    index = json.loads((site / "search" / "search_index.json").read_text())
+    api_locations = {doc["location"] for doc in index["docs"] if doc["location"].startswith("api/")}
+    problems = []
+    for path, obj in public_names().items():
+        item = inventory.get(path)
+        if item is None:
+            # A re-export (dp.save_params) may be entered only where it is documented.
+            short = path.rsplit(".", 1)[-1]
+            item = next(
+                (
+                    it
+                    for name, it in inventory.items()
+                    if name.rsplit(".", 1)[-1] == short and _lookup(name) is obj
+                ),
+                None,
+            )
+        if item is None:
+            problems.append(f"{path}: not in the API reference's inventory (objects.inv)")
+            continue
+        anchor = item.uri.replace("#$", f"#{item.name}")
+        if anchor not in api_locations and item.uri.split("#")[0] not in api_locations:
+            problems.append(f"{path}: its entry {anchor} is not in the search index")
+    return problems
+
+
+def _lookup(path: str) -> object:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def main(argv: list[str]) -> int:
+    """Run every check; print each problem; 0 when there is none."""
+    site = pathlib.Path(argv[0] if argv else "site")
+    out = pathlib.Path(argv[1] if len(argv) > 1 else "site-check")
+    if not (site / "index.html").exists():
+        print(f"{site}/index.html not found: build the site first (mkdocs build --strict)")
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    problems = check_reference(site)
+    with serve(site) as base:
+        driver = browser()
+        try:
+            for shot, path, title in PAGES:
+                problems += check_page(driver, base + path, title, out / f"{shot}.png")
+            problems += check_search(driver, base)
+        finally:
+            driver.quit()
+    for problem in problems:
+        print("FAILED:", problem)
+    shots = ", ".join(f"{out / shot}.png" for shot, _, _ in PAGES)
+    print(f"site check: {len(problems)} problem(s); screenshots: {shots}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
