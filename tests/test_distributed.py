@@ -25,7 +25,7 @@ from diffprog.distributed import (
     sync_tensors,
 )
 from diffprog.distributed._reducer import Reducer
-from diffprog.nn import LinearSpec
+from diffprog.nn import EmbeddingSpec, LinearSpec
 from diffprog.optim import GD, Adam, NothingToTrainError, apply_gradients, run_step, step
 
 LIMIT = 120.0  # seconds a group of processes may take before the test kills it
@@ -210,6 +210,14 @@ def test_data_parallel_leaves_its_inputs_unchanged_and_accumulates_as_a_value(
     a2, _ = apply_gradients(a1, p1, g, 1.0)
     assert a1 is model and torch.equal(a2.weight, model.weight - 1.0)
     assert torch.equal(a2.bias, model.bias)  # None on every micro-batch: left alone
+
+
+def test_a_sparse_gradient_is_averaged_dense(group_of_one: None) -> None:
+    table = dp.sample(EmbeddingSpec(5, 2, sparse=True), generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([1, 3, 3])
+    new, _ = run_step(table, DataParallel(GD()), table(index).sum(), 0.5)
+    expected, _ = run_step(table, GD(), table(index).sum(), 0.5)
+    assert torch.equal(new.weight, expected.weight)
 
 
 def test_the_protocol_step_averages_and_accumulates(group_of_one: None) -> None:

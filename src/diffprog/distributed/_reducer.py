@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -96,6 +97,9 @@ class Reducer:
         self.buckets: list[_Bucket] = []
         self.where: list[tuple[_Bucket, int]] = [None] * len(self.params)  # type: ignore[list-item]
         self.next = 0  # the first bucket not launched
+        # Autograd calls the hooks of parameters on different devices from one thread per
+        # device: the bookkeeping and the launches (in index order) take turns.
+        self.lock = threading.Lock()
         open_: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
         for i in reversed(range(len(self.params))):
             p = self.params[i]
@@ -156,10 +160,11 @@ class Reducer:
                 slot.copy_(grad.reshape(-1))
             else:
                 torch.add(before.reshape(-1), grad.reshape(-1), out=slot)
-        self.reached[i] = True
-        bucket.missing -= 1
-        if bucket.missing == 0:
-            self._launch_ready()
+        with self.lock:
+            self.reached[i] = True
+            bucket.missing -= 1
+            if bucket.missing == 0:
+                self._launch_ready()
 
     def _launch_ready(self) -> None:
         while self.next < len(self.buckets) and self.buckets[self.next].missing == 0:
