@@ -14,6 +14,8 @@ import pathlib
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import diffprog as dp
 import distributed_workers as w
@@ -164,6 +166,50 @@ def test_buckets_are_launched_during_the_backward_pass(group_of_one: None) -> No
     for g, r in zip(grads, reduced.grads, strict=True):
         assert r is not None and torch.equal(g, r)
     assert not params[0]._backward_hooks  # the hooks are gone
+
+
+@settings(deadline=None, max_examples=40)  # a process group per example: some ms
+@given(
+    shapes=st.lists(
+        st.tuples(st.integers(1, 4), st.integers(1, 5), st.sampled_from(["f32", "f64", "c64"])),
+        min_size=1,
+        max_size=8,
+    ),
+    cap=st.integers(1, 200),
+    reached=st.lists(st.booleans(), min_size=8, max_size=8),
+    pending=st.lists(st.booleans(), min_size=8, max_size=8),
+)
+def test_every_gradient_lands_once_scaled_whatever_the_buckets(
+    shapes: list[tuple[int, int, str]], cap: int, reached: list[bool], pending: list[bool]
+) -> None:
+    dtypes = {"f32": torch.float32, "f64": torch.float64, "c64": torch.complex64}
+    g = torch.Generator().manual_seed(len(shapes) * 1000 + cap)
+    ps = [torch.zeros(a, b, dtype=dtypes[d]) for a, b, d in shapes]
+    grads = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in ps]
+    before = [
+        torch.randn(p.shape, dtype=p.dtype, generator=g) if pending[i] else None
+        for i, p in enumerate(ps)
+    ]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        reducer = Reducer(ps, before, 0.25, cap_bytes=cap, group=None)
+        assert sorted(i for b in reducer.buckets for i in b.positions) == list(range(len(ps)))
+        for b in reducer.buckets:  # one dtype per bucket, closed once it reaches the cap
+            assert len({ps[i].dtype for i in b.positions}) == 1
+            sizes = [ps[i].numel() * ps[i].element_size() for i in b.positions]
+            assert sum(sizes[:-1]) < cap
+        for i in reversed(range(len(ps))):
+            if reached[i]:
+                reducer.put(i, grads[i])
+        out = reducer.finish(torch.zeros(()))
+    finally:
+        dist.destroy_process_group()
+    for i in range(len(ps)):
+        parts = [t for t in (grads[i] if reached[i] else None, before[i]) if t is not None]
+        if not parts:
+            assert out.grads[i] is None
+        else:
+            torch.testing.assert_close(out.grads[i], sum(parts) * 0.25)
 
 
 def test_one_bucket_per_dtype_and_cap(group_of_one: None) -> None:
