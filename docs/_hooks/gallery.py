@@ -91,6 +91,8 @@ EXAMPLES: tuple[Example, ...] = (
         reduced=True,
     ),
     Example("predict", ("digits.safetensors",), full=("digits.safetensors",), group="digits"),
+    # One rank here (a group of one); torchrun --nproc-per-node 2 runs two (docs/distributed.md).
+    Example("digits_ddp", ()),
     Example("ensemble", ("ensemble.png",), plot="ensemble.png"),
     Example("maml", ("--iterations", "200", "--plot", "maml.png"), plot="maml.png", reduced=True),
     Example("char_lm", ("--steps", "150", "--length", "200", "--no-progress"), reduced=True),

@@ -155,7 +155,10 @@ def apply_gradients(
     no flatten/replace by hand. Which parameters the loss did not reach is known only from
     ``None`` entries of a list: a model-shaped tree (``value_and_grad``'s) holds zeros there,
     so such a parameter is stepped on a zero gradient (momentum, weight decay) unless you
-    pass the list form with ``None`` for it.
+    pass the list form with ``None`` for it. An optimizer that defines
+    ``apply_model(model, grads, lr, *, on_nonfinite)`` takes the whole step itself, as
+    ``step_model`` for :func:`run_step`: ``diffprog.distributed.DataParallel`` does (it averages
+    the gradients over the ranks before any check, so that every rank decides alike).
 
     Args:
         model: the model the gradients are for.
@@ -189,6 +192,9 @@ def apply_gradients(
         >>> torch.equal(new.weight, old.weight - 0.5), torch.equal(new.bias, old.bias)
         (True, True)
     """
+    apply_model = getattr(optimizer, "apply_model", None)
+    if apply_model is not None:  # a wrapper that takes the whole step (DataParallel)
+        return apply_model(model, grads, lr, on_nonfinite=on_nonfinite)  # type: ignore[no-any-return]
     check_on_nonfinite(on_nonfinite)
     owner = type(optimizer).__name__
     if lr is None and isinstance(optimizer, PureOptimizer):
