@@ -12,6 +12,13 @@ percent); each figure is the median over rounds of (variant time / fused time in
 round). Compile time (the first call, which traces and generates code) is measured apart and
 printed in seconds. A table against the issue's targets ends each case.
 
+``--handwritten`` adds the reference the issue quotes: a minimal hand-written functional step
+(parameters and Adam state as plain lists of tensors, ``torch.func.grad_and_value`` over a
+functional MLP, Adam in ``torch._foreach_*`` ops, the whole step under
+``torch.compile(fullgraph=True)``), as is, with the same non-finite check as diffprog's, and with
+the check and the rebuild of a diffprog model from the new tensors (``make_independent`` and
+``replace_parameters``): what is left between diffprog's step and those is diffprog's own.
+
 Clock: ``--clock wall`` (the default) times with ``time.perf_counter``; ``--clock cpu`` with
 ``time.thread_time``, the CPU time of the one thread that runs everything (only with
 ``--threads 1``): on a shared, loaded machine it leaves out the time the thread waits for a
@@ -19,7 +26,7 @@ core, which wall-clock ratios cannot.
 
 Run: ``python benchmarks/bench_compile.py`` with ``--rounds N``, ``--reps R``, ``--threads T``
 (on a shared, busy machine ``--threads 1`` avoids measuring thread contention), ``--clock``,
-``--modes default,max-autotune-no-cudagraphs`` and ``--sizes small,medium``.
+``--modes default,max-autotune-no-cudagraphs``, ``--sizes small,medium`` and ``--handwritten``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_optim_pure import MLP, build, torch_step
+from diffprog import make_independent, replace_parameters
 from diffprog.func import compile_step
 from diffprog.optim import Adam
 
@@ -81,11 +89,78 @@ def diffprog_step(
     return run
 
 
+def mlp(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The MLP as a function of its parameters (weight, bias, weight, bias, ...)."""
+    n = len(params) // 2
+    for i in range(n):
+        x = F.linear(x, params[2 * i], params[2 * i + 1])
+        if i < n - 1:
+            x = torch.relu(x)
+    return x
+
+
+def handwritten_step(
+    model: MLP, x: torch.Tensor, y: torch.Tensor, check: bool, rebuild: bool
+) -> Callable[[], None]:
+    """A minimal hand-written functional Adam step, compiled whole (see the module docstring).
+
+    The state is updated in place (as the donated form does); the bias corrections take the
+    step count as a tensor, so that a new count does not recompile. ``check`` computes the
+    non-finite flag in the graph and reads it after the call, as diffprog's step does;
+    ``rebuild`` makes a diffprog model of the new parameters, as diffprog's step does.
+    """
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    params = [p.detach().clone() for layer in model.layers for p in (layer.weight, layer.bias)]
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    lr = torch.tensor(LR, dtype=torch.float64)
+
+    def loss_of(ps: list[torch.Tensor]) -> torch.Tensor:
+        return F.mse_loss(mlp(ps, x), y)
+
+    @torch.compile(fullgraph=True)
+    def step(
+        ps: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor], t: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        grads, loss = torch.func.grad_and_value(loss_of)(ps)
+        ok = None
+        if check:
+            flags = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]
+            ok = torch.stack(flags).all()
+        t = t + 1
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+        denom = torch._foreach_add(
+            torch._foreach_div(torch._foreach_sqrt(v), (1 - b2**t).sqrt()), eps
+        )
+        update = torch._foreach_mul(torch._foreach_div(m, denom), lr / (1 - b1**t))
+        return torch._foreach_sub(ps, update), t, loss.detach(), ok
+
+    cell: list[object] = [params, torch.zeros((), dtype=torch.float64)]
+
+    def run() -> None:
+        ps, t = cell
+        new, cell[1], _, ok = step(ps, exp_avg, exp_avg_sq, t)
+        if ok is not None and not bool(ok):
+            raise RuntimeError("non-finite loss or gradient")
+        cell[0] = new
+        if rebuild:
+            replace_parameters(model, [make_independent(p) for p in new])
+
+    return run
+
+
 SIZES = {"small": ([32, 64, 64, 1], 32), "medium": ([784, 256, 256, 10], 64)}
 # The issue's targets: diffprog's pure step at most this many times the eager fused step
 # (the stretch target in brackets where there is one).
 TARGETS = {"small": (0.5, None), "medium": (1.0, 0.9)}
 FUSED, COMPILED = "torch fused (eager)", "torch compiled loop"
+HANDWRITTEN = (
+    ("hand-written step", False, False),
+    ("hand-written step, check", True, False),
+    ("hand-written step, check, rebuild", True, True),
+)
 
 
 def label(donate: bool, check: bool, mode: str | None) -> str:
@@ -99,6 +174,7 @@ def time_case(
     reps: int,
     clock: Callable[[], float],
     modes: list[str | None],
+    handwritten: bool,
 ) -> None:
     sizes, batch = SIZES[name]
     gen = torch.Generator().manual_seed(1)
@@ -108,6 +184,10 @@ def time_case(
     variants[FUSED] = torch_step(net, torch.optim.Adam(net.parameters(), LR, fused=True), x, y)
     _, net = build(sizes)
     variants[COMPILED] = torch_compiled_step(net, x, y)
+    if handwritten:
+        for hand, check, rebuild in HANDWRITTEN:
+            model, _ = build(sizes)
+            variants[hand] = handwritten_step(model, x, y, check, rebuild)
     for mode in modes:
         for donate in (False, True):
             for check in (True, False):
@@ -177,6 +257,11 @@ def main() -> None:
         help="comma-separated inductor modes for diffprog's step ('default': no mode)",
     )
     parser.add_argument("--sizes", default="small,medium", help="comma-separated: small,medium")
+    parser.add_argument(
+        "--handwritten",
+        action="store_true",
+        help="add a minimal hand-written functional step (the issue's reference)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,7 +274,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {load}"
     )
     for name in args.sizes.split(","):
-        time_case(name, args.rounds, args.reps, clock, modes)
+        time_case(name, args.rounds, args.reps, clock, modes, args.handwritten)
     print("\nat the end: load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 

@@ -190,6 +190,33 @@ def test_compile_step_recompiles_only_when_shapes_or_structure_change() -> None:
     assert counter.frame_count == calls + 1
 
 
+def test_compile_step_is_the_same_under_any_grad_mode() -> None:
+    # The model's own Parameters are the compiled graph's inputs and the call runs under
+    # no_grad: grad mode outside neither recompiles nor changes the numbers, the Parameters
+    # passed in are not changed, and the new ones are trainable leaves of their own.
+    counter = CompileCounterWithBackend("aot_eager")
+    step = compile_step(mse, 0.1, backend=counter)
+    model = mlp()
+    before = [p.clone() for p in flatten_parameters(model)]
+    x, y = batch()
+    ours, ours_opt = model, Adam.init(model)
+    ref, ref_opt = model, Adam.init(model)
+    compiled = []
+    for grad_mode in (True, False, True, False):
+        with torch.set_grad_enabled(grad_mode):
+            ours, ours_opt, loss = step(ours, ours_opt, x, y)
+        ref, ref_opt = run_step(ref, ref_opt, mse(ref, x, y), 0.1)
+        assert not loss.requires_grad
+        compiled.append(counter.frame_count)
+    assert_close_models(ours, ref)
+    assert compiled[1:] == compiled[:1] * 3  # nothing compiled after the first step
+    for p, old in zip(flatten_parameters(model), before, strict=True):
+        assert torch.equal(p, old)
+    for p, old in zip(flatten_parameters(ours), flatten_parameters(model), strict=True):
+        assert p.is_leaf and p.requires_grad and p.grad_fn is None
+        assert p.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
+
+
 def test_compile_step_keeps_tied_parameters_tied() -> None:
     gen = torch.Generator().manual_seed(0)
     shared = dp.sample(LinearSpec(3, 3), generator=gen)

@@ -905,6 +905,16 @@ def node_for(t: type) -> Node:
 
 def unique(params: list[Parameter]) -> list[Parameter]:
     """``params`` without repeats (tied parameters), first occurrences kept, order kept."""
+    if torch.compiler.is_compiling():
+        # While torch.compile traces (diffprog.func.compile_step flattens the model inside
+        # its graph), a repeat is found by `is`: dynamo guards every id() it reads on that
+        # object, so a new model of the same structure (every step's) would recompile.
+        # Quadratic in the number of parameters, but it runs only while tracing.
+        kept: list[Parameter] = []
+        for p in params:
+            if not any(p is q for q in kept):
+                kept.append(p)
+        return kept
     if len(set(map(id, params))) == len(params):  # the usual case: no tie
         return params
     return list({id(p): p for p in params}.values())  # a repeat is the same object

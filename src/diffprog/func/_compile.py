@@ -1,11 +1,11 @@
 """``compile_step``: a whole training step under ``torch.compile``.
 
-The compiled region is a pure function of tensors: the model's parameters (plain tensors),
-the optimizer's state, the learning rate and the batch go in; the gradients
-(``torch.func.grad_and_value`` over ``replace_parameters``), the optimizer's update and the
-non-finite check run inside; new parameters, new state, the loss and the check's flags come
-out. Flattening the model, the optimizer's bookkeeping (count, lease) and the rebuild run
-outside, in Python: they hold no tensor math.
+The compiled region is a pure function of tensors: the model (its parameters are the graph's
+inputs: it is flattened inside), the optimizer's state, the learning rate and the batch go
+in; the gradients (``torch.func.grad_and_value`` over ``replace_parameters``), the optimizer's
+update and the non-finite check run inside; new parameters, new state, the loss and the
+check's flags come out. The checks, the optimizer's bookkeeping (count, lease) and the
+rebuild run outside, in Python: they hold no tensor math.
 """
 
 from __future__ import annotations
@@ -144,16 +144,14 @@ class CompiledStep:
         _check_optimizer(optimizer, len(params))
         state = _held_state(optimizer, params)
         lr = self._lr_input(_learning_rate_at(self.lr, optimizer.count), params[0])
-        new_params, new_state, loss, ok, flags = self._compiled(
-            model,
-            optimizer,
-            [p.detach() for p in params],
-            state,
-            lr,
-            optimizer.count,
-            args,
-            kwargs,
-        )
+        # Under no_grad: the model's Parameters, the graph's inputs, require grad, and with
+        # grad mode on AOTAutograd would compile a training graph (forward and backward) for
+        # the compiled call itself. The gradients inside come from torch.func.grad_and_value,
+        # which turns grad mode on for the loss whatever the mode outside.
+        with torch.no_grad():
+            new_params, new_state, loss, ok, flags = self._compiled(
+                model, optimizer, state, lr, optimizer.count, args, kwargs
+            )
         if ok is not None and not bool(ok):  # one flag read: the per-tensor ones on failure
             if self.on_nonfinite == "skip":
                 return model, optimizer, loss
@@ -219,13 +217,17 @@ def _make_core(loss_fn: Callable[..., torch.Tensor], check: bool) -> Core:
     def core(
         model: Any,
         optimizer: PureOptimizer,
-        params: list[torch.Tensor],
         state: dict[str, list[torch.Tensor]],
         lr: torch.Tensor,
         diffprog_step_count: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], torch.Tensor, Any, Any]:
+        # The model's own Parameters are the inputs (not detached copies passed beside the
+        # model: dynamo would see each tensor twice, as an input and inside the model, and
+        # guard and copy both).
+        params: list[torch.Tensor] = list(flatten_parameters(model))
+
         def loss_of(ps: list[torch.Tensor]) -> torch.Tensor:
             return loss_fn(replace_parameters(model, ps), *args, **kwargs)
 
