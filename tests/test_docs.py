@@ -1,9 +1,15 @@
-"""Every ```python block of the README and of each page under docs/ runs, page by page; the
-API reference documents every public name."""
+"""Every ```python block of the README and of each page under docs/ runs, page by page, and
+prints what its printed-output comments say; the API reference documents every public name."""
 
 from __future__ import annotations
+import __future__
 
+import ast
+import contextlib
+import functools
 import importlib
+import io
+import operator
 import pathlib
 import pkgutil
 import re
@@ -113,8 +119,90 @@ def test_page_examples_run(
     stem = re.sub(r"\W", "_", page.relative_to(ROOT).with_suffix("").as_posix())
     module = types.ModuleType(f"docs_{stem}")
     monkeypatch.setitem(sys.modules, module.__name__, module)
+    wrong = []
     for number, code in enumerate(blocks, 1):
-        exec(compile(code, f"{_name(page)} block {number}", "exec"), module.__dict__)
+        wrong += _run_block(code, f"{_name(page)} block {number}", module.__dict__)
+    assert not wrong, "printed-output comments that differ from what the code prints:\n" + (
+        "\n".join(wrong)
+    )
+
+
+# Printed-output comments: ``print(EXPR)  # what it prints`` on one line, at the top level of a
+# block, and the indented comment lines right below it (``    # ...``) that continue it.
+FUTURE_FLAGS = functools.reduce(
+    operator.or_, (getattr(__future__, name).compiler_flag for name in __future__.all_feature_names)
+)
+
+
+def _printed_comment(statement: ast.stmt, lines: list[str]) -> str | None:
+    """The comment that says what ``statement`` prints, if it is a one-line top-level
+    ``print(...)`` followed by one (None otherwise)."""
+    if not (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Call)
+        and isinstance(statement.value.func, ast.Name)
+        and statement.value.func.id == "print"
+        and statement.col_offset == 0
+        and statement.lineno == statement.end_lineno
+        and statement.end_col_offset is not None
+    ):
+        return None
+    rest = lines[statement.lineno - 1][statement.end_col_offset :].strip()
+    if not rest.startswith("#"):
+        return None
+    comment = [rest[1:]]
+    for line in lines[statement.lineno :]:
+        if not re.match(r"^[ \t]+#", line):
+            break
+        comment.append(line.strip()[1:])
+    return "\n".join(comment)
+
+
+def _says(comment: str, printed: str) -> bool:
+    """Whether ``printed`` is what ``comment`` says, whitespace normalised, ``...`` standing
+    for any text; the comment may go on after the printed text with ``: `` and a remark
+    (``# 499: every parameter``)."""
+    shown = " ".join(printed.split())
+    candidates = [comment] + [
+        comment[:at] for at in range(len(comment)) if comment[at:].startswith(": ")
+    ]
+    return any(_matches(candidate, shown) for candidate in candidates)
+
+
+def _matches(comment: str, shown: str) -> bool:
+    parts = [re.escape(" ".join(part.split())) for part in comment.split("...")]
+    return re.fullmatch(" ?(.*?) ?".join(parts), shown, re.DOTALL) is not None
+
+
+def _run_block(code: str, filename: str, namespace: dict[str, object]) -> list[str]:
+    """Run ``code`` in ``namespace`` statement by statement; the printed-output comments that
+    differ from what their ``print`` printed."""
+    flags = compile(code, filename, "exec", dont_inherit=True).co_flags & FUTURE_FLAGS
+    lines = code.splitlines()
+    wrong: list[str] = []
+    pending: list[ast.stmt] = []
+
+    def run(statements: list[ast.stmt]) -> None:
+        module = ast.Module(body=statements, type_ignores=[])
+        exec(compile(module, filename, "exec", flags=flags, dont_inherit=True), namespace)
+
+    for statement in ast.parse(code, filename).body:
+        comment = _printed_comment(statement, lines)
+        if comment is None:
+            pending.append(statement)
+            continue
+        run(pending)
+        pending = []
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run([statement])
+        if not _says(comment, out.getvalue()):
+            wrong.append(
+                f"{filename}, line {statement.lineno}: prints {out.getvalue().strip()!r}, "
+                f"the comment says {comment.strip()!r}"
+            )
+    run(pending)
+    return wrong
 
 
 # --- the API reference: a page per public module, every name of its __all__ documented ---
@@ -329,3 +417,57 @@ def test_plain_modules_are_public_modules(
         assert _public_modules(package) == ["fakepkg", "fakepkg.plain", "fakepkg.sub"]
     finally:
         del sys.modules["fakepkg"]
+
+
+_PRINTS = """x = 3
+print(x)  # 3
+print(x * 2)  # 6: a remark after the printed text
+print(list(range(30)))  # [0, 1, ..., 29]
+print("a\\n   b")  # a
+                #  b
+print("w = 2.0000")  # w = 2.0000
+for i in range(2):
+    print(i)  # indented: not compared
+"""
+
+
+def test_printed_output_comments_that_match_pass() -> None:
+    assert _run_block(_PRINTS, "page.md block 1", {}) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("# 3\n", "# 4\n"),
+        ("# 6: a remark", "# 7: a remark"),
+        ("# [0, 1, ..., 29]", "# [0, 1, ..., 28]"),
+        ("#  b\n", "#  c\n"),
+        ("# w = 2.0000", "# w = 7.0000"),
+    ],
+)
+def test_a_wrong_printed_output_comment_fails(old: str, new: str) -> None:
+    assert _PRINTS.count(old) == 1
+    wrong = _run_block(_PRINTS.replace(old, new), "page.md block 1", {})
+    assert len(wrong) == 1
+    assert wrong[0].startswith("page.md block 1, line ")
+
+
+def test_a_tutorial_page_with_a_wrong_comment_fails() -> None:
+    # The review's case: chapter 1 with two printed-output comments changed.
+    text = (DOCS / "tutorial" / "01-tensors.md").read_text()
+    edits = {
+        "# tensor(27., grad_fn=<MeanBackward0>)": "# tensor(99., grad_fn=<MeanBackward0>)",
+        "# w = 2.0000": "# w = 7.0000",
+    }
+    for old, new in edits.items():
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    namespace: dict[str, object] = {"__name__": "docs_wrong_chapter"}
+    wrong = [
+        problem
+        for number, code in enumerate(_python_blocks(text, "01-tensors.md"), 1)
+        for problem in _run_block(code, f"01-tensors.md block {number}", namespace)
+    ]
+    assert len(wrong) == 2
+    assert "tensor(99." in wrong[0]
+    assert "w = 7.0000" in wrong[1]
