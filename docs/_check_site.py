@@ -47,6 +47,8 @@ PAGES = [
 ]
 # How long a loaded page is left to log late errors (timers, fetches) before its log is read.
 SETTLE_S = 1.0
+# What Material's search box says until its index is loaded.
+SEARCH_LOADING = "Initializing search"
 # A name a reader looks up, and the page its entry is on.
 SEARCH = ("flatten_parameters", "api/diffprog/")
 CHROMIUM_FLAGS = [
@@ -109,8 +111,7 @@ def check_page(
 ) -> list[str]:
     """Open ``url``; the problems found (console errors, no title, no code block)."""
     driver.get(url)
-    settle(driver)
-    problems = []
+    problems = settle(driver)
     if title not in driver.title:
         problems.append(f"{url}: the title is {driver.title!r}, expected it to contain {title!r}")
     headings = [h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "article h1")]
@@ -133,8 +134,8 @@ def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
     """Type a public name in the search box; its API entry must be among the results."""
     name, page = SEARCH
     driver.get(base)
-    settle(driver)
-    console_errors(driver)  # the home page's own are check_page's
+    settle(driver)  # the home page's problems and console errors are check_page's
+    console_errors(driver)
     driver.execute_script("document.getElementById('__search').checked = true")  # open search
     box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
     box.send_keys(name)
@@ -157,17 +158,24 @@ def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
     return problems + [f"search page: console error: {error}" for error in console_errors(driver)]
 
 
-def settle(driver: webdriver.Chrome) -> None:
-    """Wait until the page has settled: loaded, its search box enabled (Material enables it
-    once its scripts ran), then ``SETTLE_S`` more for late timers and fetches, so that the
-    console log read next holds what the page logs after its load event."""
-    WebDriverWait(driver, 20).until(
-        lambda d: d.execute_script(
-            "const box = document.querySelector('input.md-search__input');"
-            "return document.readyState === 'complete' && box !== null && !box.disabled"
+def settle(driver: webdriver.Chrome) -> list[str]:
+    """Wait until the page has settled: loaded, its search ready (Material's last step on a
+    page: its worker fetched the index, and the search box's "Initializing search" gave way),
+    then ``SETTLE_S`` more for late timers and fetches, so that the console log read next holds
+    what the page logs after its load event. The problem found: the search never got ready."""
+    try:
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script(
+                "const meta = document.querySelector('.md-search-result__meta');"
+                "return document.readyState === 'complete' && meta !== null"
+                f" && meta.textContent.trim() !== {SEARCH_LOADING!r}"
+            )
         )
-    )
+        problems = []
+    except TimeoutException:
+        problems = [f"{driver.current_url}: the search was not ready after 20 s"]
     time.sleep(SETTLE_S)
+    return problems
 
 
 def console_errors(driver: webdriver.Chrome) -> list[str]:
