@@ -9,7 +9,10 @@ every public name (each module's ``__all__``) is in the API reference's inventor
 search index.
 
 Usage: ``python docs/_check_site.py [SITE] [OUT]`` (defaults ``site`` and ``site-check``).
-Exits non-zero, naming each failed check, if any fails.
+Exits non-zero, naming each failed check, if any fails. ``python docs/_check_site.py
+--self-test [SITE] [OUT]`` checks the checks: it plants faults in a copy of the site (console
+errors during and after load, a name's entry gone from the search index) and fails unless each
+is reported.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pkgutil
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,6 +45,10 @@ PAGES = [
     ("tutorial", "tutorial/01-tensors/", "diffprog"),
     ("api", "api/nn/", "diffprog.nn"),
 ]
+# How long a loaded page is left to log late errors (timers, fetches) before its log is read.
+SETTLE_S = 1.0
+# What Material's search box says until its index is loaded.
+SEARCH_LOADING = "Initializing search"
 # A name a reader looks up, and the page its entry is on.
 SEARCH = ("flatten_parameters", "api/diffprog/")
 CHROMIUM_FLAGS = [
@@ -103,10 +111,7 @@ def check_page(
 ) -> list[str]:
     """Open ``url``; the problems found (console errors, no title, no code block)."""
     driver.get(url)
-    WebDriverWait(driver, 20).until(
-        lambda d: d.execute_script("return document.readyState") == "complete"
-    )
-    problems = []
+    problems = settle(driver)
     if title not in driver.title:
         problems.append(f"{url}: the title is {driver.title!r}, expected it to contain {title!r}")
     headings = [h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "article h1")]
@@ -121,6 +126,7 @@ def check_page(
     if blocks and not copy_buttons:
         problems.append(f"{url}: code blocks without a copy button")
     driver.save_screenshot(str(screenshot))
+    settle(driver)  # what the page logs late (a timer, a fetch) is still this page's
     return problems + [f"{url}: console error: {error}" for error in console_errors(driver)]
 
 
@@ -128,6 +134,8 @@ def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
     """Type a public name in the search box; its API entry must be among the results."""
     name, page = SEARCH
     driver.get(base)
+    settle(driver)  # the home page's problems and console errors are check_page's
+    console_errors(driver)
     driver.execute_script("document.getElementById('__search').checked = true")  # open search
     box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
     box.send_keys(name)
@@ -143,8 +151,31 @@ def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
             a.get_attribute("href")
             for a in driver.find_elements(By.CSS_SELECTOR, ".md-search-result__link")
         ]
-        return [f"search for {name!r}: no result on {page}; results: {found[:5]}"]
-    return [f"search page: console error: {error}" for error in console_errors(driver)]
+        problems = [f"search for {name!r}: no result on {page}; results: {found[:5]}"]
+    else:
+        problems = []
+    settle(driver)
+    return problems + [f"search page: console error: {error}" for error in console_errors(driver)]
+
+
+def settle(driver: webdriver.Chrome) -> list[str]:
+    """Wait until the page has settled: loaded, its search ready (Material's last step on a
+    page: its worker fetched the index, and the search box's "Initializing search" gave way),
+    then ``SETTLE_S`` more for late timers and fetches, so that the console log read next holds
+    what the page logs after its load event. The problem found: the search never got ready."""
+    try:
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script(
+                "const meta = document.querySelector('.md-search-result__meta');"
+                "return document.readyState === 'complete' && meta !== null"
+                f" && meta.textContent.trim() !== {SEARCH_LOADING!r}"
+            )
+        )
+        problems = []
+    except TimeoutException:
+        problems = [f"{driver.current_url}: the search was not ready after 20 s"]
+    time.sleep(SETTLE_S)
+    return problems
 
 
 def console_errors(driver: webdriver.Chrome) -> list[str]:
@@ -154,11 +185,12 @@ def console_errors(driver: webdriver.Chrome) -> list[str]:
 
 
 def public_names() -> dict[str, object]:
-    """Every public name, ``module.name``, of diffprog and its public subpackages."""
+    """Every public name, ``module.name``, of diffprog and its public modules (subpackages and
+    plain modules alike)."""
     modules = ["diffprog"] + [
         f"diffprog.{m.name}"
         for m in pkgutil.iter_modules(diffprog.__path__)
-        if m.ispkg and not m.name.startswith("_") and m.name != "examples"
+        if not m.name.startswith("_") and m.name != "examples"
     ]
     names = {}
     for module_name in modules:
@@ -169,7 +201,8 @@ def public_names() -> dict[str, object]:
 
 
 def check_reference(site: pathlib.Path) -> list[str]:
-    """Every public name has an entry in the inventory and is found by the search index."""
+    """Every public name has an entry in the inventory, and that entry (its anchor, not only its
+    page) is in the search index."""
     with (site / "objects.inv").open("rb") as f:
         inventory = Inventory.parse_sphinx(f)
     index = json.loads((site / "search" / "search_index.json").read_text())
@@ -192,7 +225,7 @@ def check_reference(site: pathlib.Path) -> list[str]:
             problems.append(f"{path}: not in the API reference's inventory (objects.inv)")
             continue
         anchor = item.uri.replace("#$", f"#{item.name}")
-        if anchor not in api_locations and item.uri.split("#")[0] not in api_locations:
+        if anchor not in api_locations:
             problems.append(f"{path}: its entry {anchor} is not in the search index")
     return problems
 
@@ -205,14 +238,8 @@ def _lookup(path: str) -> object:
         return None
 
 
-def main(argv: list[str]) -> int:
-    """Run every check; print each problem; 0 when there is none."""
-    site = pathlib.Path(argv[0] if argv else "site")
-    out = pathlib.Path(argv[1] if len(argv) > 1 else "site-check")
-    if not (site / "index.html").exists():
-        print(f"{site}/index.html not found: build the site first (mkdocs build --strict)")
-        return 1
-    out.mkdir(parents=True, exist_ok=True)
+def check_site(site: pathlib.Path, out: pathlib.Path) -> list[str]:
+    """Every check on the built ``site``; the problems found (screenshots go to ``out``)."""
     problems = check_reference(site)
     with serve(site) as base:
         driver = browser()
@@ -222,6 +249,69 @@ def main(argv: list[str]) -> int:
             problems += check_search(driver, base)
         finally:
             driver.quit()
+    return problems
+
+
+# The faults ``--self-test`` plants in a copy of the site, and a word each one's report has.
+PLANTED = {
+    "an error thrown while the home page loads": "SYNC-ERROR",
+    "an error thrown 300 ms after a tutorial page loaded": "LATE-ERROR",
+    f"{SEARCH[0]}'s entry gone from the search index (its page's entry kept)": (
+        f"diffprog.{SEARCH[0]}: its entry"
+    ),
+}
+
+
+def self_test(site: pathlib.Path, out: pathlib.Path) -> list[str]:
+    """Plant ``PLANTED``'s faults in a copy of ``site`` and check it: the faults the checks
+    miss (each check must be able to fail)."""
+    copy = out / "self-test-site"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(site, copy)
+    _append_script(copy / "index.html", "throw new Error('SYNC-ERROR during load')")
+    _append_script(
+        copy / PAGES[1][1] / "index.html",
+        "setTimeout(() => { throw new Error('LATE-ERROR after load') }, 300)",
+    )
+    index_path = copy / "search" / "search_index.json"
+    index = json.loads(index_path.read_text())
+    index["docs"] = [d for d in index["docs"] if not d["location"].endswith(f".{SEARCH[0]}")]
+    index_path.write_text(json.dumps(index))
+    problems = check_site(copy, out / "self-test")
+    shutil.rmtree(copy)
+    return [
+        f"self-test: {fault} was not reported"
+        for fault, word in PLANTED.items()
+        if not any(word in problem for problem in problems)
+    ]
+
+
+def _append_script(page: pathlib.Path, script: str) -> None:
+    html = page.read_text()
+    assert "</body>" in html, f"{page}: no </body>"
+    page.write_text(html.replace("</body>", f"<script>{script}</script></body>", 1))
+
+
+def main(argv: list[str]) -> int:
+    """Run every check; print each problem; 0 when there is none. With ``--self-test`` first,
+    check instead that the checks catch faults planted in a copy of the site."""
+    planted = argv[:1] == ["--self-test"]
+    argv = argv[1:] if planted else argv
+    site = pathlib.Path(argv[0] if argv else "site")
+    out = pathlib.Path(argv[1] if len(argv) > 1 else "site-check")
+    if not (site / "index.html").exists():
+        print(f"{site}/index.html not found: build the site first (mkdocs build --strict)")
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    if planted:
+        problems = self_test(site, out)
+        for problem in problems:
+            print("FAILED:", problem)
+        print(
+            f"site check self-test: {len(PLANTED) - len(problems)} of {len(PLANTED)} faults caught"
+        )
+        return 1 if problems else 0
+    problems = check_site(site, out)
     for problem in problems:
         print("FAILED:", problem)
     shots = ", ".join(f"{out / shot}.png" for shot, _, _ in PAGES)

@@ -224,10 +224,22 @@ def test_non_finite_gradient_with_a_finite_loss() -> None:
         "b": dp.make_independent(torch.ones(1)),
     }
     loss = model["w"].sqrt().sum() + model["b"].sum()  # d sqrt(w)/dw = inf at 0
-    with pytest.raises(NonFiniteError, match="gradient of w contain") as info:
+    with pytest.raises(NonFiniteError) as info:
         run_step(model, GD(), loss, 0.1)
     assert math.isfinite(info.value.loss)
     assert info.value.paths == ("w",)
+    assert str(info.value).startswith("non-finite training step: the gradient of w contains NaN")
+
+
+def test_non_finite_error_message_reads_as_a_sentence() -> None:
+    one = NonFiniteError(1.0, ["w"])
+    assert "the gradient of w contains NaN or inf." in str(one)
+    two = NonFiniteError(math.nan, ["a", "b"])
+    assert "the loss is nan and the gradients of a, b contain NaN or inf." in str(two)
+    many = NonFiniteError(1.0, [f"p{i}" for i in range(12)])
+    assert "the gradients of p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 and 2 more contain NaN" in str(
+        many
+    )
 
 
 def test_skip_and_ignore() -> None:

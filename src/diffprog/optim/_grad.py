@@ -65,8 +65,9 @@ class NonFiniteError(DiffprogError, FloatingPointError):
         if self.paths:
             shown = ", ".join(self.paths[:10])
             more = f" and {len(self.paths) - 10} more" if len(self.paths) > 10 else ""
-            what = "gradient" if len(self.paths) == 1 else "gradients"
-            problems.append(f"the {what} of {shown}{more} contain NaN or inf")
+            what = "gradient of" if len(self.paths) == 1 else "gradients of"
+            verb = "contains" if len(self.paths) == 1 else "contain"
+            problems.append(f"the {what} {shown}{more} {verb} NaN or inf")
         text = " and ".join(problems) or "a value is not finite"
         super().__init__(
             f"non-finite training step: {text}. The step was not taken; the model and optimizer "
