@@ -73,8 +73,8 @@ class DataParallel(Parameterized, Generic[OptT]):
     ranks reach is averaged with zeros from the others (what the concatenated batch gives).
     Non-finite values are judged after the all-reduce, so every rank raises or skips the same
     step; a non-finite loss on any rank counts for all (the error names the ranks). Before its
-    first step it checks that every rank holds the same parameters (a model not broadcast is
-    refused, rather than trained as replicas that never agree).
+    first step it checks that every rank holds the same parameters and frozen tensors (a model
+    not broadcast is refused, rather than trained as replicas that never agree).
 
     Attributes:
         inner: the optimizer stepped with the averaged gradients (its state lives there).
@@ -201,7 +201,7 @@ class DataParallel(Parameterized, Generic[OptT]):
             new_model, new_inner = apply_gradients(model, self.inner, [None] * len(params), lr)
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
         chosen = [params[i] for i in trained]
-        self._check_first(params)
+        self._check_first(self._replicated(model))
         pending = self._pending(len(params))
         bad = _bad(loss, self.bad_loss)
         if not self.syncs_next:
@@ -253,7 +253,7 @@ class DataParallel(Parameterized, Generic[OptT]):
         if not trained:  # the same on every rank: refused before any collective
             new_model, new_inner = apply_gradients(model, self.inner, local, lr)
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
-        self._check_first(params)
+        self._check_first(self._replicated(model))
         pending = self._pending(len(params))
         if not self.syncs_next:
             summed = _added(pending, trained, [local[i] for i in trained], own=False)
@@ -318,11 +318,17 @@ class DataParallel(Parameterized, Generic[OptT]):
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _check_first(self, params: list[torch.Tensor]) -> None:
+    def _check_first(self, replicated: list[torch.Tensor]) -> None:
         """Before the first step (no step taken, no micro-batch held): refuse ranks whose
         models differ (one small all-reduce, once)."""
         if self.count == 0 and self.micro == 0:
-            check_replicas(params, self.group)
+            check_replicas(replicated, self.group)
+
+    def _replicated(self, model: Any) -> list[torch.Tensor]:
+        """What must be the same on every rank at the first step: every parameter and frozen
+        tensor. Not the buffers: the model given to a step carries the running statistics its
+        own rank's forward pass just updated (BatchNorm), which differ by design."""
+        return [t for t in tensors(model) if isinstance(t, (Parameter, Frozen))]
 
     def _trained(self, n: int) -> list[int]:
         trainable = self.trainable
