@@ -233,7 +233,8 @@ class DataParallel(Parameterized, Generic[OptT]):
             model: the model the gradients are for.
             grads: this rank's gradients, as ``apply_gradients`` takes them (a list in
                 ``flatten_parameters`` order with ``None`` for an unused parameter, or a value
-                of the model's structure).
+                of the model's structure). Within a window a copy is held: the caller may
+                write into them afterwards (a reused buffer, ``.grad`` zeroed in place).
             lr: the learning rate.
             on_nonfinite: as for ``apply_gradients``, judged on the averaged gradients.
 
@@ -278,7 +279,9 @@ class DataParallel(Parameterized, Generic[OptT]):
 
         No overlap (the gradients are all there) and no check of non-finite values (``run_step``
         and ``apply_gradients`` do it). Within an accumulation window ``params`` come back as
-        they are.
+        they are, and the window holds a copy of ``gradients`` (the caller may reuse them).
+        The first step's replica check sees ``params`` only (no model: its frozen tensors are
+        not known here; ``run_step`` and ``apply_gradients`` check them too).
 
         Args:
             lr: the learning rate.
