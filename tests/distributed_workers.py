@@ -250,6 +250,20 @@ def job_diverge(rank: int, world: int, out: pathlib.Path) -> None:
         run_step(model, DataParallel(case.make(model)), mse(model, x, y), 0.1)
     except dp.DiffprogError as e:
         (out / f"diverge-rank{rank}.txt").write_text(str(e))
+    # The trained parameters broadcast, the frozen layer each rank's own: refused too.
+    model = broadcast_model(initial(case, seed=0))
+    own = initial(case, seed=rank)
+    swap = {
+        id(a): b
+        for a, b in zip(dp.tensors(model), dp.tensors(own), strict=True)
+        if isinstance(a, dp.Frozen)
+    }
+    assert swap  # the case has a frozen layer
+    model = dp.map_tensors(lambda t: swap.get(id(t), t), model)
+    try:
+        run_step(model, DataParallel(case.make(model)), mse(model, x, y), 0.1)
+    except dp.DiffprogError as e:
+        (out / f"diverge-frozen-rank{rank}.txt").write_text(str(e))
 
 
 HANG_TIMEOUT = datetime.timedelta(seconds=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pathlib
+from typing import Any
 
 import pytest
 import torch
@@ -23,12 +24,26 @@ from diffprog.distributed import (
     CollectiveError,
     DataParallel,
     broadcast_model,
+    load_checkpoint,
     save_checkpoint,
     sync_tensors,
 )
+from diffprog.distributed import _broadcast as dist_broadcast
+from diffprog.distributed import _checkpoint as dist_checkpoint
+from diffprog.distributed._collective import control_device, group_devices
 from diffprog.distributed._reducer import Reducer
 from diffprog.nn import EmbeddingSpec, LinearSpec
-from diffprog.optim import GD, Adam, NothingToTrainError, apply_gradients, run_step, step
+from diffprog.optim import (
+    GD,
+    Adam,
+    ClipGradNorm,
+    NothingToTrainError,
+    apply_gradients,
+    chain,
+    clip_by_global_norm,
+    run_step,
+    step,
+)
 
 LIMIT = 120.0  # seconds a group of processes may take before the test kills it
 
@@ -100,9 +115,9 @@ def test_two_ranks_train_like_one_process_resume_a_checkpoint_and_refuse_unequal
     assert launch(2, tmp_path, ["grid", "resume", "diverge"]) == [0, 0], errors(tmp_path)
     check_grid(tmp_path, 2)
     for r in range(2):  # models not broadcast: refused on every rank at the first step
-        assert (
-            "Call model = broadcast_model(model)" in (tmp_path / f"diverge-rank{r}.txt").read_text()
-        )
+        for name in ("diverge", "diverge-frozen"):  # the frozen tensors count too
+            said = (tmp_path / f"{name}-rank{r}.txt").read_text()
+            assert "Call model = broadcast_model(model)" in said
     for name in w.RESUMED:
         case = next(c for c in w.CASES if c.name == name)
         expected = w.values(w.reference(case, world=2))
@@ -341,3 +356,136 @@ def test_without_a_process_group_the_error_says_what_to_do() -> None:
 def test_collective_error_names_what_failed() -> None:
     e = CollectiveError("the all-reduce of gradient bucket 1 (of 3)", 0, 2, RuntimeError("boom"))
     assert "bucket 1 (of 3) failed on rank 0 of 2: RuntimeError: boom" in str(e)
+
+
+# --- review findings (issue 13) --------------------------------------------------------------
+
+
+def test_the_window_holds_a_copy_of_the_callers_gradients(group_of_one: None) -> None:
+    model = dp.sample(LinearSpec(2, 1), generator=torch.Generator().manual_seed(0))
+    params = dp.flatten_parameters(model)
+    # apply_gradients with a buffer the caller reuses (written in place per micro-batch) ...
+    buf = [torch.zeros(1, 2), torch.zeros(1)]
+    new, opt = model, DataParallel(GD(), accumulate=2)
+    for value in (1.0, 3.0):
+        for b in buf:
+            b.fill_(value)
+        new, opt = apply_gradients(new, opt, buf, 1.0)
+    assert torch.equal(new.weight, model.weight - 2.0) and torch.equal(new.bias, model.bias - 2.0)
+    # ... and the protocol's step, the same.
+    buf = [torch.zeros(1, 2), torch.zeros(1)]
+    got, popt = params, DataParallel(GD(), accumulate=2)
+    for value in (1.0, 3.0):
+        for b in buf:
+            b.fill_(value)
+        got, popt = step(1.0, buf, got, popt)
+    assert torch.equal(got[0], params[0] - 2.0) and torch.equal(got[1], params[1] - 2.0)
+
+
+def test_data_parallel_inside_a_gradient_transform_is_refused() -> None:
+    with pytest.raises(dp.DiffprogError, match=r"outermost: DataParallel\(chain\(\.\.\.\)\)"):
+        chain(clip_by_global_norm(1.0), DataParallel(GD()))
+    with pytest.raises(dp.DiffprogError, match=r"outermost: DataParallel\(chain\(\.\.\.\)\)"):
+        ClipGradNorm(DataParallel(GD()), max_norm=1.0)
+    with pytest.raises(dp.DiffprogError, match="ClipGradNorm cannot wrap DataParallel"):
+        ClipGradNorm(inner=DataParallel(GD()), max_norm=1.0)
+    DataParallel(chain(clip_by_global_norm(1.0), GD()))  # the right order
+    DataParallel(ClipGradNorm(GD(), max_norm=1.0))
+
+
+@pytest.fixture
+def group_serving_cuda_only():
+    """A group whose backend serves only CUDA tensors, like NCCL ("cuda:gloo": no GPU needed)."""
+    dist.init_process_group("cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_control_tensors_go_to_a_device_the_group_serves(
+    group_serving_cuda_only: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert group_devices(None) == ["cuda"]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert control_device(None) == torch.device("cuda", 3)
+
+
+def test_control_tensors_stay_on_the_cpu_where_the_group_serves_it(group_of_one: None) -> None:
+    assert control_device(None) == torch.device("cpu")
+    dist.destroy_process_group()
+    dist.init_process_group("cpu:gloo,cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert group_devices(None) == ["cpu", "cuda"] and control_device(None) == torch.device("cpu")
+
+
+def test_checks_and_barriers_use_the_control_device(
+    group_of_one: None, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+    for module in (dist_broadcast, dist_checkpoint):
+        name = module.__name__.rsplit(".", 1)[1]
+
+        def chosen(group: object, name: str = name) -> torch.device:
+            asked.append(name)
+            return torch.device("cpu")
+
+        monkeypatch.setattr(module, "control_device", chosen)
+    model = broadcast_model(dp.sample(LinearSpec(2, 1)))  # the structure check
+    run_step(model, DataParallel(GD()), model(torch.ones(1, 2)).sum(), 0.1)  # the replica check
+    path = save_checkpoint(tmp_path / "a.safetensors", model=model, optimizer=None, step=1)
+    load_checkpoint(path, model=model, optimizer=None)
+    assert asked == ["_broadcast", "_broadcast", "_checkpoint", "_checkpoint"]
+
+
+def test_a_collective_the_backend_refuses_to_start_is_not_blamed_on_a_dead_rank(
+    group_serving_cuda_only: None,
+) -> None:
+    with pytest.raises(CollectiveError, match="could not be started on rank 0 of 1") as caught:
+        sync_tensors([torch.ones(2)], "average")  # CPU tensors, a group serving only CUDA
+    assert caught.value.stage == "start" and "probably died" not in str(caught.value)
+    assert "NCCL group takes only CUDA tensors" in str(caught.value)
+
+
+class _Twice(torch.autograd.Function):
+    """``x * b.sum()``, whose backward differentiates ``b`` itself (its hook runs again)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, b)
+        return x * b.sum()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, b = ctx.saved_tensors
+        with torch.enable_grad():
+            torch.autograd.grad((b**2).sum(), b)
+        return g * b.sum(), (g * x).sum() * torch.ones_like(b)
+
+
+def test_a_gradient_that_lands_twice_is_refused_with_its_path(group_of_one: None) -> None:
+    model = {
+        "a": dp.make_independent(torch.tensor([1.0, 2.0])),
+        "c": dp.make_independent(torch.tensor([3.0, 1.0])),
+    }
+    loss = (_Twice.apply(torch.tensor([1.0, 2.0]), model["c"]) * model["a"]).sum()
+    with pytest.raises(dp.DiffprogError, match="gradient of parameter 'c' arrived twice"):
+        run_step(model, DataParallel(GD(), bucket_cap_mb=1e-6), loss, 1.0)
+    assert not model["c"]._backward_hooks and not model["a"]._backward_hooks
+    ps = [torch.zeros(2), torch.zeros(3)]
+    reducer = Reducer(ps, [None, None], 1.0, cap_bytes=1, group=None)
+    reducer.put(1, torch.ones(3))
+    with pytest.raises(dp.DiffprogError, match="parameter 1 arrived twice"):
+        reducer.put(1, torch.ones(3))
+
+
+def test_a_parameter_that_does_not_require_grad_is_not_reached(group_of_one: None) -> None:
+    model = dp.sample(LinearSpec(2, 1), generator=torch.Generator().manual_seed(0))
+    model.bias.requires_grad_(False)
+    x = torch.ones(1, 2)
+    expected, _ = run_step(model, GD(), model(x).sum(), 0.1)
+    new, _ = run_step(model, DataParallel(GD()), model(x).sum(), 0.1)
+    assert torch.equal(new.weight, expected.weight) and torch.equal(new.bias, model.bias)
+    m1, o1 = run_step(model, DataParallel(GD(), accumulate=2), model(x).sum(), 0.1)
+    m2, _ = run_step(m1, o1, model(x).sum(), 0.1)
+    assert torch.equal(m2.weight, expected.weight) and torch.equal(m2.bias, model.bias)
+    assert not model.weight._backward_hooks and not model.bias._backward_hooks

@@ -11,7 +11,17 @@ import torch
 import torch.distributed as dist
 
 from diffprog import DiffprogError, map_tensors, named_tensors, tensors
-from diffprog.distributed._collective import Group, coalesced, group_info, run, waited, wire
+from diffprog.distributed._collective import (
+    Group,
+    all_max,
+    blocking,
+    coalesced,
+    control_device,
+    group_info,
+    run,
+    waited,
+    wire,
+)
 
 __all__ = ["broadcast_model", "check_replicas", "start_sync", "sync_tensors"]
 
@@ -148,12 +158,13 @@ def _check_same_structure(named: list[tuple[str, torch.Tensor]], group: Group) -
     rows = [(path, tuple(t.shape), str(t.dtype), t.device.type) for path, t in named]
     digest = hashlib.sha256(repr(rows).encode()).digest()
     code = int.from_bytes(digest[:7], "little")  # fits an int64
-    both = torch.tensor([code, -code], dtype=torch.int64)
-    run("the structure check", group, lambda: dist.all_reduce(both, dist.ReduceOp.MAX, group))
-    if int(both[0]) == -int(both[1]):
+    both = torch.tensor([code, -code], dtype=torch.int64, device=control_device(group))
+    all_max("the structure check", both, group)
+    high, low = both.tolist()
+    if high == -low:
         return
     everyone: list[object] = [None] * dist.get_world_size(group)
-    run("the structure check", group, lambda: dist.all_gather_object(everyone, rows, group))
+    blocking("the structure check", group, lambda: dist.all_gather_object(everyone, rows, group))
     first = everyone[0]
     assert isinstance(first, list)
     for r, other in enumerate(everyone):
@@ -175,37 +186,40 @@ def _check_same_structure(named: list[tuple[str, torch.Tensor]], group: Group) -
             )
 
 
-def check_replicas(params: Sequence[torch.Tensor], group: Group) -> None:
-    """Raise on every rank unless every rank holds the same parameters, bit for bit.
+def check_replicas(tensors: Sequence[torch.Tensor], group: Group) -> None:
+    """Raise on every rank unless every rank holds the same tensors, bit for bit.
 
     One all-reduce of four integers: a hash of the shapes and dtypes, and a fingerprint of the
     values (the sum of their bit patterns as integers, weighted by position: exact, whatever
-    the order of summation). ``DataParallel`` calls it before its first step, so that a model
-    not broadcast (each rank drew its own) is refused rather than trained as diverging
-    replicas.
+    the order of summation). ``DataParallel`` calls it before its first step with the
+    model's parameters and frozen tensors (not its buffers, which each rank's forward pass has
+    just updated), so that a model not broadcast (each rank drew its own) is refused rather
+    than trained as diverging replicas.
     """
     group_info(group, "DataParallel")  # says how to start torch.distributed if it is not
-    rows = [(tuple(p.shape), str(p.dtype)) for p in params]
+    rows = [(tuple(t.shape), str(t.dtype)) for t in tensors]
     digest = hashlib.sha256(repr(rows).encode()).digest()
     code = int.from_bytes(digest[:7], "little")
-    device = params[0].device if params else torch.device("cpu")
+    device = control_device(group)
     total = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
-        for i, p in enumerate(params):
-            total += _bits(p).sum(dtype=torch.int64) * (i + 1)
-    both = torch.stack([torch.tensor(code, device=device), -torch.tensor(code, device=device)])
-    notes = torch.cat([both, torch.stack([total, -total])])
-    run("the replica check", group, lambda: dist.all_reduce(notes, dist.ReduceOp.MAX, group))
+        for i, t in enumerate(tensors):
+            total += (_bits(t).sum(dtype=torch.int64) * (i + 1)).to(device)
+    notes = torch.stack([torch.tensor(code, device=device), torch.tensor(-code, device=device)])
+    notes = torch.cat([notes, torch.stack([total, -total])])
+    all_max("the replica check", notes, group)
     high_code, low_code, high, low = (int(v) for v in notes.tolist())
     if high_code != -low_code:
         raise DiffprogError(
-            "the ranks' models differ in structure (their parameters' shapes or dtypes): build "
-            "the same model on every rank, then broadcast_model(model) before the first step."
+            "the ranks' models differ in structure (the shapes or dtypes of their parameters or "
+            "frozen tensors): build the same model on every rank, then "
+            "broadcast_model(model) before the first step."
         )
     if high != -low:
         raise DiffprogError(
-            "the ranks' models hold different values at the first step: each rank would train "
-            "its own copy with the same averaged gradients, and they would never agree. Call "
+            "the ranks' models hold different values at the first step (parameters or frozen "
+            "tensors): each rank would train its own copy with the same averaged "
+            "gradients, and they would never agree. Call "
             "model = broadcast_model(model) on every rank before training (or load the same "
             "checkpoint on every rank)."
         )

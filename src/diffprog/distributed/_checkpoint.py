@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import diffprog as dp
 from diffprog import Checkpoint, DiffprogError, LoadError, SaveError
-from diffprog.distributed._collective import Group, group_info, run
+from diffprog.distributed._collective import Group, all_max, control_device, group_info, run, waited
 from diffprog.distributed._data_parallel import DataParallel
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
@@ -105,9 +105,13 @@ def save_checkpoint(
             )
         except Exception as e:  # told to the others, then raised here
             error = e
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    flag = torch.tensor(
+        [0 if error is None else 1], dtype=torch.int64, device=control_device(group)
+    )
     source = dist.get_global_rank(group, 0) if group is not None else 0
-    run("the checkpoint's barrier", group, lambda: dist.broadcast(flag, source, group=group))
+    what = "the checkpoint's barrier"
+    work = run(what, group, lambda: dist.broadcast(flag, source, group=group, async_op=True))
+    waited(what, group, work)
     if error is not None:
         raise error
     if int(flag) != 0:
@@ -170,15 +174,14 @@ def load_checkpoint(
     except Exception as e:  # told to the others, then raised here
         error = e
     step = loaded.step if loaded is not None else 0
-    notes = torch.tensor([0 if error is None else 1, step, -step], dtype=torch.int64)
-    run(
-        "the checkpoint's agreement",
-        group,
-        lambda: dist.all_reduce(notes, dist.ReduceOp.MAX, group),
+    notes = torch.tensor(
+        [0 if error is None else 1, step, -step], dtype=torch.int64, device=control_device(group)
     )
+    all_max("the checkpoint's agreement", notes, group)
     if error is not None:
         raise error
-    failed, high, low = int(notes[0]), int(notes[1]), -int(notes[2])
+    failed, high, low = notes.tolist()
+    low = -low
     name = os.fspath(path)
     if failed:
         raise LoadError(

@@ -25,6 +25,7 @@ from diffprog import (
     Parameterized,
     flatten_parameters,
     map_tensors,
+    named_parameters,
     tensors,
 )
 from diffprog.distributed._broadcast import check_replicas, start_sync
@@ -72,8 +73,8 @@ class DataParallel(Parameterized, Generic[OptT]):
     ranks reach is averaged with zeros from the others (what the concatenated batch gives).
     Non-finite values are judged after the all-reduce, so every rank raises or skips the same
     step; a non-finite loss on any rank counts for all (the error names the ranks). Before its
-    first step it checks that every rank holds the same parameters (a model not broadcast is
-    refused, rather than trained as replicas that never agree).
+    first step it checks that every rank holds the same parameters and frozen tensors (a model
+    not broadcast is refused, rather than trained as replicas that never agree).
 
     Attributes:
         inner: the optimizer stepped with the averaged gradients (its state lives there).
@@ -200,20 +201,21 @@ class DataParallel(Parameterized, Generic[OptT]):
             new_model, new_inner = apply_gradients(model, self.inner, [None] * len(params), lr)
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
         chosen = [params[i] for i in trained]
-        self._check_first(params)
+        self._check_first(self._replicated(model))
         pending = self._pending(len(params))
         bad = _bad(loss, self.bad_loss)
         if not self.syncs_next:
             local = _local_grads(loss, chosen)
-            summed = _added(pending, trained, local)
+            summed = _added(pending, trained, local, own=True)
             return model, dataclasses.replace(
                 self, micro=self.micro + 1, pending=summed, bad_loss=bad
             )
         finish_buffers = self._start_buffers(model)
-        reducer = self._reducer(chosen, [pending[i] for i in trained])
-        if loss.requires_grad:
+        reducer = self._reducer(chosen, [pending[i] for i in trained], _namer(model, trained))
+        wanted = [p for p in chosen if p.requires_grad]
+        if loss.requires_grad and wanted:
             with reducer.hooked():
-                got = torch.autograd.grad(loss, chosen, allow_unused=True)
+                got = torch.autograd.grad(loss, wanted, allow_unused=True)
             del got
         return self._apply(model, trained, reducer.finish(bad), finish_buffers, lr, on_nonfinite)
 
@@ -231,7 +233,8 @@ class DataParallel(Parameterized, Generic[OptT]):
             model: the model the gradients are for.
             grads: this rank's gradients, as ``apply_gradients`` takes them (a list in
                 ``flatten_parameters`` order with ``None`` for an unused parameter, or a value
-                of the model's structure).
+                of the model's structure). Within a window a copy is held: the caller may
+                write into them afterwards (a reused buffer, ``.grad`` zeroed in place).
             lr: the learning rate.
             on_nonfinite: as for ``apply_gradients``, judged on the averaged gradients.
 
@@ -251,13 +254,15 @@ class DataParallel(Parameterized, Generic[OptT]):
         if not trained:  # the same on every rank: refused before any collective
             new_model, new_inner = apply_gradients(model, self.inner, local, lr)
             return new_model, self._fresh(new_inner)  # not reached: apply_gradients raised
-        self._check_first(params)
+        self._check_first(self._replicated(model))
         pending = self._pending(len(params))
         if not self.syncs_next:
-            summed = _added(pending, trained, [local[i] for i in trained])
+            summed = _added(pending, trained, [local[i] for i in trained], own=False)
             return model, dataclasses.replace(self, micro=self.micro + 1, pending=summed)
         finish_buffers = self._start_buffers(model)
-        reducer = self._reducer([params[i] for i in trained], [pending[i] for i in trained])
+        reducer = self._reducer(
+            [params[i] for i in trained], [pending[i] for i in trained], _namer(model, trained)
+        )
         _put_all(reducer, [local[i] for i in trained])
         reduced = reducer.finish(_bad(None, self.bad_loss))
         return self._apply(model, trained, reduced, finish_buffers, lr, on_nonfinite)
@@ -274,7 +279,9 @@ class DataParallel(Parameterized, Generic[OptT]):
 
         No overlap (the gradients are all there) and no check of non-finite values (``run_step``
         and ``apply_gradients`` do it). Within an accumulation window ``params`` come back as
-        they are.
+        they are, and the window holds a copy of ``gradients`` (the caller may reuse them).
+        The first step's replica check sees ``params`` only (no model: its frozen tensors are
+        not known here; ``run_step`` and ``apply_gradients`` check them too).
 
         Args:
             lr: the learning rate.
@@ -296,7 +303,7 @@ class DataParallel(Parameterized, Generic[OptT]):
         self._check_first(params)
         pending = self._pending(len(params))
         if not self.syncs_next:
-            summed = _added(pending, trained, [local[i] for i in trained])
+            summed = _added(pending, trained, [local[i] for i in trained], own=False)
             return params, dataclasses.replace(self, micro=self.micro + 1, pending=summed)
         reducer = self._reducer([params[i] for i in trained], [pending[i] for i in trained])
         _put_all(reducer, [local[i] for i in trained])
@@ -314,11 +321,17 @@ class DataParallel(Parameterized, Generic[OptT]):
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _check_first(self, params: list[torch.Tensor]) -> None:
+    def _check_first(self, replicated: list[torch.Tensor]) -> None:
         """Before the first step (no step taken, no micro-batch held): refuse ranks whose
         models differ (one small all-reduce, once)."""
         if self.count == 0 and self.micro == 0:
-            check_replicas(params, self.group)
+            check_replicas(replicated, self.group)
+
+    def _replicated(self, model: Any) -> list[torch.Tensor]:
+        """What must be the same on every rank at the first step: every parameter and frozen
+        tensor. Not the buffers: the model given to a step carries the running statistics its
+        own rank's forward pass just updated (BatchNorm), which differ by design."""
+        return [t for t in tensors(model) if isinstance(t, (Parameter, Frozen))]
 
     def _trained(self, n: int) -> list[int]:
         trainable = self.trainable
@@ -339,11 +352,16 @@ class DataParallel(Parameterized, Generic[OptT]):
             )
         return list(self.pending)
 
-    def _reducer(self, params: list[torch.Tensor], pending: list[torch.Tensor | None]) -> Reducer:
+    def _reducer(
+        self,
+        params: list[torch.Tensor],
+        pending: list[torch.Tensor | None],
+        name: Callable[[int], str] | None = None,
+    ) -> Reducer:
         _, world = group_info(self.group, "DataParallel")
         scale = 1.0 / (world * self.accumulate)
         cap = max(1, int(self.bucket_cap_mb * 2**20))
-        return Reducer(params, pending, scale, cap, self.group)
+        return Reducer(params, pending, scale, cap, self.group, name)
 
     def _start_buffers(self, model: Any) -> Callable[[Any], Any]:
         """Launch the buffers' synchronisation; the result puts them into a model."""
@@ -409,26 +427,51 @@ def _bad(loss: torch.Tensor | None, before: torch.Tensor | None) -> torch.Tensor
     return now if before is None else now + before.to(now.device)
 
 
+def _namer(model: Any, trained: list[int]) -> Callable[[int], str]:
+    """The path of the ``k``-th trained parameter of ``model`` (looked up when an error asks)."""
+
+    def name(k: int) -> str:
+        return f"parameter {named_parameters(model)[trained[k]][0]!r}"
+
+    return name
+
+
 def _local_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    if not loss.requires_grad or not params:
-        return [None] * len(params)
-    return list(torch.autograd.grad(loss, params, allow_unused=True))
+    """This micro-batch's gradients (``None`` for a parameter that does not require grad)."""
+    wanted = [i for i, p in enumerate(params) if p.requires_grad]
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if not loss.requires_grad or not wanted:
+        return out
+    got = torch.autograd.grad(loss, [params[i] for i in wanted], allow_unused=True)
+    for i, g in zip(wanted, got, strict=True):
+        out[i] = g
+    return out
 
 
 def _added(
     pending: list[torch.Tensor | None],
     trained: list[int],
     local: Sequence[torch.Tensor | None],
+    *,
+    own: bool,
 ) -> tuple[torch.Tensor | None, ...]:
-    """``pending`` plus this micro-batch's gradients (out of place; sparse ones made dense)."""
+    """``pending`` plus this micro-batch's gradients (out of place; sparse ones made dense).
+
+    Args:
+        own: the gradients are this call's own (autograd's, for ``step_model``): held as they
+            are. Otherwise they are the caller's, who may write into them after the call (a
+            reused buffer, ``.grad`` zeroed in place): the window starts from a copy.
+    """
     out = list(pending)
     with torch.no_grad():
         for i, g in zip(trained, local, strict=True):
             if g is None:
                 continue
-            if g.layout != torch.strided:
-                g = g.to_dense()
             before = out[i]
+            if g.layout != torch.strided:
+                g = g.to_dense()  # a new tensor
+            elif before is None and not own:
+                g = g.clone()
             out[i] = g.detach() if before is None else before + g
     return tuple(out)
 

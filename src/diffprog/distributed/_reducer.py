@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from diffprog import DiffprogError
 from diffprog.distributed._collective import Group, run, waited, wire
 
 __all__ = ["Reduced", "Reducer"]
@@ -77,6 +78,7 @@ class Reducer:
         scale: what the sum over the ranks is multiplied by (``1 / (world * micro-batches)``).
         cap_bytes: the size at which a bucket closes.
         group: the process group.
+        name: the path of parameter ``i`` in the model, for errors (``None``: its position).
     """
 
     def __init__(
@@ -86,8 +88,10 @@ class Reducer:
         scale: float,
         cap_bytes: int,
         group: Group,
+        name: Callable[[int], str] | None = None,
     ) -> None:
         self.params = list(params)
+        self.name = name
         self.pending = list(pending)
         self.scale = scale
         self.group = group
@@ -129,12 +133,16 @@ class Reducer:
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
-        """Hooks on the parameters for the duration: each gradient goes to its bucket."""
-        handles = [
-            p.register_hook(self._hook(i))  # type: ignore[no-untyped-call]
-            for i, p in enumerate(self.params)
-        ]
+        """Hooks on the parameters for the duration: each gradient goes to its bucket.
+
+        A parameter that does not require grad gets none (no gradient reaches it); every hook
+        registered is removed on the way out, whatever is raised.
+        """
+        handles: list[Any] = []
         try:
+            for i, p in enumerate(self.params):
+                if p.requires_grad:
+                    handles.append(p.register_hook(self._hook(i)))  # type: ignore[no-untyped-call]
             yield
         finally:
             for h in handles:
@@ -147,7 +155,20 @@ class Reducer:
         return hook
 
     def put(self, i: int, grad: torch.Tensor) -> None:
-        """Write parameter ``i``'s gradient (plus its pending one) into its bucket's slot."""
+        """Write parameter ``i``'s gradient (plus its pending one) into its bucket's slot.
+
+        Raises:
+            DiffprogError: parameter ``i``'s gradient already landed in this step (its hook
+                ran twice: a ``torch.autograd.grad`` of it inside the backward pass).
+        """
+        if self.reached[i]:
+            where = self.name(i) if self.name is not None else f"parameter {i}"
+            raise DiffprogError(
+                f"DataParallel: the gradient of {where} arrived twice in one backward pass (its "
+                "tensor hook ran again, e.g. a torch.autograd.grad with respect to it inside a "
+                "custom backward). Averaging would use the wrong one. Differentiate a detached "
+                "copy inside the backward (p.detach().requires_grad_()), as torch DDP requires."
+            )
         bucket, k = self.where[i]
         with torch.no_grad():
             if grad.layout != torch.strided:  # a sparse gradient (Embedding(sparse=True))

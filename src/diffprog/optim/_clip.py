@@ -179,6 +179,9 @@ class Chained(Generic[OptT]):
 
     inner: OptT
 
+    def __post_init__(self) -> None:
+        _refuse_whole_step(type(self).__name__, self.inner)
+
     def _transforms(self) -> tuple[Any, ...]:
         """The gradient transforms, applied in order."""
         raise NotImplementedError
@@ -220,6 +223,7 @@ class Chained(Generic[OptT]):
     ) -> tuple[list[torch.Tensor], Self]:
         """:meth:`step`; with ``consume``, the caller hands ``grads`` over: they are dropped
         once transformed, and the transformed ones are handed to the inner optimizer in turn."""
+        _refuse_whole_step(type(self).__name__, self.inner)  # a value not built by __init__
         if getattr(self.inner, "differentiable", False) is True:
             # The transforms run under torch.no_grad(): the meta-gradient would be cut silently.
             raise DiffprogError(
@@ -282,6 +286,25 @@ class Chained(Generic[OptT]):
     def count(self) -> int:
         """The inner optimizer's step count."""
         return int(getattr(self.inner, "count", 0))
+
+
+def _refuse_whole_step(owner: str, inner: object) -> None:
+    """Raise if ``inner`` takes the whole step given the model (``apply_model``: a wrapper that
+    communicates, ``diffprog.distributed.DataParallel``).
+
+    Behind gradient transforms it would only get their ``step``, after ``run_step`` had judged
+    non-finite values on this rank alone: one rank could skip a step another takes, and the
+    ranks' collectives would pair across different steps.
+    """
+    if callable(getattr(inner, "apply_model", None)):
+        raise DiffprogError(
+            f"{owner} cannot wrap {type(inner).__name__}: it takes the whole step itself "
+            "(averaging over the ranks, judging non-finite values on all of them), which a "
+            "gradient transform in front would bypass and let the ranks drift out of step. "
+            "Wrap DataParallel outermost: DataParallel(chain(...)), e.g. "
+            "DataParallel(chain(clip_by_global_norm(1.0), Adam.init(model))) or "
+            "DataParallel(ClipGradNorm(Adam.init(model), 1.0))."
+        )
 
 
 def _check_transformed(
