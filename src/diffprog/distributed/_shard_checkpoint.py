@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +50,7 @@ OptT = TypeVar("OptT")
 _MARKER = "complete.safetensors"
 _STEP = re.compile(r"step-(\d+)")
 _RANK = "rank-{rank:05d}-of-{world:05d}.safetensors"
+_TOKEN = "sharded_save_token"  # in every rank file's metadata and (as bytes) in the marker
 
 
 def _mesh_of(model: Any) -> DeviceMesh:
@@ -112,8 +114,24 @@ def save_sharded_checkpoint(
         raise DiffprogError(
             f"save_sharded_checkpoint takes a model sharded over a 1-D mesh, not {mesh.ndim}-D."
         )
+    if _TOKEN in extra:
+        raise DiffprogError(
+            f"save_sharded_checkpoint: the metadata name {_TOKEN!r} is its own (it ties each "
+            "rank's file to the save that wrote it): name your metadata otherwise."
+        )
     rank, world = mesh.get_local_rank(), mesh.size()
+    group = mesh.get_group()
     target = Path(folder) / f"step-{step:09d}"
+    # One token per save, rank 0's, in every rank file and in the marker: a folder that holds
+    # files of two saves of this step (a re-save that crashed half way) never loads as one.
+    token = torch.tensor(list(uuid.uuid4().bytes), dtype=torch.uint8, device=mesh.device_type)
+    dist.broadcast(token, src=dist.get_global_rank(group, 0), group=group)
+    token = token.cpu()
+    if rank == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        # A re-save of this step: the folder is incomplete from now until its new marker.
+        (target / _MARKER).unlink(missing_ok=True)
+    dist.barrier(group=group)  # nobody writes its file before the old marker is gone
     target.mkdir(parents=True, exist_ok=True)
     local_model = map_parameters(_local, model)
     local_optimizer = None if optimizer is None else map_tensors(_local, optimizer)
@@ -122,12 +140,11 @@ def save_sharded_checkpoint(
         model=local_model,
         optimizer=local_optimizer,
         step=step,
-        **extra,
+        **{**extra, _TOKEN: bytes(token.tolist()).hex()},
     )
-    group = mesh.get_group()
     dist.barrier(group=group)  # every rank's file is whole before the marker says so
     if rank == 0:
-        marker = {"world": torch.tensor([world]), "step": torch.tensor([step])}
+        marker = {"world": torch.tensor([world]), "step": torch.tensor([step]), "token": token}
         save_tensors(marker, target / _MARKER)
     dist.barrier(group=group)  # and nobody goes on (or loads) before the marker is there
     return target
@@ -152,8 +169,9 @@ def latest_sharded_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _complete(path: str | os.PathLike[str]) -> tuple[Path, int]:
-    """The step folder ``path`` names (or the newest in it) and the number of ranks it has."""
+def _complete(path: str | os.PathLike[str]) -> tuple[Path, int, str | None]:
+    """The step folder ``path`` names (or the newest in it), the number of ranks it has and
+    its save's token (``None`` for a checkpoint written before tokens)."""
     source = Path(path)
     if not (source / _MARKER).is_file():
         latest = latest_sharded_checkpoint(source)
@@ -164,7 +182,9 @@ def _complete(path: str | os.PathLike[str]) -> tuple[Path, int]:
                 source=os.fspath(source),
             )
         source = latest
-    world = int(load_tensors(source / _MARKER)["world"][0])
+    marker = load_tensors(source / _MARKER)
+    world = int(marker["world"][0])
+    token = bytes(marker["token"].tolist()).hex() if "token" in marker else None
     missing = [
         name
         for r in range(world)
@@ -174,7 +194,32 @@ def _complete(path: str | os.PathLike[str]) -> tuple[Path, int]:
         raise LoadError(
             f"{source}: the rank files {missing} are missing.", source=os.fspath(source)
         )
-    return source, world
+    return source, world, token
+
+
+def _of_save(
+    loaded: Checkpoint[Any, Any],
+    token: str | None,
+    file: Path,
+    agree: Callable[[bool], bool] = bool,
+) -> Checkpoint[Any, Any]:
+    """``loaded`` (a rank's file) without the save's token, once the token is the marker's
+    (on every rank: ``agree`` takes a rank's finding to all ranks').
+
+    Raises:
+        LoadError: the file was written by another save than the marker (a re-save of the
+            step that did not finish).
+    """
+    extra = dict(loaded.extra)
+    found = extra.pop(_TOKEN, None)
+    if not agree(found == token):
+        raise LoadError(
+            f"{file} (or another rank's file) was written by another save of this step than "
+            "the folder's marker (a re-save that did not finish left files of two saves). "
+            "Save the step again, or load an earlier step.",
+            source=os.fspath(file),
+        )
+    return Checkpoint(loaded.model, loaded.optimizer, loaded.step, extra, loaded.path)
 
 
 def _piece(n: int, index: int, pieces: int) -> int:
@@ -212,19 +257,29 @@ def _assembled(skeleton: Any, parts: Sequence[Any], only_parameters: bool) -> An
 
 
 def _read_all(
-    source: Path, world: int, model: Any, optimizer: Any, restore: Callable[[int], bool]
+    source: Path,
+    world: int,
+    token: str | None,
+    model: Any,
+    optimizer: Any,
+    restore: Callable[[int], bool],
 ) -> tuple[Any, Any, Checkpoint[Any, Any]]:
     """The whole model and optimizer, from every rank's file of ``source``."""
     loaded = []
     for r in range(world):
+        file = source / _RANK.format(rank=r, world=world)
         loaded.append(
-            load_checkpoint(
-                source / _RANK.format(rank=r, world=world),
-                model=_local_skeleton(model, r, world, True),
-                optimizer=None
-                if optimizer is None
-                else _local_skeleton(optimizer, r, world, False),
-                restore_rng=restore(r),
+            _of_save(
+                load_checkpoint(
+                    file,
+                    model=_local_skeleton(model, r, world, True),
+                    optimizer=None
+                    if optimizer is None
+                    else _local_skeleton(optimizer, r, world, False),
+                    restore_rng=restore(r),
+                ),
+                token,
+                file,
             )
         )
     full_model = _assembled(model, [c.model for c in loaded], True)
@@ -267,28 +322,45 @@ def load_sharded_checkpoint(
         LoadError: no complete checkpoint, a rank's file missing or not fitting the skeletons.
         DiffprogError: ``mesh`` has more than one dimension.
     """
-    source, world = _complete(path)
+    source, world, token = _complete(path)
     if mesh.ndim != 1:
         raise DiffprogError(
             f"load_sharded_checkpoint shards over a 1-D mesh, not a {mesh.ndim}-D one."
         )
     rank = mesh.get_local_rank()
     if world == mesh.size():  # each rank reads its own file: its shards, as they were saved
-        own = load_checkpoint(
-            source / _RANK.format(rank=rank, world=world),
-            model=_local_skeleton(model, rank, world, True),
-            optimizer=None if optimizer is None else _local_skeleton(optimizer, rank, world, False),
-            restore_rng=restore_rng,
+        file = source / _RANK.format(rank=rank, world=world)
+        own = _of_save(
+            load_checkpoint(
+                file,
+                model=_local_skeleton(model, rank, world, True),
+                optimizer=None
+                if optimizer is None
+                else _local_skeleton(optimizer, rank, world, False),
+                restore_rng=restore_rng,
+            ),
+            token,
+            file,
+            lambda ok: _on_every_rank(ok, mesh),
         )
         sharded_model = _rewrapped(model, own.model, mesh, True)
         sharded_optimizer = (
             None if optimizer is None else _rewrapped(optimizer, own.optimizer, mesh, False)
         )
         return Checkpoint(sharded_model, sharded_optimizer, own.step, own.extra, source)  # type: ignore[arg-type]
-    full_model, full_optimizer, first = _read_all(source, world, model, optimizer, lambda r: False)
+    full_model, full_optimizer, first = _read_all(
+        source, world, token, model, optimizer, lambda r: False
+    )
     sharded_model = shard(full_model, mesh)
     sharded_optimizer = None if full_optimizer is None else shard_optimizer(full_optimizer, mesh)
     return Checkpoint(sharded_model, sharded_optimizer, first.step, first.extra, source)  # type: ignore[arg-type]
+
+
+def _on_every_rank(ok: bool, mesh: DeviceMesh) -> bool:
+    """Whether ``ok`` holds on every rank of ``mesh`` (so that all raise, or none)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=mesh.device_type)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group())
+    return bool(flag.item())
 
 
 def _rewrapped(skeleton: Any, local: Any, mesh: DeviceMesh, only_parameters: bool) -> Any:
@@ -342,8 +414,10 @@ def gather_checkpoint(
     Raises:
         LoadError: as :func:`load_sharded_checkpoint`.
     """
-    source, world = _complete(path)
-    full_model, full_optimizer, first = _read_all(source, world, model, optimizer, lambda r: False)
+    source, world, token = _complete(path)
+    full_model, full_optimizer, first = _read_all(
+        source, world, token, model, optimizer, lambda r: False
+    )
     return save_checkpoint(
         target, model=full_model, optimizer=full_optimizer, step=first.step, **first.extra
     )
