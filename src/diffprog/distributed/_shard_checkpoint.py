@@ -4,7 +4,9 @@ A sharded checkpoint is a folder ``step-<step>`` holding one ordinary diffprog c
 rank (``save_checkpoint``: atomic, with CRCs; each holds its rank's shards, the buffers and
 its rank's random states) and, written by rank 0 once every rank has written its file, a
 marker ``complete.safetensors`` (also written atomically). A folder without the marker (a
-crash during a save) is never loaded.
+crash during a save) is never loaded. A re-save of a step removes the old marker before any
+rank writes, and every rank file and the marker carry the save's token (rank 0's, broadcast):
+a folder mixing files of two saves (a re-save that crashed half way) is refused on load.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from diffprog import (
     tensors,
 )
 from diffprog.distributed._shard import shard, shard_optimizer
+from diffprog.optim import TorchOptimizer
 
 __all__ = [
     "gather_checkpoint",
@@ -63,6 +66,21 @@ def _mesh_of(model: Any) -> DeviceMesh:
     )
 
 
+def _refuse_torch_optimizer(optimizer: Any, caller: str) -> None:
+    """Refuse a TorchOptimizer (or a wrapper around one): its state lives in a torch.optim
+    optimizer, outside the values whose shards a rank file holds."""
+    inner = optimizer
+    while inner is not None:
+        if isinstance(inner, TorchOptimizer):
+            raise DiffprogError(
+                f"{caller} does not take a TorchOptimizer: its state is a torch.optim "
+                "optimizer's, not sharded values. Use a pure optimizer (diffprog.optim.Adam, "
+                "...) on a sharded model, or unshard the model and save_checkpoint it on one "
+                "rank."
+            )
+        inner = getattr(inner, "inner", None)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -80,7 +98,10 @@ def save_sharded_checkpoint(
     Every rank of the model's mesh calls it, with the same ``step``. Each writes
     ``folder/step-<step>/rank-<r>-of-<n>.safetensors`` with :func:`~diffprog.save_checkpoint`
     (atomic, with CRCs and its own random states); after a barrier rank 0 writes the marker
-    that makes the folder complete. Nothing is gathered: each rank writes only what it holds.
+    that makes the folder complete. Saving a step again first removes its marker (the
+    folder is incomplete until the new one is written), and each file and the marker carry
+    this save's token, so that files of two saves never load together. Nothing is
+    gathered: each rank writes only what it holds.
 
     Args:
         folder: the run's checkpoint folder (created if missing).
@@ -94,7 +115,8 @@ def save_sharded_checkpoint(
 
     Raises:
         DiffprogError: ``model`` has no sharded parameter, or its mesh has more than one
-            dimension.
+            dimension; ``optimizer`` is (or wraps) a ``TorchOptimizer``; ``extra`` uses the
+            name ``sharded_save_token``.
         SaveError: as ``save_checkpoint``.
 
     Example:
@@ -109,6 +131,7 @@ def save_sharded_checkpoint(
         'step-000000007'
         >>> dist.destroy_process_group()
     """
+    _refuse_torch_optimizer(optimizer, "save_sharded_checkpoint")
     mesh = _mesh_of(model)
     if mesh.ndim != 1:
         raise DiffprogError(
@@ -319,9 +342,13 @@ def load_sharded_checkpoint(
         The :class:`~diffprog.Checkpoint`, its model and optimizer sharded over ``mesh``.
 
     Raises:
-        LoadError: no complete checkpoint, a rank's file missing or not fitting the skeletons.
-        DiffprogError: ``mesh`` has more than one dimension.
+        LoadError: no complete checkpoint, a rank's file missing or not fitting the
+            skeletons, or written by another save of the step than the marker (a re-save
+            that did not finish).
+        DiffprogError: ``mesh`` has more than one dimension; ``optimizer`` is (or wraps) a
+            ``TorchOptimizer``.
     """
+    _refuse_torch_optimizer(optimizer, "load_sharded_checkpoint")
     source, world, token = _complete(path)
     if mesh.ndim != 1:
         raise DiffprogError(
@@ -413,7 +440,9 @@ def gather_checkpoint(
 
     Raises:
         LoadError: as :func:`load_sharded_checkpoint`.
+        DiffprogError: ``optimizer`` is (or wraps) a ``TorchOptimizer``.
     """
+    _refuse_torch_optimizer(optimizer, "gather_checkpoint")
     source, world, token = _complete(path)
     full_model, full_optimizer, first = _read_all(
         source, world, token, model, optimizer, lambda r: False

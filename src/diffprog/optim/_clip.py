@@ -82,9 +82,7 @@ def clip_grad_norm(
         else:
             norms = torch._foreach_norm(grads, norm_type)
             device = grads[0].device
-            total = torch.linalg.vector_norm(
-                torch.stack([n.to(device) for n in norms]), norm_type
-            )
+            total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise DiffprogError(
                 f"the total norm of order {norm_type} of the gradients is {total.item()}, so "
