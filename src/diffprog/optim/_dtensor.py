@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from diffprog import DiffprogError
+from diffprog import DiffprogError, named_parameters
 
 __all__ = [
     "any_dtensor",
@@ -29,7 +29,7 @@ __all__ = [
     "finite_each",
     "local_shards",
     "max_norm_over_ranks",
-    "plain_among_sharded",
+    "refuse_plain_among_sharded",
     "run_on_shards",
     "same_on_all_ranks",
 ]
@@ -141,18 +141,35 @@ def _like(local: torch.Tensor, param: Any, cls: Any) -> Any:
     )
 
 
-def plain_among_sharded(params: Sequence[Any]) -> int | None:
-    """The index of the first plain (not DTensor) entry of ``params`` when some entry is a
-    DTensor on a mesh of more than one rank, else ``None``.
+def refuse_plain_among_sharded(model: Any, params: Sequence[Any]) -> None:
+    """Refuse a plain Parameter among DTensor ones sharded over more than one rank.
+
+    Its gradient is each rank's own (``gathered`` averages only the sharded ones'), so each
+    rank would step it differently and the ranks' models would drift apart.
+
+    Args:
+        model: the model, to name the parameter's path.
+        params: its parameters (``flatten_parameters(model)``).
+
+    Raises:
+        DiffprogError: such a parameter, named by its path.
 
     Example:
-        >>> plain_among_sharded([torch.zeros(1)]) is None
-        True
+        >>> refuse_plain_among_sharded({"w": torch.nn.Parameter(torch.zeros(1))}, [])
     """
     cls = dtensor_type()
     if cls is None or not any(isinstance(p, cls) and p.device_mesh.size() > 1 for p in params):
-        return None
-    return next((i for i, p in enumerate(params) if not isinstance(p, cls)), None)
+        return
+    plain = next((i for i, p in enumerate(params) if not isinstance(p, cls)), None)
+    if plain is None:
+        return
+    path = named_parameters(model)[plain][0]
+    raise DiffprogError(
+        f"{path} is a plain Parameter in a model sharded over more than one rank: its "
+        "gradient is each rank's own, never averaged, so the ranks would drift apart. Shard "
+        "the model again after unfreezing or adding it: diffprog.distributed.shard("
+        "diffprog.distributed.unshard(model), mesh) (and its optimizer with shard_optimizer)."
+    )
 
 
 def max_norm_over_ranks(tensors: Sequence[Any]) -> torch.Tensor:

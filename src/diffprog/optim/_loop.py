@@ -12,11 +12,10 @@ from diffprog import (
     Parameter,
     flatten_parameters,
     make_independent,
-    named_parameters,
     replace_parameters,
 )
 from diffprog._autograd import gradients as grads_and_used
-from diffprog.optim._dtensor import any_dtensor, plain_among_sharded
+from diffprog.optim._dtensor import refuse_plain_among_sharded
 from diffprog.optim._grad import (
     OnNonFinite,
     all_finite,
@@ -274,19 +273,7 @@ def _step_and_rebuild(
     once its update is done. With ``differentiable`` (the optimizer's, looked up once by the
     caller) the new parameters keep the step's autograd history.
     """
-    if any_dtensor(params):
-        plain = plain_among_sharded(params)
-        if plain is not None:
-            # Its gradient is this rank's own (nothing averages it): each rank would step it
-            # differently, and the ranks' models would drift apart.
-            path = named_parameters(model)[plain][0]
-            raise DiffprogError(
-                f"{path} is a plain Parameter in a model sharded over more than one rank: its "
-                "gradient is each rank's own, never averaged, so the ranks would drift apart. "
-                "Shard the model again after unfreezing or adding it: diffprog.distributed."
-                "shard(diffprog.distributed.unshard(model), mesh) (and its optimizer with "
-                "shard_optimizer)."
-            )
+    refuse_plain_among_sharded(model, params)
     stepper = consuming_step(optimizer)
     if stepper is not None:
         new_params, stepped = stepper(lr, gradients, params, consume, mask)  # type: ignore[arg-type]
