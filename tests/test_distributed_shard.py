@@ -205,6 +205,7 @@ def grid_body(rank: int, world: int, folder: Path) -> None:
     _close(run, ref, "apply_gradients")
     _close(opt, ref_opt, "apply_gradients' optimizer state")
     refusals(rank, world, mesh)
+    review_findings(rank, world, mesh)
 
 
 def refusals(rank: int, world: int, mesh: Any) -> None:
@@ -255,15 +256,12 @@ def _optimizer_paths() -> dict[str, Callable[[Any], Any]]:
     }
 
 
-def review_body(rank: int, world: int, folder: Path) -> None:
-    """The review's findings on more than one rank, in one spawned run."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+def review_findings(rank: int, world: int, mesh: Any) -> None:
+    """The sharding review's findings on more than one rank (in the grid's spawned run)."""
     from diffprog import optim as O
     from diffprog.distributed import DataParallel, gathered, shard, unshard
     from diffprog.optim import run_step
 
-    mesh = init_device_mesh("cpu", (world,))
     x, y = batch()
     mine = x.chunk(world)[rank], y.chunk(world)[rank]
     # The optimizer paths (donated state, per-parameter overrides, the optimizer's own
@@ -311,14 +309,11 @@ def review_body(rank: int, world: int, folder: Path) -> None:
     assert all(torch.equal(t, whole.tiny) for t in gathered_all)  # the ranks agree
 
 
-def test_sharding_review_findings_on_two_ranks(tmp_path: Path) -> None:
-    """Optimizer paths on 2 ranks; meta-gradient, mixed plain/sharded, DataParallel refused."""
-    spawn(2, review_body, tmp_path)
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_training_equals_single_process(world: int, tmp_path: Path) -> None:
-    """The grid, then the refusals (Adafactor; a NaN on one rank skips or raises on all)."""
+    """The grid, then the refusals (Adafactor; a NaN on one rank skips or raises on all),
+    then the review's findings (optimizer paths; meta-gradient, a plain Parameter among
+    shards and DataParallel refused; a parameter reached on one rank only, zero-weighted)."""
     spawn(world, grid_body, tmp_path)
 
 
