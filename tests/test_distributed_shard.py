@@ -142,6 +142,11 @@ def _optimizers(model: Any) -> dict[str, Any]:
         "Rprop": O.Rprop.init(model),
         "ASGD": O.ASGD.init(model),
         "clip global norm + GD": O.chain(O.clip_by_global_norm(0.05), O.GD()),
+        # the infinity norm: a rank holding an empty piece (tiny on 2 and 3 ranks) has no max
+        "clip inf norm + GD": O.chain(O.clip_by_global_norm(0.05, norm_type=float("inf")), O.GD()),
+        "clip 1-norm + Adam": O.chain(
+            O.clip_by_global_norm(0.05, norm_type=1.0), O.Adam.init(model)
+        ),
         "clip value + SGD": O.chain(O.clip_by_value(0.01), O.SGD.init(model, momentum=0.9)),
         "TorchOptimizer Adam": O.TorchOptimizer.init(model, torch.optim.Adam, lr=0.01),
         "TorchOptimizer SGD": O.TorchOptimizer.init(model, torch.optim.SGD, lr=0.01, momentum=0.9),
@@ -200,6 +205,7 @@ def grid_body(rank: int, world: int, folder: Path) -> None:
     _close(run, ref, "apply_gradients")
     _close(opt, ref_opt, "apply_gradients' optimizer state")
     refusals(rank, world, mesh)
+    review_findings(rank, world, mesh)
 
 
 def refusals(rank: int, world: int, mesh: Any) -> None:
@@ -237,9 +243,77 @@ def refusals(rank: int, world: int, mesh: Any) -> None:
         shard(dp.to(make_net(), device="meta"), mesh)
 
 
+def _optimizer_paths() -> dict[str, Callable[[Any], Any]]:
+    from diffprog import optim as O
+
+    return {
+        "donate": lambda m: O.Adam.init(m, donate=True),
+        "overrides": lambda m: O.AdamW.init(
+            m, weight_decay=0.1, overrides={"*.bias": {"weight_decay": 0.0, "lr_scale": 0.5}}
+        ),
+        "freeze": lambda m: O.SGD.init(m, momentum=0.9, freeze="second.bias"),
+        "differentiable": lambda m: O.GD(differentiable=True),
+    }
+
+
+def review_findings(rank: int, world: int, mesh: Any) -> None:
+    """The sharding review's findings on more than one rank (in the grid's spawned run)."""
+    from diffprog import optim as O
+    from diffprog.distributed import DataParallel, gathered, shard, unshard
+    from diffprog.optim import run_step
+
+    x, y = batch()
+    mine = x.chunk(world)[rank], y.chunk(world)[rank]
+    # The optimizer paths (donated state, per-parameter overrides, the optimizer's own
+    # freeze, a differentiable step with a tensor learning rate) on shards equal one process.
+    lr = torch.tensor(0.01)
+    for name, make in _optimizer_paths().items():
+        ref, run = make_net(), shard(make_net(), mesh)
+        ref_opt, opt = make(ref), make(run)
+        for _ in range(3):
+            ref, ref_opt = run_step(ref, ref_opt, loss_of(ref, x, y), lr)
+            run, opt = run_step(run, opt, loss_of(gathered(run), *mine), lr)
+        _close(run, ref, name)
+    sharded = shard(make_net(), mesh)
+    # A meta-gradient w.r.t. the learning rate would come from each rank's shard only.
+    meta_lr = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(dp.DiffprogError, match="differentiable step on sharded.*lr"):
+        run_step(sharded, O.GD(differentiable=True), loss_of(gathered(sharded), *mine), meta_lr)
+    # A plain trainable Parameter among the shards (frozen before shard, unfrozen after):
+    # stepped on each rank's own gradient, the ranks would drift apart.
+    mixed = dp.unfreeze(shard(dp.freeze(make_net(), "second.bias"), mesh), "second.bias")
+    for opt, lr_given in (
+        (O.SGD.init(mixed), 0.1),
+        (O.TorchOptimizer.init(mixed, torch.optim.SGD, lr=0.1), None),
+    ):
+        with pytest.raises(dp.DiffprogError, match="second.bias is a plain Parameter.*shard"):
+            run_step(mixed, opt, loss_of(gathered(mixed), *mine), lr_given)
+        grads = dp.grad(loss_of(gathered(mixed), *mine), dp.flatten_parameters(mixed))
+        with pytest.raises(dp.DiffprogError, match="second.bias is a plain Parameter"):
+            O.apply_gradients(mixed, opt, grads, lr_given)
+    # DataParallel would average gradients gathered averaged already.
+    with pytest.raises(dp.DiffprogError, match="do not wrap"):
+        run_step(
+            sharded, DataParallel(O.Adam.init(sharded)), loss_of(gathered(sharded), *mine), 0.01
+        )
+    # A parameter reached on one rank only, made part of the loss on every rank with a zero
+    # weight (the documented way): every rank takes part in every reduce-scatter.
+    g = gathered(sharded)
+    out = g.first(mine[0]).sum(-1) if rank == 0 else g(mine[0])
+    loss = torch.nn.functional.mse_loss(out, mine[1])
+    loss = loss + 0.0 * sum(t.sum() for t in dp.tensors(g))
+    stepped, _ = run_step(sharded, O.SGD.init(sharded), loss, 0.1)
+    whole = unshard(stepped)
+    gathered_all = [torch.zeros_like(whole.tiny) for _ in range(world)]
+    dist.all_gather(gathered_all, whole.tiny)
+    assert all(torch.equal(t, whole.tiny) for t in gathered_all)  # the ranks agree
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_training_equals_single_process(world: int, tmp_path: Path) -> None:
-    """The grid, then the refusals (Adafactor; a NaN on one rank skips or raises on all)."""
+    """The grid, then the refusals (Adafactor; a NaN on one rank skips or raises on all),
+    then the review's findings (optimizer paths; meta-gradient, a plain Parameter among
+    shards and DataParallel refused; a parameter reached on one rank only, zero-weighted)."""
     spawn(world, grid_body, tmp_path)
 
 
@@ -395,25 +469,13 @@ def test_traversals_see_dtensor_parameters_not_dtensor_constants(mesh1: Any) -> 
     assert type(model.first.weight) is torch.nn.Parameter
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda m: __import__("diffprog.optim", fromlist=["Adam"]).Adam.init(m, donate=True),
-        lambda m: __import__("diffprog.optim", fromlist=["AdamW"]).AdamW.init(
-            m, weight_decay=0.1, overrides={"*.bias": {"weight_decay": 0.0, "lr_scale": 0.5}}
-        ),
-        lambda m: __import__("diffprog.optim", fromlist=["SGD"]).SGD.init(
-            m, momentum=0.9, freeze="second.bias"
-        ),
-        lambda m: __import__("diffprog.optim", fromlist=["GD"]).GD(differentiable=True),
-    ],
-    ids=["donate", "overrides", "freeze", "differentiable"],
-)
-def test_optimizer_paths_on_shards_equal_whole(mesh1: Any, make: Any) -> None:
+@pytest.mark.parametrize("name", list(_optimizer_paths()))
+def test_optimizer_paths_on_shards_equal_whole(mesh1: Any, name: str) -> None:
     from diffprog.distributed import gathered, shard
     from diffprog.optim import run_step
 
     x, y = batch()
+    make = _optimizer_paths()[name]
     ref, run = make_net(), shard(make_net(), mesh1)
     ref_opt, opt = make(ref), make(run)
     lr = torch.tensor(0.01)  # a tensor learning rate, too
@@ -501,3 +563,81 @@ def test_sharding_needs_a_one_dimensional_mesh(mesh1: Any) -> None:
         shard(make_net(), square)
     with pytest.raises(dp.DiffprogError, match="1-D mesh"):
         shard_optimizer(Adam.init(make_net()), square)
+
+
+def test_a_resave_that_fails_leaves_no_checkpoint_mixing_two_saves(
+    mesh1: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffprog.distributed._shard_checkpoint as module
+    from diffprog.distributed import (
+        gather_checkpoint,
+        latest_sharded_checkpoint,
+        load_sharded_checkpoint,
+        save_sharded_checkpoint,
+        shard,
+    )
+
+    model = shard(make_net(), mesh1)
+    other = shard(dp.map_parameters(lambda p: p + 100.0, make_net()), mesh1)
+    save_sharded_checkpoint(tmp_path / "run", model=model, optimizer=None, step=3)
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    # the re-save dies writing its file: the step's old marker is gone, nothing is complete
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "save_checkpoint", crash)
+        with pytest.raises(OSError, match="disk full"):
+            save_sharded_checkpoint(tmp_path / "run", model=other, optimizer=None, step=3)
+    assert latest_sharded_checkpoint(tmp_path / "run") is None
+    # a complete folder whose rank file is another save's (of the same step) is refused
+    first = save_sharded_checkpoint(tmp_path / "a", model=model, optimizer=None, step=3)
+    second = save_sharded_checkpoint(tmp_path / "b", model=other, optimizer=None, step=3)
+    name = "rank-00000-of-00001.safetensors"
+    (first / name).write_bytes((second / name).read_bytes())
+    with pytest.raises(dp.LoadError, match="another save of this step"):
+        load_sharded_checkpoint(first, model=make_net(), optimizer=None, mesh=mesh1)
+    with pytest.raises(dp.LoadError, match="another save of this step"):
+        gather_checkpoint(first, tmp_path / "w.safetensors", model=make_net(), optimizer=None)
+    # a save's own files load, its token not in the metadata handed back
+    back = load_sharded_checkpoint(second, model=make_net(), optimizer=None, mesh=mesh1)
+    assert back.extra == {}
+    with pytest.raises(dp.DiffprogError, match="sharded_save_token"):
+        save_sharded_checkpoint(
+            tmp_path / "c", model=model, optimizer=None, step=1, sharded_save_token="x"
+        )
+
+
+def test_freeze_compile_step_and_torch_optimizer_checkpoints_refuse_sharded_models(
+    mesh1: Any, tmp_path: Path
+) -> None:
+    from diffprog.distributed import (
+        gathered,
+        load_sharded_checkpoint,
+        save_sharded_checkpoint,
+        shard,
+    )
+    from diffprog.func import compile_step
+    from diffprog.optim import Adam, TorchOptimizer, chain, clip_by_global_norm
+
+    x, y = batch()
+    sharded = shard(make_net(), mesh1)
+    with pytest.raises(dp.DiffprogError, match="first.bias is sharded.*Freeze before shard"):
+        dp.freeze(sharded, "first.bias")
+    step = compile_step(lambda m, x, y: loss_of(gathered(m), x, y), 0.01, backend="eager")
+    with pytest.raises(dp.DiffprogError, match="compile_step.*first.weight.*run_step"):
+        step(sharded, Adam.init(sharded), x, y)
+    torch_opt = TorchOptimizer.init(sharded, torch.optim.Adam, lr=0.01)
+    for opt in (torch_opt, chain(clip_by_global_norm(1.0), torch_opt)):
+        with pytest.raises(dp.DiffprogError, match="does not take a TorchOptimizer"):
+            save_sharded_checkpoint(tmp_path, model=sharded, optimizer=opt, step=1)
+    assert not list(tmp_path.iterdir())
+    save_sharded_checkpoint(tmp_path, model=sharded, optimizer=None, step=1)
+    skeleton = make_net()
+    with pytest.raises(dp.DiffprogError, match="does not take a TorchOptimizer"):
+        load_sharded_checkpoint(
+            tmp_path,
+            model=skeleton,
+            optimizer=TorchOptimizer.init(skeleton, torch.optim.Adam, lr=0.01),
+            mesh=mesh1,
+        )

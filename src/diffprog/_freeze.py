@@ -10,12 +10,13 @@ from a buffer (a running mean must never become trainable).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TypeVar
 
 import torch
 
 from diffprog._autograd import make_independent
-from diffprog._errors import ModelError, PathKey, state_dict_path
+from diffprog._errors import DiffprogError, ModelError, PathKey, state_dict_path
 from diffprog._filter import Filter, Place, as_selector, is_container, places
 from diffprog._frozen import Frozen
 from diffprog._nodes import HandWrittenNode, node_for
@@ -75,6 +76,7 @@ def freeze(model: T, filter: Filter | None = None) -> T:
     Raises:
         ValueError: the filter selects no parameter, trainable or frozen (a typo would
             otherwise freeze nothing).
+        DiffprogError: a selected parameter is sharded (a DTensor): freeze before ``shard``.
 
     Example:
         >>> import diffprog as dp
@@ -89,6 +91,7 @@ def freeze(model: T, filter: Filter | None = None) -> T:
     leaves, chosen = _selected_leaves(model, filter)
     _refuse_selecting_nothing("freeze", filter, leaves, chosen)
     picked = [p for p in leaves if isinstance(p.value, _Parameter) and id(p.value) in chosen]
+    _refuse_sharded(picked)
     made: dict[int, Frozen] = {}
     changes: dict[tuple[PathKey, ...], Any] = {}
     for place in picked:
@@ -97,6 +100,21 @@ def freeze(model: T, filter: Filter | None = None) -> T:
             made[id(p)] = Frozen(p)
         changes[place.keys] = made[id(p)]
     return rebuild_at(model, changes)
+
+
+def _refuse_sharded(picked: list[Place]) -> None:
+    """Refuse to freeze a sharded (DTensor) parameter: a frozen one must be whole on every
+    rank (``diffprog.distributed.shard`` leaves frozen parameters whole)."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before
+    if module is None:
+        return
+    for place in picked:
+        if isinstance(place.value, module.DTensor):
+            raise DiffprogError(
+                f"freeze: {state_dict_path(place.keys)} is sharded (a DTensor); a frozen "
+                "parameter stays whole on every rank. Freeze before shard: "
+                "shard(freeze(diffprog.distributed.unshard(model), ...), mesh)."
+            )
 
 
 def unfreeze(model: T, filter: Filter | None = None) -> T:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from diffprog import (
     DiffprogError,
@@ -323,7 +324,13 @@ class DataParallel(Parameterized, Generic[OptT]):
 
     def _check_first(self, replicated: list[torch.Tensor]) -> None:
         """Before the first step (no step taken, no micro-batch held): refuse ranks whose
-        models differ (one small all-reduce, once)."""
+        models differ (one small all-reduce, once); and always, a sharded model."""
+        if any(isinstance(p, DTensor) for p in params):
+            raise DiffprogError(
+                "DataParallel around the optimizer of a sharded model (DTensor parameters): "
+                "a sharded model already averages its gradients in gathered, so do not wrap "
+                "its optimizer in DataParallel; step it as it is."
+            )
         if self.count == 0 and self.micro == 0:
             check_replicas(replicated, self.group)
 

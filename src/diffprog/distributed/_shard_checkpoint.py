@@ -4,13 +4,16 @@ A sharded checkpoint is a folder ``step-<step>`` holding one ordinary diffprog c
 rank (``save_checkpoint``: atomic, with CRCs; each holds its rank's shards, the buffers and
 its rank's random states) and, written by rank 0 once every rank has written its file, a
 marker ``complete.safetensors`` (also written atomically). A folder without the marker (a
-crash during a save) is never loaded.
+crash during a save) is never loaded. A re-save of a step removes the old marker before any
+rank writes, and every rank file and the marker carry the save's token (rank 0's, broadcast):
+a folder mixing files of two saves (a re-save that crashed half way) is refused on load.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +38,7 @@ from diffprog import (
     tensors,
 )
 from diffprog.distributed._shard import shard, shard_optimizer
+from diffprog.optim import TorchOptimizer
 
 __all__ = [
     "gather_checkpoint",
@@ -49,6 +53,7 @@ OptT = TypeVar("OptT")
 _MARKER = "complete.safetensors"
 _STEP = re.compile(r"step-(\d+)")
 _RANK = "rank-{rank:05d}-of-{world:05d}.safetensors"
+_TOKEN = "sharded_save_token"  # in every rank file's metadata and (as bytes) in the marker
 
 
 def _mesh_of(model: Any) -> DeviceMesh:
@@ -59,6 +64,21 @@ def _mesh_of(model: Any) -> DeviceMesh:
         "save_sharded_checkpoint needs a sharded model (diffprog.distributed.shard), and this "
         "one has no DTensor parameter. Save an unsharded model with save_checkpoint on one rank."
     )
+
+
+def _refuse_torch_optimizer(optimizer: Any, caller: str) -> None:
+    """Refuse a TorchOptimizer (or a wrapper around one): its state lives in a torch.optim
+    optimizer, outside the values whose shards a rank file holds."""
+    inner = optimizer
+    while inner is not None:
+        if isinstance(inner, TorchOptimizer):
+            raise DiffprogError(
+                f"{caller} does not take a TorchOptimizer: its state is a torch.optim "
+                "optimizer's, not sharded values. Use a pure optimizer (diffprog.optim.Adam, "
+                "...) on a sharded model, or unshard the model and save_checkpoint it on one "
+                "rank."
+            )
+        inner = getattr(inner, "inner", None)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -78,7 +98,10 @@ def save_sharded_checkpoint(
     Every rank of the model's mesh calls it, with the same ``step``. Each writes
     ``folder/step-<step>/rank-<r>-of-<n>.safetensors`` with :func:`~diffprog.save_checkpoint`
     (atomic, with CRCs and its own random states); after a barrier rank 0 writes the marker
-    that makes the folder complete. Nothing is gathered: each rank writes only what it holds.
+    that makes the folder complete. Saving a step again first removes its marker (the
+    folder is incomplete until the new one is written), and each file and the marker carry
+    this save's token, so that files of two saves never load together. Nothing is
+    gathered: each rank writes only what it holds.
 
     Args:
         folder: the run's checkpoint folder (created if missing).
@@ -92,7 +115,8 @@ def save_sharded_checkpoint(
 
     Raises:
         DiffprogError: ``model`` has no sharded parameter, or its mesh has more than one
-            dimension.
+            dimension; ``optimizer`` is (or wraps) a ``TorchOptimizer``; ``extra`` uses the
+            name ``sharded_save_token``.
         SaveError: as ``save_checkpoint``.
 
     Example:
@@ -107,13 +131,30 @@ def save_sharded_checkpoint(
         'step-000000007'
         >>> dist.destroy_process_group()
     """
+    _refuse_torch_optimizer(optimizer, "save_sharded_checkpoint")
     mesh = _mesh_of(model)
     if mesh.ndim != 1:
         raise DiffprogError(
             f"save_sharded_checkpoint takes a model sharded over a 1-D mesh, not {mesh.ndim}-D."
         )
+    if _TOKEN in extra:
+        raise DiffprogError(
+            f"save_sharded_checkpoint: the metadata name {_TOKEN!r} is its own (it ties each "
+            "rank's file to the save that wrote it): name your metadata otherwise."
+        )
     rank, world = mesh.get_local_rank(), mesh.size()
+    group = mesh.get_group()
     target = Path(folder) / f"step-{step:09d}"
+    # One token per save, rank 0's, in every rank file and in the marker: a folder that holds
+    # files of two saves of this step (a re-save that crashed half way) never loads as one.
+    token = torch.tensor(list(uuid.uuid4().bytes), dtype=torch.uint8, device=mesh.device_type)
+    dist.broadcast(token, src=dist.get_global_rank(group, 0), group=group)
+    token = token.cpu()
+    if rank == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        # A re-save of this step: the folder is incomplete from now until its new marker.
+        (target / _MARKER).unlink(missing_ok=True)
+    dist.barrier(group=group)  # nobody writes its file before the old marker is gone
     target.mkdir(parents=True, exist_ok=True)
     local_model = map_parameters(_local, model)
     local_optimizer = None if optimizer is None else map_tensors(_local, optimizer)
@@ -122,12 +163,11 @@ def save_sharded_checkpoint(
         model=local_model,
         optimizer=local_optimizer,
         step=step,
-        **extra,
+        **{**extra, _TOKEN: bytes(token.tolist()).hex()},
     )
-    group = mesh.get_group()
     dist.barrier(group=group)  # every rank's file is whole before the marker says so
     if rank == 0:
-        marker = {"world": torch.tensor([world]), "step": torch.tensor([step])}
+        marker = {"world": torch.tensor([world]), "step": torch.tensor([step]), "token": token}
         save_tensors(marker, target / _MARKER)
     dist.barrier(group=group)  # and nobody goes on (or loads) before the marker is there
     return target
@@ -152,8 +192,9 @@ def latest_sharded_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _complete(path: str | os.PathLike[str]) -> tuple[Path, int]:
-    """The step folder ``path`` names (or the newest in it) and the number of ranks it has."""
+def _complete(path: str | os.PathLike[str]) -> tuple[Path, int, str | None]:
+    """The step folder ``path`` names (or the newest in it), the number of ranks it has and
+    its save's token (``None`` for a checkpoint written before tokens)."""
     source = Path(path)
     if not (source / _MARKER).is_file():
         latest = latest_sharded_checkpoint(source)
@@ -164,7 +205,9 @@ def _complete(path: str | os.PathLike[str]) -> tuple[Path, int]:
                 source=os.fspath(source),
             )
         source = latest
-    world = int(load_tensors(source / _MARKER)["world"][0])
+    marker = load_tensors(source / _MARKER)
+    world = int(marker["world"][0])
+    token = bytes(marker["token"].tolist()).hex() if "token" in marker else None
     missing = [
         name
         for r in range(world)
@@ -174,7 +217,32 @@ def _complete(path: str | os.PathLike[str]) -> tuple[Path, int]:
         raise LoadError(
             f"{source}: the rank files {missing} are missing.", source=os.fspath(source)
         )
-    return source, world
+    return source, world, token
+
+
+def _of_save(
+    loaded: Checkpoint[Any, Any],
+    token: str | None,
+    file: Path,
+    agree: Callable[[bool], bool] = bool,
+) -> Checkpoint[Any, Any]:
+    """``loaded`` (a rank's file) without the save's token, once the token is the marker's
+    (on every rank: ``agree`` takes a rank's finding to all ranks').
+
+    Raises:
+        LoadError: the file was written by another save than the marker (a re-save of the
+            step that did not finish).
+    """
+    extra = dict(loaded.extra)
+    found = extra.pop(_TOKEN, None)
+    if not agree(found == token):
+        raise LoadError(
+            f"{file} (or another rank's file) was written by another save of this step than "
+            "the folder's marker (a re-save that did not finish left files of two saves). "
+            "Save the step again, or load an earlier step.",
+            source=os.fspath(file),
+        )
+    return Checkpoint(loaded.model, loaded.optimizer, loaded.step, extra, loaded.path)
 
 
 def _piece(n: int, index: int, pieces: int) -> int:
@@ -212,19 +280,29 @@ def _assembled(skeleton: Any, parts: Sequence[Any], only_parameters: bool) -> An
 
 
 def _read_all(
-    source: Path, world: int, model: Any, optimizer: Any, restore: Callable[[int], bool]
+    source: Path,
+    world: int,
+    token: str | None,
+    model: Any,
+    optimizer: Any,
+    restore: Callable[[int], bool],
 ) -> tuple[Any, Any, Checkpoint[Any, Any]]:
     """The whole model and optimizer, from every rank's file of ``source``."""
     loaded = []
     for r in range(world):
+        file = source / _RANK.format(rank=r, world=world)
         loaded.append(
-            load_checkpoint(
-                source / _RANK.format(rank=r, world=world),
-                model=_local_skeleton(model, r, world, True),
-                optimizer=None
-                if optimizer is None
-                else _local_skeleton(optimizer, r, world, False),
-                restore_rng=restore(r),
+            _of_save(
+                load_checkpoint(
+                    file,
+                    model=_local_skeleton(model, r, world, True),
+                    optimizer=None
+                    if optimizer is None
+                    else _local_skeleton(optimizer, r, world, False),
+                    restore_rng=restore(r),
+                ),
+                token,
+                file,
             )
         )
     full_model = _assembled(model, [c.model for c in loaded], True)
@@ -264,31 +342,52 @@ def load_sharded_checkpoint(
         The :class:`~diffprog.Checkpoint`, its model and optimizer sharded over ``mesh``.
 
     Raises:
-        LoadError: no complete checkpoint, a rank's file missing or not fitting the skeletons.
-        DiffprogError: ``mesh`` has more than one dimension.
+        LoadError: no complete checkpoint, a rank's file missing or not fitting the
+            skeletons, or written by another save of the step than the marker (a re-save
+            that did not finish).
+        DiffprogError: ``mesh`` has more than one dimension; ``optimizer`` is (or wraps) a
+            ``TorchOptimizer``.
     """
-    source, world = _complete(path)
+    _refuse_torch_optimizer(optimizer, "load_sharded_checkpoint")
+    source, world, token = _complete(path)
     if mesh.ndim != 1:
         raise DiffprogError(
             f"load_sharded_checkpoint shards over a 1-D mesh, not a {mesh.ndim}-D one."
         )
     rank = mesh.get_local_rank()
     if world == mesh.size():  # each rank reads its own file: its shards, as they were saved
-        own = load_checkpoint(
-            source / _RANK.format(rank=rank, world=world),
-            model=_local_skeleton(model, rank, world, True),
-            optimizer=None if optimizer is None else _local_skeleton(optimizer, rank, world, False),
-            restore_rng=restore_rng,
+        file = source / _RANK.format(rank=rank, world=world)
+        own = _of_save(
+            load_checkpoint(
+                file,
+                model=_local_skeleton(model, rank, world, True),
+                optimizer=None
+                if optimizer is None
+                else _local_skeleton(optimizer, rank, world, False),
+                restore_rng=restore_rng,
+            ),
+            token,
+            file,
+            lambda ok: _on_every_rank(ok, mesh),
         )
         sharded_model = _rewrapped(model, own.model, mesh, True)
         sharded_optimizer = (
             None if optimizer is None else _rewrapped(optimizer, own.optimizer, mesh, False)
         )
         return Checkpoint(sharded_model, sharded_optimizer, own.step, own.extra, source)  # type: ignore[arg-type]
-    full_model, full_optimizer, first = _read_all(source, world, model, optimizer, lambda r: False)
+    full_model, full_optimizer, first = _read_all(
+        source, world, token, model, optimizer, lambda r: False
+    )
     sharded_model = shard(full_model, mesh)
     sharded_optimizer = None if full_optimizer is None else shard_optimizer(full_optimizer, mesh)
     return Checkpoint(sharded_model, sharded_optimizer, first.step, first.extra, source)  # type: ignore[arg-type]
+
+
+def _on_every_rank(ok: bool, mesh: DeviceMesh) -> bool:
+    """Whether ``ok`` holds on every rank of ``mesh`` (so that all raise, or none)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=mesh.device_type)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group())
+    return bool(flag.item())
 
 
 def _rewrapped(skeleton: Any, local: Any, mesh: DeviceMesh, only_parameters: bool) -> Any:
@@ -341,9 +440,13 @@ def gather_checkpoint(
 
     Raises:
         LoadError: as :func:`load_sharded_checkpoint`.
+        DiffprogError: ``optimizer`` is (or wraps) a ``TorchOptimizer``.
     """
-    source, world = _complete(path)
-    full_model, full_optimizer, first = _read_all(source, world, model, optimizer, lambda r: False)
+    _refuse_torch_optimizer(optimizer, "gather_checkpoint")
+    source, world, token = _complete(path)
+    full_model, full_optimizer, first = _read_all(
+        source, world, token, model, optimizer, lambda r: False
+    )
     return save_checkpoint(
         target, model=full_model, optimizer=full_optimizer, step=first.step, **first.extra
     )

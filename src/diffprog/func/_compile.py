@@ -11,6 +11,7 @@ rebuild run outside, in Python: they hold no tensor math.
 from __future__ import annotations
 
 import math
+import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -138,9 +139,10 @@ class CompiledStep:
                 and optimizer passed in are unchanged (a donated state is left as it was).
             DiffprogError: ``optimizer`` is not a pure optimizer, trains a subset of the
                 parameters, has per-parameter settings or counts (use ``run_step``), was
-                donated already, or does not fit the model.
+                donated already, or does not fit the model; the model is sharded.
         """
         params = flatten_parameters(model)
+        _refuse_sharded(model, params)
         _check_optimizer(optimizer, len(params))
         state = _held_state(optimizer, params)
         lr = self._lr_input(_learning_rate_at(self.lr, optimizer.count), params[0])
@@ -262,6 +264,20 @@ def _make_core(loss_fn: Callable[..., torch.Tensor], check: bool) -> Core:
     # recompiles against its limit) per code object, and every step compiles this one.
     code = core.__code__.replace()
     return types.FunctionType(code, core.__globals__, core.__name__, None, core.__closure__)
+
+
+def _refuse_sharded(model: Any, params: Sequence[torch.Tensor]) -> None:
+    """Refuse a sharded model (DTensor parameters): the compiled step is not built for them."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before
+    if module is None:
+        return
+    for (path, _), p in zip(named_parameters(model), params, strict=True):
+        if isinstance(p, module.DTensor):
+            raise DiffprogError(
+                f"compile_step does not step sharded (DTensor) parameters ({path} is one): "
+                "train a sharded model with diffprog.optim.run_step(model, optimizer, "
+                "loss_of(diffprog.distributed.gathered(model)), lr)."
+            )
 
 
 def _check_optimizer(optimizer: Any, num_params: int) -> None:

@@ -16,6 +16,7 @@ import torch
 from typing_extensions import Self
 
 from diffprog import DiffprogError, Parameterized
+from diffprog.optim._dtensor import any_dtensor, max_norm_over_ranks
 from diffprog.optim._optimizer import (
     Gradients,
     LearningRate,
@@ -75,9 +76,13 @@ def clip_grad_norm(
     if not grads:
         return [], torch.tensor(0.0)
     with torch.no_grad():
-        norms = torch._foreach_norm(grads, norm_type)
-        device = grads[0].device
-        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+        if norm_type == float("inf") and any_dtensor(grads):
+            # A rank may hold an empty piece, whose max has no identity in torch's norm.
+            total = max_norm_over_ranks(grads)
+        else:
+            norms = torch._foreach_norm(grads, norm_type)
+            device = grads[0].device
+            total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise DiffprogError(
                 f"the total norm of order {norm_type} of the gradients is {total.item()}, so "

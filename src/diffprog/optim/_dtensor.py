@@ -21,13 +21,15 @@ from typing import Any
 
 import torch
 
-from diffprog import DiffprogError
+from diffprog import DiffprogError, named_parameters
 
 __all__ = [
     "any_dtensor",
     "dtensor_type",
     "finite_each",
     "local_shards",
+    "max_norm_over_ranks",
+    "refuse_plain_among_sharded",
     "run_on_shards",
     "same_on_all_ranks",
 ]
@@ -74,10 +76,26 @@ def run_on_shards(
     gradient must be placed alike (reduce-scattered gradients are).
 
     Raises:
-        DiffprogError: a gradient is placed otherwise than its parameter.
+        DiffprogError: a gradient is placed otherwise than its parameter; or the step is
+            differentiable and the learning rate (or a hyper-parameter tensor) requires grad.
     """
     cls = dtensor_type()
     assert cls is not None  # the caller found a DTensor
+    if torch.is_grad_enabled():  # a differentiable step (the caller sets the grad mode)
+        wanted = [
+            name
+            for name, value in (("lr", lr), *hyper.items())
+            if isinstance(value, torch.Tensor) and value.requires_grad
+        ]
+        if wanted:
+            # Each rank's shard step would give the hyper-parameter only its own shard's
+            # part of the gradient: a wrong meta-gradient, different on every rank.
+            raise DiffprogError(
+                f"a differentiable step on sharded (DTensor) parameters with {wanted[0]} a "
+                "tensor that requires grad: its gradient would come from each rank's shard "
+                "only (wrong, and different per rank). Take the meta-gradient on an unsharded "
+                f"model (diffprog.distributed.unshard), or pass {wanted[0]} detached."
+            )
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         p_: Any = p
         if isinstance(p_, cls) and not (
@@ -121,6 +139,64 @@ def _like(local: torch.Tensor, param: Any, cls: Any) -> Any:
         shape=param.shape,
         stride=param.stride(),
     )
+
+
+def refuse_plain_among_sharded(model: Any, params: Sequence[Any]) -> None:
+    """Refuse a plain Parameter among DTensor ones sharded over more than one rank.
+
+    Its gradient is each rank's own (``gathered`` averages only the sharded ones'), so each
+    rank would step it differently and the ranks' models would drift apart.
+
+    Args:
+        model: the model, to name the parameter's path.
+        params: its parameters (``flatten_parameters(model)``).
+
+    Raises:
+        DiffprogError: such a parameter, named by its path.
+
+    Example:
+        >>> refuse_plain_among_sharded({"w": torch.nn.Parameter(torch.zeros(1))}, [])
+    """
+    cls = dtensor_type()
+    if cls is None or not any(isinstance(p, cls) and p.device_mesh.size() > 1 for p in params):
+        return
+    plain = next((i for i, p in enumerate(params) if not isinstance(p, cls)), None)
+    if plain is None:
+        return
+    path = named_parameters(model)[plain][0]
+    raise DiffprogError(
+        f"{path} is a plain Parameter in a model sharded over more than one rank: its "
+        "gradient is each rank's own, never averaged, so the ranks would drift apart. Shard "
+        "the model again after unfreezing or adding it: diffprog.distributed.shard("
+        "diffprog.distributed.unshard(model), mesh) (and its optimizer with shard_optimizer)."
+    )
+
+
+def max_norm_over_ranks(tensors: Sequence[Any]) -> torch.Tensor:
+    """The infinity norm of ``tensors`` (DTensors among them) over all ranks, as a plain
+    0-dim tensor: each rank's max over its non-empty shards (an empty one adds nothing),
+    then the max over the ranks of the DTensors' meshes.
+
+    Example:
+        >>> max_norm_over_ranks([torch.tensor([-3.0, 1.0]), torch.zeros(0)])
+        tensor(3.)
+    """
+    import torch.distributed as dist
+
+    local = [t for t in local_shards(tensors) if t.numel() > 0]
+    dtype = tensors[0].dtype
+    device = _flag_device(tensors)
+    mine = (
+        torch.stack([t.abs().amax().to(device, dtype) for t in local]).amax()
+        if local
+        else torch.zeros((), dtype=dtype, device=device)
+    )
+    # A NaN is carried as a flag beside the max: a backend's MAX need not propagate it.
+    nan = mine.isnan()
+    pair = torch.stack([torch.where(nan, torch.zeros_like(mine), mine), nan.to(dtype)])
+    for group in _groups(tensors):
+        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(pair[1] > 0, torch.full_like(pair[0], float("nan")), pair[0])
 
 
 def local_shards(tensors: Sequence[Any]) -> list[Any]:

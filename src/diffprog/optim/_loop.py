@@ -15,6 +15,7 @@ from diffprog import (
     replace_parameters,
 )
 from diffprog._autograd import gradients as grads_and_used
+from diffprog.optim._dtensor import refuse_plain_among_sharded
 from diffprog.optim._grad import (
     OnNonFinite,
     all_finite,
@@ -82,7 +83,9 @@ def run_step(
             ``torch.no_grad()``); or, as a :class:`~diffprog.optim.NothingToTrainError`, the
             model has no parameter to train (no ``Parameter`` at all, e.g. specs where
             layers belong, or every one frozen). Both are raised, for every optimizer,
-            before anything is written.
+            before anything is written. Also: a plain Parameter in a model sharded over
+            more than one rank (its path named), and a differentiable sharded step whose
+            learning rate requires grad.
         ValueError: ``on_nonfinite`` is not one of the three, or ``lr`` is ``None`` for a
             pure optimizer.
 
@@ -177,7 +180,8 @@ def apply_gradients(
 
     Raises:
         DiffprogError: ``grads`` does not fit the model (count or structure), every trained
-            parameter's gradient is ``None``, or the model has nothing to train.
+            parameter's gradient is ``None``, or the model has nothing to train; a plain
+            Parameter in a model sharded over more than one rank.
         NonFiniteError: a gradient is NaN or infinite (with ``"raise"``).
         TypeError, ValueError: a gradient's type, dtype, shape or device does not fit its
             parameter (raised by the optimizer's ``step``, naming the parameter's index).
@@ -272,6 +276,7 @@ def _step_and_rebuild(
     once its update is done. With ``differentiable`` (the optimizer's, looked up once by the
     caller) the new parameters keep the step's autograd history.
     """
+    refuse_plain_among_sharded(model, params)
     stepper = consuming_step(optimizer)
     if stepper is not None:
         new_params, stepped = stepper(lr, gradients, params, consume, mask)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import torch
 from typing_extensions import Self
 
 from diffprog import DiffprogError, flatten_parameters
+from diffprog.optim._dtensor import refuse_plain_among_sharded
 from diffprog.optim._grad import (
     NonFiniteError,
     OnNonFinite,
@@ -342,13 +343,15 @@ class TorchOptimizer:
         Raises:
             NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
             DiffprogError: the loss depends on none of the trained parameters (computed from
-                another model, or under ``torch.no_grad()``): the same check as the pure path.
+                another model, or under ``torch.no_grad()``): the same check as the pure path;
+                a plain Parameter among parameters sharded over more than one rank.
 
         A refused step (either error, or ``"skip"``) leaves the parameters, their ``.grad``,
         the torch optimizer, its scheduler and ``count`` as they were.
         """
         check_on_nonfinite(on_nonfinite)
         params = self._params_of(model)
+        refuse_plain_among_sharded(model, params)
         trained = params if len(self._trained) == len(params) else self._trained_params()
         if callable(loss) and not isinstance(loss, torch.Tensor):
             return self._closure_step(model, loss, lr, on_nonfinite, trained)
