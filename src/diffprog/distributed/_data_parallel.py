@@ -325,7 +325,7 @@ class DataParallel(Parameterized, Generic[OptT]):
     def _check_first(self, replicated: list[torch.Tensor]) -> None:
         """Before the first step (no step taken, no micro-batch held): refuse ranks whose
         models differ (one small all-reduce, once); and always, a sharded model."""
-        if any(isinstance(p, DTensor) for p in params):
+        if any(isinstance(p, DTensor) for p in replicated):
             raise DiffprogError(
                 "DataParallel around the optimizer of a sharded model (DTensor parameters): "
                 "a sharded model already averages its gradients in gathered, so do not wrap "
