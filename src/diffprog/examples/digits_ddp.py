@@ -120,9 +120,13 @@ def train(args: argparse.Namespace) -> None:
                 epoch=epoch,
             )
     rate = images / seconds if seconds > 0 else math.nan
-    print(f"rank {rank}: {images} images in {seconds:.1f} s, {rate:.0f} images/s")
-    dist.barrier()
+    line = f"rank {rank}: {images} images in {seconds:.1f} s, {rate:.0f} images/s"
+    # Rank 0 prints every rank's line, in rank order: lines the ranks printed themselves would
+    # interleave in torchrun's shared output.
+    lines: list[str | None] = [None] * world
+    dist.all_gather_object(lines, line)
     if rank == 0:
+        print("\n".join(str(each) for each in lines))
         print(f"final test accuracy: {accuracy(model, data.test_x, data.test_y):.2%}")
 
 
