@@ -140,22 +140,23 @@ def check_search(driver: webdriver.Chrome, base: str) -> list[str]:
     box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
     box.send_keys(name)
     try:
-        WebDriverWait(driver, 20).until(
-            lambda d: any(
-                page in (a.get_attribute("href") or "")
-                for a in d.find_elements(By.CSS_SELECTOR, ".md-search-result__link")
-            )
-        )
+        WebDriverWait(driver, 20).until(lambda d: any(page in href for href in result_links(d)))
     except TimeoutException:
-        found = [
-            a.get_attribute("href")
-            for a in driver.find_elements(By.CSS_SELECTOR, ".md-search-result__link")
-        ]
+        found = result_links(driver)
         problems = [f"search for {name!r}: no result on {page}; results: {found[:5]}"]
     else:
         problems = []
     settle(driver)
     return problems + [f"search page: console error: {error}" for error in console_errors(driver)]
+
+
+def result_links(driver: webdriver.Chrome) -> list[str]:
+    """The search results' links, read in one script: the results are re-rendered as the
+    query is typed, so elements found first and read after can be gone (stale)."""
+    links = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.md-search-result__link'), a => a.href)"
+    )
+    return [str(link) for link in links or []]
 
 
 def settle(driver: webdriver.Chrome) -> list[str]:
