@@ -489,3 +489,13 @@ def test_a_parameter_that_does_not_require_grad_is_not_reached(group_of_one: Non
     m2, _ = run_step(m1, o1, model(x).sum(), 0.1)
     assert torch.equal(m2.weight, expected.weight) and torch.equal(m2.bias, model.bias)
     assert not model.weight._backward_hooks and not model.bias._backward_hooks
+
+
+def test_saving_a_data_parallel_with_the_plain_checkpoint_points_to_the_distributed_one(
+    tmp_path: pathlib.Path,
+) -> None:
+    model = dp.sample(LinearSpec(2, 2), generator=torch.Generator().manual_seed(0))
+    optimizer = DataParallel(Adam.init(model))
+    with pytest.raises(dp.SaveError, match=r"diffprog\.distributed\.save_checkpoint"):
+        dp.save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=optimizer, step=0)
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -170,7 +170,9 @@ def _state_of(optimizer: Any, paths: list[str]) -> OptimizerState:
     if not isinstance(optimizer, PureOptimizer):
         raise TypeError(
             f"{type(optimizer).__name__} is not a pure optimizer: its state is not saved by "
-            "path. A TorchOptimizer's is opt.state_dict() (save_checkpoint takes either)."
+            "path. A TorchOptimizer's is opt.state_dict() (save_checkpoint takes either); a "
+            "DataParallel's is its inner optimizer's: diffprog.distributed.save_checkpoint "
+            "saves it (or pass optimizer.inner)."
         )
     settings = _settings_for(optimizer, len(paths))
     declared = type(optimizer).declaration()
@@ -260,7 +262,10 @@ def _load(
         loaded = _load(inner, paths, tensors, meta.get("inner"), where, unread)
         return dataclasses.replace(optimizer, inner=loaded)
     if not isinstance(optimizer, PureOptimizer):
-        raise TypeError(f"{type(optimizer).__name__} is not a pure optimizer.")
+        raise TypeError(
+            f"{type(optimizer).__name__} is not a pure optimizer (a DataParallel loads its "
+            "inner optimizer: diffprog.distributed.load_checkpoint, or pass optimizer.inner)."
+        )
     settings = _settings_for(optimizer, len(paths))
     _check_hyper(optimizer, meta.get("hyper"), where)
     _check_groups(optimizer, settings, paths, meta.get("groups"), where)
